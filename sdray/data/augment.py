@@ -1,0 +1,115 @@
+"""Decode, resize, crop, flip and tokenize on the fly, as a Ray Data ``map_batches`` step.
+
+A row whose image cannot be decoded is dropped and its key is reported to a ``SkipCounter`` actor, so
+a job reports how many files it skipped (each file counted once, however many epochs read it).
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import ray
+from PIL import Image, UnidentifiedImageError
+
+
+@ray.remote(num_cpus=0)
+class SkipCounter:
+    """Collects the keys of unreadable images."""
+
+    def __init__(self):
+        self.keys: set[str] = set()
+
+    def add(self, keys: list[str]) -> None:
+        self.keys.update(keys)
+
+    def count(self) -> int:
+        return len(self.keys)
+
+    def examples(self, n: int = 5) -> list[str]:
+        return sorted(self.keys)[:n]
+
+
+def in_validation_split(key: str, fraction: float) -> bool:
+    """A stable, content-independent split: the same key always lands on the same side."""
+    return fraction > 0 and (zlib.crc32(key.encode()) % 10_000) < fraction * 10_000
+
+
+def split_filter(row: dict, *, fraction: float, validation: bool) -> bool:
+    """Ray Data ``filter`` predicate keeping one side of the train/validation split."""
+    return in_validation_split(str(row["key"]), fraction) == validation
+
+
+def decode_image(data: bytes) -> Image.Image | None:
+    """The RGB image in ``data``, or None when it is not a readable image."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+class Preprocess:
+    """Turns ``{key, image, caption}`` rows into ``{key, pixel_values, input_ids}`` training rows.
+
+    ``split="validation"`` rows are center-cropped and never flipped.
+    """
+
+    def __init__(self, *, resolution: int, resize: int | None, crop: str, random_flip: bool,
+                 tokenizer=None, split: str = "train", skip_counter=None):
+        self.resolution = resolution
+        self.resize = resize or resolution
+        self.random = split == "train"
+        self.crop = crop if self.random else "center"
+        self.random_flip = random_flip and self.random
+        self.tokenizer = tokenizer
+        self.skip_counter = skip_counter
+        self.rng = np.random.default_rng()
+
+    def transform(self, img: Image.Image) -> np.ndarray:
+        w, h = img.size
+        scale = self.resize / min(w, h)
+        if scale != 1:
+            img = img.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))),
+                             Image.Resampling.BICUBIC)
+        w, h = img.size
+        r = self.resolution
+        if self.crop == "random":
+            left, top = int(self.rng.integers(0, w - r + 1)), int(self.rng.integers(0, h - r + 1))
+        else:
+            left, top = (w - r) // 2, (h - r) // 2
+        img = img.crop((left, top, left + r, top + r))
+        if self.random_flip and self.rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        return arr.transpose(2, 0, 1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys, pixels, captions, skipped = [], [], [], []
+        for key, data, caption in zip(batch["key"], batch["image"], batch["caption"]):
+            img = decode_image(data)
+            if img is None:
+                skipped.append(str(key))
+                continue
+            keys.append(str(key))
+            pixels.append(self.transform(img))
+            captions.append(str(caption))
+        if skipped and self.skip_counter is not None:
+            self.skip_counter.add.remote(skipped)
+        r = self.resolution
+        out = {
+            "key": np.array(keys, dtype=object),
+            "pixel_values": np.stack(pixels) if pixels else np.zeros((0, 3, r, r), np.float32),
+        }
+        if self.tokenizer is not None:
+            length = self.tokenizer.model_max_length
+            out["input_ids"] = (
+                self.tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                               return_tensors="np").input_ids.astype(np.int64)
+                if captions else np.zeros((0, length), np.int64)
+            )
+        return out

@@ -1,0 +1,279 @@
+"""The job document: one typed shape for every entry point (CLI, REST, Kubernetes).
+
+A ``DiffusionJob`` is validated once, here, at the edge. Everything below the spec trusts it.
+Unknown fields are refused, and every error names the field path it concerns
+(``spec.train.learning_rate``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+API_VERSION = "sdray.io/v1alpha1"
+KIND = "DiffusionJob"
+PRESETS = ("tiny", "sd15", "sd2-base", "sdxl-base")
+COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
+
+
+class SpecError(ValueError):
+    """A job document that cannot be accepted. ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = errors
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Metadata(_Strict):
+    name: str = Field(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+        description="Job name: a DNS-1123 label (lower-case letters, digits and '-').",
+    )
+    namespace: str | None = Field(default=None, description="Kubernetes namespace or tenant.")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class S3Settings(_Strict):
+    """Connection settings for ``s3://`` URIs. Keys never live in the document: they come from
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or from the named secret."""
+
+    endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint URL (e.g. http://127.0.0.1:8333); default: AWS_ENDPOINT_URL or AWS.",
+    )
+    region: str | None = Field(default=None, description="S3 region; default: AWS_REGION or us-east-1.")
+    credentials_secret: str | None = Field(
+        default=None,
+        description=(
+            "Name of a secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, mounted as files under "
+            "$SDRAY_SECRETS_DIR/<name>/ (default /var/run/secrets/sdray/<name>/, the layout of a "
+            "Kubernetes Secret volume)."
+        ),
+    )
+
+
+class VAESource(_Strict):
+    pretrained: str = Field(description="Local dir or s3:// URI of a diffusers AutoencoderKL (or a pipeline).")
+
+
+class ModelSpec(_Strict):
+    preset: Literal["tiny", "sd15", "sd2-base", "sdxl-base"] | None = Field(
+        default=None, description="Named architecture built without weights."
+    )
+    pretrained: str | None = Field(
+        default=None,
+        description="Local dir or s3:// URI of a diffusers StableDiffusionPipeline, or of one component.",
+    )
+    vae: VAESource | None = Field(default=None, description="Use a VAE trained earlier.")
+    tokenizer: str | None = Field(
+        default=None, description="Local dir or s3:// URI of a CLIPTokenizer; default: the preset's."
+    )
+    overrides: dict[Literal["unet", "vae", "text_encoder", "scheduler"], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-component config overrides applied to the preset's configs (scheduler: always).",
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    resolution: int | None = Field(
+        default=None, ge=8, description="Training image size in pixels; default: the preset's."
+    )
+
+    @model_validator(mode="after")
+    def _needs_a_source(self) -> ModelSpec:
+        if self.preset is None and self.pretrained is None:
+            raise ValueError("set spec.model.preset (one of %s) or spec.model.pretrained (a URI)" % ", ".join(PRESETS))
+        if self.resolution is not None and self.resolution % 8:
+            raise ValueError(f"spec.model.resolution must be a multiple of 8, got {self.resolution}")
+        return self
+
+
+class DataSpec(S3Settings):
+    uri: str = Field(description="Local path or s3://bucket/prefix of the dataset.")
+    format: Literal["imagefolder", "webdataset", "parquet"] = Field(
+        default="imagefolder",
+        description="imagefolder: images + metadata.jsonl; webdataset: .tar shards; parquet: image-bytes column.",
+    )
+    image_column: str | None = Field(
+        default=None,
+        description="Column (parquet) or member extension (webdataset) holding images; "
+        "default: 'image' for parquet, the first image extension found for webdataset.",
+    )
+    caption_column: str | None = Field(
+        default=None,
+        description="Key (imagefolder metadata.jsonl), column (parquet) or member extension (webdataset) "
+        "holding captions; default: 'text', or 'txt' for webdataset.",
+    )
+    resize: int | None = Field(
+        default=None, ge=8, description="Shorter side is resized to this before cropping; default: resolution."
+    )
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = False
+    shuffle: bool = Field(default=True, description="Shuffle files and rows every epoch.")
+    validation_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["adamw"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(default=1e-2, ge=0.0)
+    eps: float = Field(default=1e-8, gt=0.0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
+
+
+class EMASpec(_Strict):
+    decay: float = Field(default=0.999, gt=0.0, lt=1.0, description="Decay reached once (1+n)/(10+n) exceeds it.")
+    update_after_step: int = Field(default=0, ge=0, description="Optimizer steps before the average starts.")
+
+
+class TrainSpec(_Strict):
+    max_steps: int = Field(default=1000, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(default=16, gt=0, description="Images per worker per micro-step.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=1e-4, gt=0.0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="Gradient clipping; null disables.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    caption_dropout: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Share of captions replaced by '' (classifier-free guidance)."
+    )
+    kl_weight: float = Field(default=1e-6, ge=0.0, description="KL term weight (stage: autoencoder).")
+    ema: EMASpec | None = Field(default=None, description="Keep an exponential moving average of the weights.")
+    log_every_n_steps: int = Field(default=10, gt=0, description="Metrics reporting interval.")
+
+
+class DistributedSpec(_Strict):
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = Field(
+        default=None, description="Ray resources per worker, e.g. {CPU: 1, GPU: 1}."
+    )
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    max_failures: int = Field(
+        default=2, ge=0, description="Worker failures to recover from (restart from the latest checkpoint)."
+    )
+
+    @field_validator("strategy")
+    @classmethod
+    def _only_ddp_for_now(cls, v: str) -> str:
+        if v != "ddp":
+            raise ValueError(f"strategy {v!r} is not available yet in this release; use 'ddp'")
+        return v
+
+
+class CheckpointSpec(_Strict):
+    uri: str | None = Field(default=None, description="Local path or s3:// URI; default: <output.uri>/checkpoints.")
+    every_n_steps: int = Field(default=500, gt=0)
+    keep_last: int = Field(default=3, ge=1)
+    resume: str = Field(
+        default="auto",
+        description="auto: continue the latest checkpoint of this job; never: start fresh; or a checkpoint URI.",
+    )
+
+
+class ValidationSpec(_Strict):
+    prompts: list[str] = Field(default_factory=list)
+    every_n_steps: int | None = Field(default=None, gt=0, description="Default: only at the end.")
+    num_inference_steps: int = Field(default=25, gt=0)
+    guidance_scale: float = Field(default=5.0, ge=0.0)
+    seed: int = 0
+    images_per_prompt: int = Field(default=1, ge=1)
+    max_batches: int = Field(default=4, ge=0, description="Validation-loss batches from the held-out split.")
+
+
+class OutputSpec(_Strict):
+    uri: str = Field(description="Where the final model, sample grids and metrics go (local or s3://).")
+
+
+class JobSpec(_Strict):
+    stage: Literal["unet", "autoencoder"] = "unet"
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    output: OutputSpec
+    storage: S3Settings = Field(
+        default_factory=S3Settings,
+        description="S3 settings for every s3:// URI of the job (model, checkpoints, output); data's own win for data.",
+    )
+
+    @property
+    def data_s3(self) -> S3Settings:
+        """The data section's S3 settings, with unset fields taken from spec.storage."""
+        own = {k: getattr(self.data, k) for k in S3Settings.model_fields if getattr(self.data, k) is not None}
+        return self.storage.model_copy(update=own)
+
+    @property
+    def checkpoint_uri(self) -> str:
+        return self.checkpoint.uri or self.output.uri.rstrip("/") + "/checkpoints"
+
+
+class DiffusionJob(_Strict):
+    apiVersion: Literal["sdray.io/v1alpha1"]
+    kind: Literal["DiffusionJob"]
+    metadata: Metadata
+    spec: JobSpec
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (not part of the DiffusionJob schema)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        got = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{path or '<document>'}: {msg}{shown}")
+    return lines
+
+
+def parse_job(doc: Any, source: str | None = None) -> DiffusionJob:
+    """Validate a parsed document; raise ``SpecError`` naming every bad field."""
+    if not isinstance(doc, dict):
+        raise SpecError([f"<document>: expected a mapping with apiVersion, kind, metadata, spec; got {type(doc).__name__}"], source)
+    try:
+        return DiffusionJob.model_validate(doc)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(exc), source) from None
+
+
+def load_job(path: str | Path) -> DiffusionJob:
+    """Read a YAML or JSON job document from a file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError([f"cannot read the job document: {exc.strerror}"], str(path)) from None
+    try:
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SpecError([f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"], str(path)) from None
+    return parse_job(doc, str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the job document (the single source of truth for the CRD and the API)."""
+    return DiffusionJob.model_json_schema()

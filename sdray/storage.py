@@ -1,0 +1,143 @@
+"""Object storage: one way to reach a local path or an ``s3://`` URI (pyarrow filesystems, as Ray uses).
+
+Credentials are never part of a job document: they come from the environment
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) or from a named secret mounted as files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from sdray.spec import S3Settings
+
+DEFAULT_SECRETS_DIR = "/var/run/secrets/sdray"
+
+
+class StorageError(RuntimeError):
+    """A URI that cannot be reached or read; the message names it."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with '/'."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _secret_credentials(name: str) -> tuple[str, str]:
+    root = Path(os.environ.get("SDRAY_SECRETS_DIR", DEFAULT_SECRETS_DIR)) / name
+    try:
+        key = (root / "AWS_ACCESS_KEY_ID").read_text().strip()
+        secret = (root / "AWS_SECRET_ACCESS_KEY").read_text().strip()
+    except OSError:
+        raise StorageError(
+            f"credentials_secret {name!r}: expected files AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            f"in {root} (set SDRAY_SECRETS_DIR or mount the secret there)"
+        ) from None
+    return key, secret
+
+
+def s3_options(settings: S3Settings | None) -> dict:
+    """Resolved endpoint, region and keys for S3, from the spec's settings then the environment."""
+    settings = settings or S3Settings()
+    if settings.credentials_secret:
+        key, secret = _secret_credentials(settings.credentials_secret)
+    else:
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    return {
+        "endpoint": settings.endpoint or os.environ.get("AWS_ENDPOINT_URL"),
+        "region": settings.region or os.environ.get("AWS_REGION") or "us-east-1",
+        "access_key": key,
+        "secret_key": secret,
+    }
+
+
+def filesystem(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+    opts = s3_options(settings)
+    kwargs: dict = {"region": opts["region"], "allow_bucket_creation": True}
+    if opts["access_key"]:
+        kwargs.update(access_key=opts["access_key"], secret_key=opts["secret_key"])
+    if opts["endpoint"]:
+        parsed = urlparse(opts["endpoint"])
+        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+    return pafs.S3FileSystem(**kwargs), uri.removeprefix("s3://").rstrip("/")
+
+
+def exists(uri: str, settings: S3Settings | None = None) -> bool:
+    fs, path = filesystem(uri, settings)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str, settings: S3Settings | None = None) -> list[str]:
+    """Every file under ``uri``, as paths inside its filesystem, sorted."""
+    fs, path = filesystem(uri, settings)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except (FileNotFoundError, OSError) as exc:
+        raise StorageError(f"cannot list {uri}: {exc}") from None
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
+    fs, path = filesystem(uri, settings)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (FileNotFoundError, OSError) as exc:
+        raise StorageError(f"cannot read {uri}: {exc}") from None
+
+
+def write_bytes(uri: str, data: bytes, settings: S3Settings | None = None) -> None:
+    """Write a whole object; locally through a temporary file and a rename, so readers never see half."""
+    fs, path = filesystem(uri, settings)
+    if not is_s3(uri):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:  # an S3 PUT is atomic: the object appears whole or not at all
+        f.write(data)
+
+
+def upload_dir(local_dir: str | Path, uri: str, settings: S3Settings | None = None) -> None:
+    """Copy a local directory tree to ``uri`` (replacing files of the same name)."""
+    fs, path = filesystem(uri, settings)
+    if not is_s3(uri):
+        shutil.copytree(local_dir, path, dirs_exist_ok=True)
+        return
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: str | Path, settings: S3Settings | None = None) -> Path:
+    """Copy the tree under ``uri`` into ``local_dir``; returns ``local_dir``."""
+    fs, path = filesystem(uri, settings)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise StorageError(f"nothing found at {uri}")
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return Path(local_dir)
+
+
+def local_copy(uri: str, settings: S3Settings | None = None, cache_root: str | Path | None = None) -> Path:
+    """A local directory holding what ``uri`` holds: the path itself when local, else a downloaded copy."""
+    if not is_s3(uri):
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise StorageError(f"nothing found at {uri}")
+        return path
+    root = Path(cache_root or tempfile.mkdtemp(prefix="sdray-dl-"))
+    return download_dir(uri, root / uri.removeprefix("s3://").replace("/", "_"), settings)

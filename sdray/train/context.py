@@ -1,0 +1,111 @@
+"""What the per-worker loop needs from whatever runs it, and the plain-process runner.
+
+The loop (``sdray.train.loop``) only talks to a ``WorkerContext``: it never imports Ray. Ray Train
+provides one (``sdray.train.ray_trainer``); ``LocalContext`` runs the same loop as one ordinary
+process, with checkpoints in a local folder renamed into place (atomic).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from sdray.train.checkpoint import read_manifest
+
+
+def to_torch(batch: dict[str, np.ndarray]) -> dict:
+    """A numpy batch from Ray Data as tensors (``key`` stays a list of strings)."""
+    out: dict = {"key": [str(k) for k in batch["key"]]}
+    out["pixel_values"] = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"], dtype=np.float32))
+    if "input_ids" in batch:
+        out["input_ids"] = torch.from_numpy(np.ascontiguousarray(batch["input_ids"], dtype=np.int64))
+    return out
+
+
+def iterate(dataset_or_iterator, *, batch_size: int, shuffle: bool) -> Iterator[dict]:
+    """One epoch of torch batches from a Ray Dataset or a Ray Train dataset shard."""
+    for batch in dataset_or_iterator.iter_batches(
+        batch_size=batch_size,
+        drop_last=True,
+        batch_format="numpy",
+        local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
+        prefetch_batches=2,
+    ):
+        yield to_torch(batch)
+
+
+class WorkerContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    num_threads: int
+
+    def train_batches(self) -> Iterator[dict]:
+        """One epoch of this worker's share of the training data."""
+
+    def validation_batches(self) -> Iterator[dict] | None:
+        """The held-out split (read by rank 0), or None."""
+
+    def restored_checkpoint(self) -> Path | None:
+        """A local directory holding the checkpoint to resume from, if the runner has one."""
+
+    def save_checkpoint(self, directory: Path, metrics: dict) -> None:
+        """Persist this rank's checkpoint files (every rank calls this at the same step)."""
+
+    def progress(self, metrics: dict) -> None:
+        """Live progress from rank 0 (step, loss, images/s) for whoever watches the run."""
+
+
+class LocalContext:
+    """Runs the loop as one process: rank 0 of 1, checkpoints under ``run_dir/checkpoint_<step>``."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, *, train, validation, batch_size: int, shuffle: bool, run_dir: Path, keep_last: int,
+                 device: str = "cpu", num_threads: int = 1):
+        self.train = train
+        self.validation = validation
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+        self.device = torch.device(device)
+        self.num_threads = num_threads
+        self.last_progress: dict = {}
+
+    def train_batches(self) -> Iterator[dict]:
+        return iterate(self.train, batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def validation_batches(self) -> Iterator[dict] | None:
+        if self.validation is None:
+            return None
+        return iterate(self.validation, batch_size=self.batch_size, shuffle=False)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a folder is complete once renamed into place)."""
+        found = [p for p in self.run_dir.glob("checkpoint_*") if read_manifest(p) is not None]
+        return sorted(found, key=lambda p: read_manifest(p)["step"])
+
+    def restored_checkpoint(self) -> Path | None:
+        done = self.checkpoints()
+        return done[-1] if done else None
+
+    def save_checkpoint(self, directory: Path, metrics: dict) -> None:
+        step = read_manifest(directory)["step"]
+        final = self.run_dir / f"checkpoint_{step:08d}"
+        staging = self.run_dir / f".tmp-checkpoint_{step:08d}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(directory, staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)  # atomic: a crash before this line leaves the previous checkpoint latest
+        for old in self.checkpoints()[: -self.keep_last]:
+            shutil.rmtree(old)
+
+    def progress(self, metrics: dict) -> None:
+        self.last_progress = metrics

@@ -1,0 +1,249 @@
+"""Run a job: on Ray Train (``TorchTrainer``, the default) or as one plain process.
+
+Both read the data with Ray Data and run the same per-worker loop (``sdray.train.loop``). On Ray Train:
+- the run lives at ``<checkpoint.uri>/<metadata.name>``; ``resume: auto`` reuses that name, so Ray Train
+  hands the loop the latest *registered* checkpoint (registration follows a complete upload: a crash
+  mid-write leaves the previous checkpoint the latest); ``never`` or a URI start a fresh, timestamped run;
+- ``keep_last`` is Ray Train's ``num_to_keep``; ``max_failures`` its ``FailureConfig``;
+- the ``train`` dataset is split across workers, ``validation`` is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import ray
+import torch
+
+from sdray import storage
+from sdray.data.pipeline import JobData, build_datasets
+from sdray.models.build import data_requirements
+from sdray.spec import DiffusionJob
+from sdray.train.context import LocalContext, iterate
+from sdray.train.loop import train_worker
+
+# Set for every process of an embedded cluster: no usage reporting, no hub look-ups from workers.
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+}
+
+
+class TrainingFailed(RuntimeError):
+    """The run failed for good (after ``max_failures`` restarts); the last checkpoint stays readable."""
+
+
+def cpus_per_worker(job: DiffusionJob) -> float:
+    res = job.spec.distributed.resources_per_worker or {}
+    return float(res.get("CPU", 1))
+
+
+@contextlib.contextmanager
+def ray_cluster(job: DiffusionJob, address: str | None = None, log_to_driver: bool = True):
+    """Connect to ``address``, reuse the current Ray, or start an embedded local cluster for the job.
+
+    An embedded cluster declares at least two CPUs more than the workers take: Ray Data needs CPUs to
+    read while the workers train, or a streaming run waits forever.
+    """
+    os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
+    if ray.is_initialized():
+        yield
+        return
+    if address and address != "local":
+        ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=log_to_driver)
+    else:
+        need = job.spec.distributed.num_workers * cpus_per_worker(job)
+        # The dashboard serves the state API that Ray Train V2 uses to clean up after a run.
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 2), runtime_env={"env_vars": RAY_ENV},
+                 logging_level="WARNING", log_to_driver=log_to_driver)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Holds rank 0's latest metrics for the driver's progress display."""
+
+    def __init__(self):
+        self.latest: dict = {}
+
+    def update(self, metrics: dict) -> None:
+        self.latest = metrics
+
+    def get(self) -> dict:
+        return self.latest
+
+
+class RayContext:
+    """The ``WorkerContext`` of a Ray Train worker."""
+
+    def __init__(self, job: DiffusionJob, board):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.num_threads = max(1, int(cpus_per_worker(job)))
+        self.job = job
+        self.board = board
+        self._restored_dir: str | None = None
+
+    def train_batches(self):
+        import ray.train
+
+        return iterate(ray.train.get_dataset_shard("train"), batch_size=self.job.spec.train.batch_size,
+                       shuffle=self.job.spec.data.shuffle)
+
+    def validation_batches(self):
+        import ray.train
+
+        if self.job.spec.data.validation_fraction == 0:
+            return None
+        return iterate(ray.train.get_dataset_shard("validation"), batch_size=self.job.spec.train.batch_size,
+                       shuffle=False)
+
+    def restored_checkpoint(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        self._restored_dir = tempfile.mkdtemp(prefix="sdray-restore-")
+        return Path(checkpoint.to_directory(self._restored_dir))
+
+    def save_checkpoint(self, directory: Path, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+
+    def progress(self, metrics: dict) -> None:
+        if self.board is not None:
+            self.board.update.remote(metrics)
+
+
+def _ray_worker(config: dict) -> None:
+    job = DiffusionJob.model_validate(config["job"])
+    train_worker(job, RayContext(job, config.get("board")))
+
+
+def run_name(job: DiffusionJob) -> str:
+    """``metadata.name`` when resuming automatically; a fresh timestamped name otherwise."""
+    if job.spec.checkpoint.resume == "auto":
+        return job.metadata.name
+    return f"{job.metadata.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+def _prepare_data(job: DiffusionJob) -> JobData:
+    spec = job.spec
+    resolution, tokenizer = data_requirements(spec.model, stage=spec.stage, s3=spec.storage)
+    return build_datasets(spec, resolution=resolution, tokenizer=tokenizer)
+
+
+def _finish_summary(job: DiffusionJob, data: JobData, extra: dict) -> dict:
+    """Rank 0's summary.json plus what only the driver knows (skipped images, checkpoint)."""
+    uri = storage.join(job.spec.output.uri, "summary.json")
+    summary = json.loads(storage.read_bytes(uri, job.spec.storage))
+    summary.update(extra, skipped_images=data.skipped())
+    storage.write_bytes(uri, json.dumps(summary, indent=2).encode(), job.spec.storage)
+    return summary
+
+
+def run_job(job: DiffusionJob, *, address: str | None = None,
+            on_progress: Callable[[dict], None] | None = None, worker_logs: bool = True) -> dict:
+    """Train ``job`` with Ray Train on ``num_workers`` workers; returns the run summary."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = job.spec
+    with ray_cluster(job, address, log_to_driver=worker_logs):
+        data = _prepare_data(job)
+        fs, path = storage.filesystem(spec.checkpoint_uri, spec.storage)
+        if not storage.is_s3(spec.checkpoint_uri):
+            Path(path).mkdir(parents=True, exist_ok=True)
+        board = ProgressBoard.remote()
+        datasets = {"train": data.train}
+        if data.validation is not None:
+            datasets["validation"] = data.validation
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config={"job": job.model_dump(mode="json"), "board": board},
+            scaling_config=ScalingConfig(num_workers=spec.distributed.num_workers, use_gpu=spec.distributed.use_gpu,
+                                         resources_per_worker=spec.distributed.resources_per_worker or {"CPU": 1}),
+            run_config=RunConfig(
+                name=run_name(job),
+                storage_path=path,
+                storage_filesystem=fs if storage.is_s3(spec.checkpoint_uri) else None,
+                checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
+                failure_config=FailureConfig(max_failures=spec.distributed.max_failures),
+            ),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+        )
+        done = threading.Event()
+        watcher = None
+        if on_progress is not None:
+            def watch():
+                while not done.wait(0.5):
+                    metrics = ray.get(board.get.remote())
+                    if metrics:
+                        on_progress(metrics)
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # Ray Train's TrainingFailedError wraps the worker's exception
+            raise TrainingFailed(_worker_error(exc)) from None
+        finally:
+            done.set()
+            if watcher is not None:
+                watcher.join()
+        if on_progress is not None:
+            on_progress(ray.get(board.get.remote()))
+        checkpoint = result.checkpoint.path if result.checkpoint else None
+        if checkpoint and storage.is_s3(spec.checkpoint_uri):
+            checkpoint = "s3://" + checkpoint
+        return _finish_summary(job, data, {"checkpoint": checkpoint, "run": run_name(job)})
+
+
+def _worker_error(exc: BaseException) -> str:
+    text = str(exc)
+    for line in reversed(text.splitlines()):
+        if "Error:" in line or "error:" in line:
+            return line.strip()
+    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+
+
+def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads: int | None = None) -> dict:
+    """Train ``job`` as one ordinary process (no Ray Train): one worker, checkpoints renamed into place
+    under ``<checkpoint.uri>/<metadata.name>`` (local paths only)."""
+    spec = job.spec
+    if storage.is_s3(spec.checkpoint_uri):
+        raise ValueError("spec.checkpoint.uri: a plain-process run keeps checkpoints on a local path")
+    with ray_cluster(job):
+        data = _prepare_data(job)
+        ctx = LocalContext(
+            train=data.train, validation=data.validation, batch_size=spec.train.batch_size,
+            shuffle=spec.data.shuffle, run_dir=Path(spec.checkpoint_uri) / job.metadata.name,
+            keep_last=spec.checkpoint.keep_last, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            num_threads=num_threads or int(cpus_per_worker(job)),
+        )
+        if spec.checkpoint.resume == "never":
+            ctx.run_dir = ctx.run_dir.with_name(run_name(job))
+        start = time.perf_counter()
+        train_worker(job, ctx)
+        return _finish_summary(job, data, {"elapsed_s": time.perf_counter() - start, "run": ctx.run_dir.name})

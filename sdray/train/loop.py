@@ -1,0 +1,314 @@
+"""The per-worker training loop: plain PyTorch, independent of Ray.
+
+``train_worker(job, ctx)`` trains the UNet (``stage: unet``: VAE and text encoder frozen) or the
+AutoencoderKL (``stage: autoencoder``), checkpoints, validates and, on rank 0, exports the result:
+a stock diffusers ``StableDiffusionPipeline`` (or an ``AutoencoderKL``) under ``spec.output.uri``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from sdray import storage
+from sdray.models.build import Components, build_components
+from sdray.models.pipeline import assemble_pipeline, generate
+from sdray.spec import DiffusionJob
+from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from sdray.train.context import WorkerContext
+from sdray.train.losses import AutoencoderObjective, diffusion_loss
+from sdray.train.parallel import is_distributed, mean_across_workers, parallelize
+from sdray.train.reporting import RunReport, image_grid, tensor_to_images
+
+log = logging.getLogger("sdray.train")
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class DataTooSmallError(ValueError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One worker's view of a run. Built from the job; ``run()`` trains to ``max_steps``."""
+
+    def __init__(self, job: DiffusionJob, ctx: WorkerContext):
+        self.job = job
+        self.spec = spec = job.spec
+        self.ctx = ctx
+        self.cfg = spec.train
+        self.device = ctx.device
+        self.is_main = ctx.rank == 0
+        torch.set_num_threads(max(1, ctx.num_threads))
+
+        self.comps: Components = build_components(spec.model, stage=spec.stage, s3=spec.storage, seed=self.cfg.seed)
+        seed_everything(self.cfg.seed + 1000 * ctx.rank)  # each worker draws its own noise
+        if spec.stage == "unet":
+            self.model = self.comps.unet
+            for frozen in (self.comps.vae, self.comps.text_encoder):
+                frozen.requires_grad_(False).eval().to(self.device)
+            self.objective = self.model
+            self.empty_ids = self.comps.tokenizer(
+                [""], padding="max_length", max_length=self.comps.tokenizer.model_max_length,
+                return_tensors="pt").input_ids[0]
+        else:
+            self.model = self.comps.vae
+            self.objective = AutoencoderObjective(self.model, self.cfg.kl_weight)
+            self.recent_latents: deque[torch.Tensor] = deque(maxlen=32)  # for the exported scaling_factor
+        self.last_pixels: torch.Tensor | None = None  # shown in the autoencoder's reconstruction grid
+        self.model.to(self.device).train()
+
+        opt = self.cfg.optimizer
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate, betas=opt.betas,
+                                           weight_decay=opt.weight_decay, eps=opt.eps)
+        self.lr_scheduler = get_scheduler(self.cfg.lr_scheduler, self.optimizer,
+                                          num_warmup_steps=self.cfg.warmup_steps, num_training_steps=self.cfg.max_steps)
+        self.amp_dtype = AMP_DTYPES.get(self.cfg.mixed_precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.mixed_precision == "fp16")
+        self.ema = (EMAModel(self.model.parameters(), decay=self.cfg.ema.decay,
+                             update_after_step=self.cfg.ema.update_after_step)
+                    if self.cfg.ema else None)
+        self.state = TrainState()
+        self.resumed_from: int | None = None
+        self._restore()
+        self.wrapped = parallelize(self.objective, spec.distributed, self.device)
+        self.report = RunReport(spec.output.uri, spec.storage, self.state.step) if self.is_main else None
+        self.last_checkpoint_step = self.state.step
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        source = self.ctx.restored_checkpoint()
+        resume = self.spec.checkpoint.resume
+        if source is None and resume not in ("auto", "never"):
+            source = storage.local_copy(resume, self.spec.storage)
+        if source is None:
+            return
+        self.state = load_checkpoint(Path(source), rank=self.ctx.rank, model=self.model, optimizer=self.optimizer,
+                                     lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema)
+        self.resumed_from = self.state.step
+        if self.is_main:
+            log.info("resumed from step %d (%s)", self.state.step, source)
+
+    def checkpoint(self, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory(prefix="sdray-ckpt-") as tmp:
+            save_checkpoint(Path(tmp), rank=self.ctx.rank, model=self.model, optimizer=self.optimizer,
+                            lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema, state=self.state,
+                            stage=self.spec.stage, job_name=self.job.metadata.name)
+            self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
+        self.last_checkpoint_step = self.state.step
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _loss(self, batch: dict, module) -> tuple[torch.Tensor, dict]:
+        pixels = batch["pixel_values"].to(self.device)
+        with self._autocast():
+            if self.spec.stage == "autoencoder":
+                loss, mse, latents, _ = module(pixels)
+                if self.is_main and module is self.wrapped:
+                    self.recent_latents.append(latents.detach().float().cpu())
+                    self.last_pixels = pixels[:8].detach().cpu()
+                return loss, {"recon_mse": mse.item()}
+            ids = batch["input_ids"].to(self.device)
+            if module is self.wrapped and self.cfg.caption_dropout > 0:
+                drop = torch.rand(ids.shape[0]) < self.cfg.caption_dropout
+                ids = torch.where(drop[:, None].to(self.device), self.empty_ids.to(self.device), ids)
+            with torch.no_grad():
+                latents = self.comps.vae.encode(pixels).latent_dist.sample() * self.comps.vae.config.scaling_factor
+                encoded = self.comps.text_encoder(ids)[0]
+            return diffusion_loss(module, self.comps.noise_scheduler, latents, encoded), {}
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.model.parameters())
+        self.state.step += 1
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        accum = cfg.gradient_accumulation_steps
+        window = {"loss": 0.0, "n": 0, "images": 0, "data_wait": 0.0, "extra": {}}
+        window_start = time.perf_counter()
+        started = time.perf_counter()
+        micro = 0
+        metrics: dict = {}
+        while self.state.step < cfg.max_steps:
+            batches = 0
+            fetch_start = time.perf_counter()
+            for batch in self.ctx.train_batches():
+                window["data_wait"] += time.perf_counter() - fetch_start
+                batches += 1
+                sync = (micro + 1) % accum == 0
+                no_sync = self.wrapped.no_sync() if (is_distributed() and not sync) else contextlib.nullcontext()
+                with no_sync:
+                    loss, extra = self._loss(batch, self.wrapped)
+                    self.scaler.scale(loss / accum).backward()
+                micro += 1
+                window["loss"] += loss.item()
+                window["n"] += 1
+                window["images"] += len(batch["key"]) * self.ctx.world_size
+                for k, v in extra.items():
+                    window["extra"][k] = window["extra"].get(k, 0.0) + v
+                if sync:
+                    self._optimizer_step()
+                    self.state.images_seen += len(batch["key"]) * self.ctx.world_size * accum
+                    step = self.state.step
+                    if step % cfg.log_every_n_steps == 0 or step == cfg.max_steps:
+                        elapsed = time.perf_counter() - window_start
+                        metrics = {
+                            "step": step,
+                            "epoch": self.state.epoch,
+                            "loss": mean_across_workers(window["loss"] / window["n"], self.device),
+                            "lr": self.lr_scheduler.get_last_lr()[0],
+                            "images_per_s": window["images"] / elapsed,
+                            "data_wait_s": window["data_wait"],
+                            "images_seen": self.state.images_seen,
+                            "elapsed_s": time.perf_counter() - started,
+                            **{k: v / window["n"] for k, v in window["extra"].items()},
+                        }
+                        window = {"loss": 0.0, "n": 0, "images": 0, "data_wait": 0.0, "extra": {}}
+                        window_start = time.perf_counter()
+                        if self.is_main:
+                            self.report.log(metrics)
+                            self.ctx.progress({**metrics, "max_steps": cfg.max_steps})
+                    every = self.spec.validation.every_n_steps
+                    if every and step % every == 0 and step < cfg.max_steps:
+                        self.validate(step, metrics)
+                    if step % self.spec.checkpoint.every_n_steps == 0 or step == cfg.max_steps:
+                        self.checkpoint(metrics)
+                    if step >= cfg.max_steps:
+                        break
+                fetch_start = time.perf_counter()
+            if batches == 0:
+                raise DataTooSmallError(
+                    f"spec.data.uri: an epoch gave worker {self.ctx.rank} no full batch: the dataset needs at "
+                    f"least batch_size × num_workers = {cfg.batch_size * self.ctx.world_size} readable images"
+                )
+            if self.state.step < cfg.max_steps:
+                self.state.epoch += 1
+        if self.last_checkpoint_step != self.state.step:  # resumed at max_steps: nothing trained
+            self.checkpoint(metrics)
+        return self.finish(metrics)
+
+    # -- validation and export (rank 0) ------------------------------------------------------------
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """Run the body with the EMA weights in the model, when EMA is on."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.model.parameters())
+        self.ema.copy_to(self.model.parameters())
+        try:
+            yield
+        finally:
+            self.ema.restore(self.model.parameters())
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        batches = self.ctx.validation_batches()
+        if batches is None or self.spec.validation.max_batches == 0:
+            return None
+        state = torch.get_rng_state()
+        torch.manual_seed(self.spec.validation.seed)  # the same noise every time: comparable numbers
+        self.model.eval()
+        losses = []
+        try:
+            for i, batch in enumerate(batches):
+                if i >= self.spec.validation.max_batches:
+                    break
+                losses.append(self._loss(batch, self.objective)[0].item())
+        finally:
+            self.model.train()
+            torch.set_rng_state(state)
+        return float(np.mean(losses)) if losses else None
+
+    @torch.no_grad()
+    def validate(self, step: int, metrics: dict, final: bool = False) -> None:
+        if not self.is_main:
+            return
+        name = "final" if final else f"step_{step:08d}"
+        with self._ema_weights():
+            val_loss = self.validation_loss()
+            if val_loss is not None:
+                self.report.log({"step": step, "val_loss": val_loss})
+            if self.spec.stage == "unet" and self.spec.validation.prompts:
+                v = self.spec.validation
+                self.model.eval()
+                pipe = assemble_pipeline(vae=self.comps.vae, text_encoder=self.comps.text_encoder,
+                                         tokenizer=self.comps.tokenizer, unet=self.model,
+                                         noise_scheduler=self.comps.noise_scheduler)
+                rows = generate(pipe, v.prompts, images_per_prompt=v.images_per_prompt,
+                                num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
+                                seed=v.seed, resolution=self.comps.resolution)
+                self.model.train()
+                self.report.save_image(f"samples/{name}.png", image_grid(rows, v.prompts))
+            elif self.spec.stage == "autoencoder" and self.last_pixels is not None:
+                self.model.eval()
+                pixels = self.last_pixels[:8].to(self.device)
+                recon = self.objective(pixels)[3]
+                self.model.train()
+                self.report.save_image(f"samples/{name}.png", image_grid(
+                    [tensor_to_images(pixels), tensor_to_images(recon)], ["input", "reconstruction"]))
+        self.report.flush()
+
+    def finish(self, metrics: dict) -> dict:
+        summary = {"step": self.state.step, "epoch": self.state.epoch, "resumed_from": self.resumed_from,
+                   "loss": metrics.get("loss"), "output": self.spec.output.uri}
+        if not self.is_main:
+            return summary
+        out = self.spec.output.uri
+        with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp, self._ema_weights():
+            if self.spec.stage == "unet":
+                pipe = assemble_pipeline(vae=self.comps.vae, text_encoder=self.comps.text_encoder,
+                                         tokenizer=self.comps.tokenizer, unet=self.model,
+                                         noise_scheduler=self.comps.noise_scheduler)
+                pipe.save_pretrained(Path(tmp) / "pipeline", safe_serialization=True)
+                storage.upload_dir(Path(tmp) / "pipeline", storage.join(out, "pipeline"), self.spec.storage)
+                summary["pipeline"] = storage.join(out, "pipeline")
+            else:
+                if self.recent_latents:  # unit variance latents for the UNet stage, as Stable Diffusion does
+                    std = torch.cat(list(self.recent_latents)).std().item()
+                    self.model.register_to_config(scaling_factor=1.0 / std)
+                    summary["scaling_factor"] = 1.0 / std
+                self.model.save_pretrained(Path(tmp) / "vae", safe_serialization=True)
+                storage.upload_dir(Path(tmp) / "vae", storage.join(out, "vae"), self.spec.storage)
+                summary["vae"] = storage.join(out, "vae")
+        self.validate(self.state.step, metrics, final=True)
+        summary["samples"] = storage.join(out, "samples", "final.png")
+        summary["metrics"] = storage.join(out, "metrics.jsonl")
+        storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=2).encode(),
+                            self.spec.storage)
+        return summary
+
+
+def train_worker(job: DiffusionJob, ctx: WorkerContext) -> dict:
+    """Train ``job`` as one worker of ``ctx``; returns the run summary (rank 0's is complete)."""
+    return Trainer(job, ctx).run()
