@@ -84,7 +84,9 @@ def list_files(uri: str, settings: S3Settings | None = None) -> list[str]:
     fs, path = filesystem(uri, settings)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except (FileNotFoundError, OSError) as exc:
+    except FileNotFoundError:
+        raise StorageError(f"nothing found at {uri}") from None
+    except OSError as exc:
         raise StorageError(f"cannot list {uri}: {exc}") from None
     return sorted(i.path for i in infos if i.type == pafs.FileType.File)
 

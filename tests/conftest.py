@@ -1,0 +1,92 @@
+"""Shared fixtures: one real SeaweedFS S3 server and one local Ray cluster per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from seaweed import SeaweedS3, s3_env, start_seaweed  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_job(name: str, output: Path, data_uri: str, **spec) -> dict:
+    """A small tiny-preset job document; ``spec`` sections are merged over the defaults."""
+    doc = {
+        "apiVersion": "sdray.io/v1alpha1",
+        "kind": "DiffusionJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"preset": "tiny"},
+            "data": {"uri": data_uri},
+            "train": {"max_steps": 20, "batch_size": 16, "learning_rate": 1e-3, "log_every_n_steps": 5},
+            "distributed": {"num_workers": 1},
+            "checkpoint": {"every_n_steps": 10, "keep_last": 2},
+            "output": {"uri": str(output)},
+        },
+    }
+    for section, values in spec.items():
+        if isinstance(values, dict) and isinstance(doc["spec"].get(section), dict):
+            doc["spec"][section] = {**doc["spec"][section], **values}
+        else:
+            doc["spec"][section] = values
+    return doc
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory) -> SeaweedS3:
+    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    # Before Ray starts, so every Ray worker inherits the credentials (as a pod would from a Secret).
+    saved = {k: os.environ.get(k) for k in s3_env(server)}
+    os.environ.update(s3_env(server))
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_session(seaweed):
+    """A local Ray cluster for the session (4 logical CPUs: 2 workers + room for Ray Data)."""
+    import ray
+
+    from sdray.data.pipeline import quiet_ray_data
+    from sdray.train.launch import RAY_ENV
+
+    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", runtime_env={"env_vars": RAY_ENV},
+             logging_level="WARNING", log_to_driver=False)
+    quiet_ray_data()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """The digits (400 of them, 16 px) in all three formats, on local disk."""
+    from sdray.data.digits import import_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    for fmt in ("imagefolder", "webdataset", "parquet"):
+        import_digits(str(root / fmt), fmt, 16, limit=400)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_s3(seaweed, digits_root) -> str:
+    """The same digits in all three formats on the SeaweedFS server, under s3://digits/<format>."""
+    from sdray import storage
+
+    seaweed.create_bucket("digits")
+    for fmt in ("imagefolder", "webdataset", "parquet"):
+        storage.upload_dir(digits_root / fmt, f"s3://digits/{fmt}")
+    return "s3://digits"

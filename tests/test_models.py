@@ -1,0 +1,111 @@
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from sdray import storage
+from sdray.models.build import ModelError, build_components, data_requirements
+from sdray.models.pipeline import assemble_pipeline
+from sdray.models.presets import PRESETS
+from sdray.models.tokenizer import WORDS, build_tokenizer
+from sdray.spec import ModelSpec
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_offline_tokenizer_roundtrips_in_clip_format(tmp_path):
+    tok = build_tokenizer()
+    assert all(len(tok(w).input_ids) == 3 for w in WORDS)  # bos, the word as one token, eos
+    ids = tok("a handwritten digit 7").input_ids
+    assert tok.decode(ids, skip_special_tokens=True) == "a handwritten digit 7"
+    tok.save_pretrained(tmp_path)
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    assert again("a handwritten digit 7").input_ids == ids
+    assert again("Unseen WORDS tokenize too!").input_ids[-1] == tok.eos_token_id
+
+
+def test_tiny_preset_builds_every_component():
+    c = build_components(ModelSpec(preset="tiny"))
+    assert 0.5e6 < n_params(c.unet) < 1.5e6 and n_params(c.vae) < 1e6
+    assert c.text_encoder.config.vocab_size == len(c.tokenizer)
+    assert c.resolution == 16
+    latents = c.vae.encode(torch.zeros(2, 3, 16, 16)).latent_dist.mode()
+    assert latents.shape == (2, 4, 8, 8)
+    hidden = c.text_encoder(c.tokenizer(["a digit"] * 2, padding="max_length", return_tensors="pt").input_ids)[0]
+    assert c.unet(latents, torch.tensor([10, 20]), hidden).sample.shape == (2, 4, 8, 8)
+
+
+def test_same_seed_same_weights_on_every_worker():
+    a = build_components(ModelSpec(preset="tiny"), seed=3)
+    b = build_components(ModelSpec(preset="tiny"), seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
+
+
+def test_overrides_change_the_architecture_and_unknown_keys_are_named():
+    c = build_components(ModelSpec(preset="tiny", overrides={"unet": {"block_out_channels": [16, 32]},
+                                                             "scheduler": {"num_train_timesteps": 500}}))
+    assert list(c.unet.config.block_out_channels) == [16, 32]
+    assert c.noise_scheduler.config.num_train_timesteps == 500
+    with pytest.raises(ModelError, match=r"spec.model.overrides.unet.block_channels: not a config field"):
+        build_components(ModelSpec(preset="tiny", overrides={"unet": {"block_channels": [8]}}))
+
+
+def test_prediction_type_reaches_the_scheduler():
+    c = build_components(ModelSpec(preset="tiny", prediction_type="v_prediction"))
+    assert c.noise_scheduler.config.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sd2-base"])
+def test_large_presets_have_release_shapes(preset):
+    p = PRESETS[preset]
+    assert p.resolution == 512 and p.unet["block_out_channels"] == [320, 640, 1280, 1280]
+    assert p.unet["cross_attention_dim"] == p.text_encoder["hidden_size"]
+
+
+def _save_pipeline(path, seed=7):
+    c = build_components(ModelSpec(preset="tiny"), seed=seed)
+    assemble_pipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+                      noise_scheduler=c.noise_scheduler).save_pretrained(path, safe_serialization=True)
+    return c
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_pretrained_pipeline_and_single_component_load(tmp_path):
+    saved = _save_pipeline(tmp_path / "pipe")
+    loaded = build_components(ModelSpec(pretrained=str(tmp_path / "pipe")), seed=99)
+    assert _same(saved.unet, loaded.unet) and _same(saved.vae, loaded.vae)
+    assert _same(saved.text_encoder, loaded.text_encoder)
+    assert loaded.tokenizer.get_vocab() == saved.tokenizer.get_vocab()
+    # a UNet component alone: the rest comes from the preset
+    only_unet = build_components(ModelSpec(pretrained=str(tmp_path / "pipe" / "unet"), preset="tiny"), seed=99)
+    assert _same(saved.unet, only_unet.unet) and not _same(saved.vae, only_unet.vae)
+    with pytest.raises(ModelError, match="spec.model.preset: the pretrained source has no vae"):
+        build_components(ModelSpec(pretrained=str(tmp_path / "pipe" / "unet")))
+    with pytest.raises(ModelError, match="spec.model.overrides.unet: cannot change"):
+        build_components(ModelSpec(pretrained=str(tmp_path / "pipe"), overrides={"unet": {"layers_per_block": 2}}))
+
+
+def test_pretrained_vae_and_pipeline_from_s3(tmp_path, seaweed):
+    saved = _save_pipeline(tmp_path / "pipe", seed=11)
+    seaweed.create_bucket("models")
+    storage.upload_dir(tmp_path / "pipe", "s3://models/tiny-pipe")
+    loaded = build_components(ModelSpec(pretrained="s3://models/tiny-pipe"))
+    assert _same(saved.unet, loaded.unet)
+    with_vae = build_components(ModelSpec(preset="tiny", vae={"pretrained": "s3://models/tiny-pipe/vae"}))
+    assert _same(saved.vae, with_vae.vae)
+    assert data_requirements(ModelSpec(pretrained="s3://models/tiny-pipe"))[0] == 16
+
+
+def test_missing_or_wrong_sources_are_named(tmp_path):
+    with pytest.raises(ModelError, match="spec.model.pretrained: nothing found at"):
+        build_components(ModelSpec(pretrained=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="spec.model.pretrained: .*expected a diffusers pipeline"):
+        build_components(ModelSpec(pretrained=str(tmp_path / "empty")))
+    _save_pipeline(tmp_path / "pipe")
+    with pytest.raises(ModelError, match="spec.model.vae.pretrained: .* holds a unet, not a VAE"):
+        build_components(ModelSpec(preset="tiny", vae={"pretrained": str(tmp_path / "pipe" / "unet")}))

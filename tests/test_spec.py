@@ -1,0 +1,112 @@
+import copy
+import json
+
+import pytest
+import yaml
+from conftest import make_job
+
+from sdray.spec import SpecError, json_schema, load_job, parse_job
+
+
+def valid_doc():
+    return make_job("spec-test", "/tmp/out", "s3://bucket/digits")
+
+
+def test_valid_document_parses_with_defaults():
+    job = parse_job(valid_doc())
+    assert job.metadata.name == "spec-test"
+    assert job.spec.stage == "unet"
+    assert job.spec.train.lr_scheduler == "constant"
+    assert job.spec.distributed.strategy == "ddp"
+    assert job.spec.checkpoint.resume == "auto"
+    assert job.spec.checkpoint_uri == "/tmp/out/checkpoints"
+
+
+def _set(doc, path, value):
+    node = doc
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        ("spec.train.learning_rate", -1, "spec.train.learning_rate: Input should be greater than 0"),
+        ("spec.train.learning_rat", 0.1, "spec.train.learning_rat: unknown field"),
+        ("spec.train.mixed_precision", "fp8", "spec.train.mixed_precision"),
+        ("spec.distributed.strategy", "fsdp", "spec.distributed.strategy: strategy 'fsdp' is not available yet"),
+        ("spec.distributed.num_workers", 0, "spec.distributed.num_workers"),
+        ("spec.data.format", "csv", "spec.data.format"),
+        ("spec.data.crop", "left", "spec.data.crop"),
+        ("spec.data.aws_secret_access_key", "S", "spec.data.aws_secret_access_key: unknown field"),
+        ("spec.model.resolution", 20, "multiple of 8"),
+        ("spec.model.prediction_type", "sample", "spec.model.prediction_type"),
+        ("spec.checkpoint.keep_last", 0, "spec.checkpoint.keep_last"),
+        ("spec.stage", "vae", "spec.stage"),
+        ("spec.train.optimizer.betas", [0.9, 1.5], "spec.train.optimizer.betas"),
+        ("apiVersion", "sdray.io/v2", "apiVersion"),
+        ("kind", "Job", "kind"),
+        ("metadata.name", "Bad_Name", "metadata.name"),
+    ],
+)
+def test_invalid_field_is_named(path, value, expected):
+    doc = _set(copy.deepcopy(valid_doc()), path, value)
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    assert any(expected in line for line in err.value.errors), err.value.errors
+
+
+def test_missing_sections_are_named():
+    doc = valid_doc()
+    del doc["spec"]["data"]
+    del doc["spec"]["output"]
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    assert "spec.data: required field is missing" in err.value.errors
+    assert "spec.output: required field is missing" in err.value.errors
+
+
+def test_model_needs_preset_or_pretrained():
+    doc = valid_doc()
+    doc["spec"]["model"] = {"prediction_type": "epsilon"}
+    with pytest.raises(SpecError, match="spec.model.preset"):
+        parse_job(doc)
+
+
+def test_load_job_yaml_and_json(tmp_path):
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(valid_doc()))
+    (tmp_path / "job.json").write_text(json.dumps(valid_doc()))
+    assert load_job(tmp_path / "job.yaml") == load_job(tmp_path / "job.json")
+
+
+def test_load_job_names_the_file_on_bad_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: [unclosed")
+    with pytest.raises(SpecError) as err:
+        load_job(bad)
+    assert str(bad) in str(err.value) and "not valid YAML" in str(err.value)
+    with pytest.raises(SpecError, match="cannot read"):
+        load_job(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_job(tmp_path / "list.yaml")
+
+
+def test_schema_is_strict_and_complete():
+    schema = json_schema()
+    assert set(schema["required"]) == {"apiVersion", "kind", "metadata", "spec"}
+    job_spec = schema["$defs"]["JobSpec"]
+    assert {"stage", "model", "data", "train", "distributed", "checkpoint", "validation", "output"} <= set(
+        job_spec["properties"])
+    assert all(d.get("additionalProperties") is False for d in schema["$defs"].values() if d.get("type") == "object")
+
+
+def test_data_s3_settings_fall_back_to_storage():
+    doc = valid_doc()
+    doc["spec"]["storage"] = {"endpoint": "http://127.0.0.1:9000", "region": "eu-west-1"}
+    doc["spec"]["data"]["region"] = "us-east-2"
+    s3 = parse_job(doc).spec.data_s3
+    assert s3.endpoint == "http://127.0.0.1:9000" and s3.region == "us-east-2"
