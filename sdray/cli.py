@@ -122,7 +122,9 @@ def run_training(job_path: Path, *, address: str | None = None, in_process: bool
                  verbose: bool = False) -> dict:
     """Train one job document with a progress bar; returns the summary (exits cleanly on errors)."""
     doc = _load(job_path)
-    if not verbose:
+    if verbose:
+        os.environ["SDRAY_VERBOSE"] = "1"
+    else:
         _quiet_libraries()
     from sdray.train.launch import run_in_process, run_job
 
@@ -160,9 +162,12 @@ def train(
         "--in-process", help="Run the loop as one plain process (no Ray Train): debugging, single GPU.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and the workers' logs.")] = False,
 ) -> None:
-    """Train a job: Ray Data streams the dataset, Ray Train runs the loop on the workers, and the
-    exported diffusers pipeline, sample grids, metrics.jsonl and loss.png land under spec.output.uri.
-    Rerunning a job with `checkpoint.resume: auto` continues from its latest checkpoint."""
+    """Train a job document on Ray (an embedded local cluster unless --address is given).
+
+    Ray Data streams the dataset from spec.data.uri, Ray Train runs the loop on spec.distributed.num_workers
+    workers, and the exported diffusers pipeline, sample grids, metrics.jsonl and loss.png land under
+    spec.output.uri. Rerunning a job with checkpoint.resume: auto continues from its latest checkpoint.
+    """
     run_training(job, address=address, in_process=in_process, verbose=verbose)
 
 
@@ -177,7 +182,7 @@ def sample(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for s3:// URIs.")] = None,
 ) -> None:
-    """Generate images from a trained pipeline with stock diffusers; writes one PNG per image and a grid."""
+    """Generate images from a trained pipeline (stock diffusers): one PNG per image and a grid."""
     _quiet_libraries()
     from sdray.models.pipeline import generate, load_pipeline
     from sdray.spec import S3Settings
@@ -203,8 +208,10 @@ def import_digits(
     resolution: Annotated[int, typer.Option(min=8, help="Image size in pixels.")] = 16,
     endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for s3:// URIs (or AWS_ENDPOINT_URL).")] = None,
 ) -> None:
-    """Write scikit-learn's 1,797 handwritten digits as an image–caption dataset
-    ("a handwritten digit 7"), upscaled to RESOLUTION."""
+    """Write scikit-learn's 1,797 handwritten digits as an image–caption dataset.
+
+    Each 8×8 scan is upscaled to --resolution and captioned "a handwritten digit 7".
+    """
     from sdray.data.digits import import_digits as write
     from sdray.spec import S3Settings
 
@@ -225,8 +232,12 @@ def demo(
     unet_steps: Annotated[int, typer.Option(min=1, help="UNet-stage steps.")] = 3000,
     per_digit: Annotated[int, typer.Option(min=1, help="Images drawn per digit for the judge.")] = 10,
 ) -> None:
-    """The README's first command: import the digits, train the autoencoder then the UNet on local Ray
-    workers, draw every digit and judge the drawings; the last line is digit_accuracy=0.NN."""
+    """Run the demo: train a tiny text-to-image model on handwritten digits and judge what it draws.
+
+    Imports the digits, trains the autoencoder stage then the UNet stage on local Ray workers, draws
+    every digit with the exported pipeline and asks a classifier which digit each drawing shows. The
+    last line printed is digit_accuracy=0.NN.
+    """
     _quiet_libraries()
     from sdray import demo as d
     from sdray.data.digits import import_digits as write

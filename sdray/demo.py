@@ -23,44 +23,39 @@ from sdray.data.digits import CAPTION
 DIGIT_PROMPTS = [CAPTION.format(d) for d in range(10)]
 
 
+def _job(name: str, spec: dict) -> dict:
+    return {"apiVersion": "sdray.io/v1alpha1", "kind": "DiffusionJob",
+            "metadata": {"name": name, "labels": {"demo": "digits"}}, "spec": spec}
+
+
 def demo_jobs(root: Path, *, workers: int = 2, vae_steps: int = 600, unet_steps: int = 3000) -> dict[str, dict]:
     """The two job documents of the demo, with every path under ``root``."""
     root = root.absolute()
     common_data = {"uri": str(root / "digits"), "format": "imagefolder", "validation_fraction": 0.05}
     distributed = {"num_workers": workers, "resources_per_worker": {"CPU": 1}}
-    vae = {
-        "apiVersion": "sdray.io/v1alpha1",
-        "kind": "DiffusionJob",
-        "metadata": {"name": "digits-vae", "labels": {"demo": "digits"}},
-        "spec": {
-            "stage": "autoencoder",
-            "model": {"preset": "tiny"},
-            "data": common_data,
-            "train": {"max_steps": vae_steps, "batch_size": 32, "learning_rate": 2e-3, "lr_scheduler": "cosine",
-                      "warmup_steps": 20, "log_every_n_steps": 20},
-            "distributed": distributed,
-            "checkpoint": {"every_n_steps": 300, "keep_last": 2},
-            "output": {"uri": str(root / "vae")},
-        },
-    }
-    unet = {
-        "apiVersion": "sdray.io/v1alpha1",
-        "kind": "DiffusionJob",
-        "metadata": {"name": "digits-unet", "labels": {"demo": "digits"}},
-        "spec": {
-            "stage": "unet",
-            "model": {"preset": "tiny", "vae": {"pretrained": str(root / "vae")}},
-            "data": common_data,
-            "train": {"max_steps": unet_steps, "batch_size": 32, "learning_rate": 1e-3, "lr_scheduler": "cosine",
-                      "warmup_steps": 100, "caption_dropout": 0.1, "log_every_n_steps": 25,
-                      "ema": {"decay": 0.995}},
-            "distributed": distributed,
-            "checkpoint": {"every_n_steps": 1000, "keep_last": 2},
-            "validation": {"prompts": DIGIT_PROMPTS, "every_n_steps": 1000, "num_inference_steps": 20,
-                           "guidance_scale": 4.0, "images_per_prompt": 8},
-            "output": {"uri": str(root / "unet")},
-        },
-    }
+    vae = _job("digits-vae", {
+        "stage": "autoencoder",
+        "model": {"preset": "tiny"},
+        "data": common_data,
+        "train": {"max_steps": vae_steps, "batch_size": 32, "learning_rate": 2e-3, "lr_scheduler": "cosine",
+                  "warmup_steps": 20, "log_every_n_steps": 20},
+        "distributed": distributed,
+        "checkpoint": {"every_n_steps": 300, "keep_last": 2},
+        "output": {"uri": str(root / "vae")},
+    })
+    unet = _job("digits-unet", {
+        "stage": "unet",
+        "model": {"preset": "tiny", "vae": {"pretrained": str(root / "vae")}},
+        "data": common_data,
+        "train": {"max_steps": unet_steps, "batch_size": 32, "learning_rate": 1e-3, "lr_scheduler": "cosine",
+                  "warmup_steps": 100, "caption_dropout": 0.1, "log_every_n_steps": 25,
+                  "ema": {"decay": 0.995}},
+        "distributed": distributed,
+        "checkpoint": {"every_n_steps": 1000, "keep_last": 2},
+        "validation": {"prompts": DIGIT_PROMPTS, "every_n_steps": 1000, "num_inference_steps": 20,
+                       "guidance_scale": 4.0, "images_per_prompt": 8},
+        "output": {"uri": str(root / "unet")},
+    })
     return {"vae": vae, "unet": unet}
 
 

@@ -88,6 +88,16 @@ class ModelSpec(_Strict):
         default=None, ge=8, description="Training image size in pixels; default: the preset's."
     )
 
+    @field_validator("preset")
+    @classmethod
+    def _preset_available(cls, v: str | None) -> str | None:
+        if v == "sdxl-base":
+            raise ValueError(
+                "preset 'sdxl-base' is not available yet (its second text encoder and size conditioning "
+                "are not wired into training); use tiny, sd15 or sd2-base"
+            )
+        return v
+
     @model_validator(mode="after")
     def _needs_a_source(self) -> ModelSpec:
         if self.preset is None and self.pretrained is None:
@@ -216,6 +226,22 @@ class JobSpec(_Strict):
         default_factory=S3Settings,
         description="S3 settings for every s3:// URI of the job (model, checkpoints, output); data's own win for data.",
     )
+
+    @model_validator(mode="after")
+    def _fields_of_the_other_stage(self) -> JobSpec:
+        """Refuse settings the chosen stage would silently ignore."""
+        unet_only = {
+            "spec.model.prediction_type": "prediction_type" in self.model.model_fields_set,
+            "spec.train.caption_dropout": "caption_dropout" in self.train.model_fields_set,
+            "spec.validation.prompts": bool(self.validation.prompts),
+        }
+        if self.stage == "autoencoder":
+            used = [name for name, set_ in unet_only.items() if set_]
+            if used:
+                raise ValueError(f"{used[0]} applies to stage: unet only (this job has stage: autoencoder)")
+        elif "kl_weight" in self.train.model_fields_set:
+            raise ValueError("spec.train.kl_weight applies to stage: autoencoder only (this job has stage: unet)")
+        return self
 
     @property
     def data_s3(self) -> S3Settings:

@@ -69,6 +69,28 @@ def test_missing_sections_are_named():
     assert "spec.output: required field is missing" in err.value.errors
 
 
+@pytest.mark.parametrize("stage, section, field, value", [
+    ("autoencoder", "train", "caption_dropout", 0.2),
+    ("autoencoder", "validation", "prompts", ["a digit"]),
+    ("autoencoder", "model", "prediction_type", "v_prediction"),
+    ("unet", "train", "kl_weight", 1e-4),
+])
+def test_settings_of_the_other_stage_are_refused(stage, section, field, value):
+    doc = valid_doc()
+    doc["spec"]["stage"] = stage
+    doc["spec"].setdefault(section, {})[field] = value
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    assert f"spec.{section}.{field} applies to stage" in str(err.value)
+
+
+def test_sdxl_preset_is_refused_until_it_lands():
+    doc = valid_doc()
+    doc["spec"]["model"]["preset"] = "sdxl-base"
+    with pytest.raises(SpecError, match="spec.model.preset: .*sdxl-base' is not available yet"):
+        parse_job(doc)
+
+
 def test_model_needs_preset_or_pretrained():
     doc = valid_doc()
     doc["spec"]["model"] = {"prediction_type": "epsilon"}
@@ -110,3 +132,12 @@ def test_data_s3_settings_fall_back_to_storage():
     doc["spec"]["data"]["region"] = "us-east-2"
     s3 = parse_job(doc).spec.data_s3
     assert s3.endpoint == "http://127.0.0.1:9000" and s3.region == "us-east-2"
+
+
+def test_a_job_survives_the_trip_to_the_workers():
+    """Workers re-validate the document they are sent: it must mean the same there."""
+    for stage in ("unet", "autoencoder"):
+        doc = valid_doc()
+        doc["spec"]["stage"] = stage
+        job = parse_job(doc)
+        assert parse_job(job.model_dump(mode="json", exclude_unset=True)) == job

@@ -7,6 +7,8 @@ whole by rank 0.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,10 +21,13 @@ from sdray.spec import JobSpec
 
 
 def quiet_ray_data() -> None:
-    """No Ray Data progress bars: they garble the job's own progress display and test output."""
+    """No Ray Data progress bars or per-dataset INFO lines: they garble the job's own progress display
+    (``SDRAY_VERBOSE=1`` keeps Ray Data's logging as configured)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    if not os.environ.get("SDRAY_VERBOSE"):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 @dataclass

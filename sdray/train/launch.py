@@ -182,7 +182,7 @@ def run_job(job: DiffusionJob, *, address: str | None = None,
             datasets["validation"] = data.validation
         trainer = TorchTrainer(
             _ray_worker,
-            train_loop_config={"job": job.model_dump(mode="json"), "board": board},
+            train_loop_config={"job": job.model_dump(mode="json", exclude_unset=True), "board": board},
             scaling_config=ScalingConfig(num_workers=spec.distributed.num_workers, use_gpu=spec.distributed.use_gpu,
                                          resources_per_worker=spec.distributed.resources_per_worker or {"CPU": 1}),
             run_config=RunConfig(
@@ -239,12 +239,10 @@ def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads:
         data = _prepare_data(job)
         ctx = LocalContext(
             train=data.train, validation=data.validation, batch_size=spec.train.batch_size,
-            shuffle=spec.data.shuffle, run_dir=Path(spec.checkpoint_uri) / job.metadata.name,
+            shuffle=spec.data.shuffle, run_dir=Path(spec.checkpoint_uri) / run_name(job),
             keep_last=spec.checkpoint.keep_last, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
             num_threads=num_threads or int(cpus_per_worker(job)),
         )
-        if spec.checkpoint.resume == "never":
-            ctx.run_dir = ctx.run_dir.with_name(run_name(job))
         start = time.perf_counter()
         train_worker(job, ctx)
         return _finish_summary(job, data, {"elapsed_s": time.perf_counter() - start, "run": ctx.run_dir.name})

@@ -280,7 +280,9 @@ class Trainer:
         self.report.flush()
 
     def finish(self, metrics: dict) -> dict:
-        summary = {"step": self.state.step, "epoch": self.state.epoch, "resumed_from": self.resumed_from,
+        meta = self.job.metadata
+        summary = {"job": meta.name, "namespace": meta.namespace, "labels": meta.labels, "stage": self.spec.stage,
+                   "step": self.state.step, "epoch": self.state.epoch, "resumed_from": self.resumed_from,
                    "loss": metrics.get("loss"), "output": self.spec.output.uri}
         if not self.is_main:
             return summary
