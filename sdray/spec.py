@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 API_VERSION = "sdray.io/v1alpha1"
 KIND = "DiffusionJob"
-PRESETS = ("tiny", "sd15", "sd2-base", "sdxl-base")
-COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
+PRESETS = ("tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base")
 
 
 class SpecError(ValueError):
@@ -68,8 +67,10 @@ class VAESource(_Strict):
 
 
 class ModelSpec(_Strict):
-    preset: Literal["tiny", "sd15", "sd2-base", "sdxl-base"] | None = Field(
-        default=None, description="Named architecture built without weights."
+    preset: Literal["tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base"] | None = Field(
+        default=None,
+        description="Named architecture built without weights: tiny and tiny-xl (tests, demos), sd15, "
+        "sd2-base, sdxl-base (the public releases' shapes).",
     )
     pretrained: str | None = Field(
         default=None,
@@ -79,7 +80,7 @@ class ModelSpec(_Strict):
     tokenizer: str | None = Field(
         default=None, description="Local dir or s3:// URI of a CLIPTokenizer; default: the preset's."
     )
-    overrides: dict[Literal["unet", "vae", "text_encoder", "scheduler"], dict[str, Any]] = Field(
+    overrides: dict[Literal["unet", "vae", "text_encoder", "text_encoder_2", "scheduler"], dict[str, Any]] = Field(
         default_factory=dict,
         description="Per-component config overrides applied to the preset's configs (scheduler: always).",
     )
@@ -87,16 +88,6 @@ class ModelSpec(_Strict):
     resolution: int | None = Field(
         default=None, ge=8, description="Training image size in pixels; default: the preset's."
     )
-
-    @field_validator("preset")
-    @classmethod
-    def _preset_available(cls, v: str | None) -> str | None:
-        if v == "sdxl-base":
-            raise ValueError(
-                "preset 'sdxl-base' is not available yet (its second text encoder and size conditioning "
-                "are not wired into training); use tiny, sd15 or sd2-base"
-            )
-        return v
 
     @model_validator(mode="after")
     def _needs_a_source(self) -> ModelSpec:

@@ -93,8 +93,7 @@ def test_sample_writes_images_of_the_pipeline(tmp_path):
     from sdray.spec import ModelSpec
 
     c = build_components(ModelSpec(preset="tiny"))
-    assemble_pipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-                      noise_scheduler=c.noise_scheduler).save_pretrained(tmp_path / "job-out" / "pipeline")
+    assemble_pipeline(c).save_pretrained(tmp_path / "job-out" / "pipeline")
     result = runner.invoke(app, ["sample", str(tmp_path / "job-out"), "-p", "a handwritten digit 4", "-p",
                                  "a handwritten digit 5", "--num", "3", "--steps", "2", "--out", str(tmp_path / "s")])
     assert result.exit_code == 0, result.stdout
@@ -110,3 +109,14 @@ def test_sample_writes_images_of_the_pipeline(tmp_path):
 def test_shipped_examples_validate(example):
     result = runner.invoke(app, ["validate", str(example)])
     assert result.exit_code == 0 and result.stdout.startswith("ok"), result.stdout
+
+
+def test_train_joins_a_running_cluster_with_address_auto(ray_session, digits_root, tmp_path):
+    """`--address auto` submits to the Ray cluster already running here (the test session's)."""
+    doc = make_job("joins", tmp_path / "out", str(digits_root / "imagefolder"),
+                   train={"max_steps": 4, "batch_size": 8, "log_every_n_steps": 2}, checkpoint={"every_n_steps": 4})
+    result = sdray("train", write(tmp_path / "job.yaml", doc), "--address", "auto", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["job"] == "joins"
+    assert "joins: done" in result.stdout

@@ -21,7 +21,7 @@ def job_spec(uri, fmt="imagefolder", **data):
 
 
 def read_all(spec, tokenizer=None):
-    data = build_datasets(spec, resolution=16, tokenizer=tokenizer)
+    data = build_datasets(spec, resolution=16, tokenizers=[tokenizer] if tokenizer else [])
     rows = data.train.take_all()
     return data, rows
 
@@ -122,8 +122,10 @@ def test_augmentation_random_crop_and_flip():
     pngs, _ = digit_images(16)
     batch = {"key": np.array(["k"] * 16, dtype=object), "image": np.array([pngs[3]] * 16, dtype=object),
              "caption": np.array(["c"] * 16, dtype=object)}
-    center = Preprocess(resolution=16, resize=24, crop="center", random_flip=False)(batch)["pixel_values"]
+    out = Preprocess(resolution=16, resize=24, crop="center", random_flip=False)(batch)
+    center = out["pixel_values"]
     assert center.shape == (16, 3, 16, 16)
+    assert out["original_size"].tolist()[0] == [16, 16] and out["crop_top_left"].tolist()[0] == [4, 4]
     assert all(np.array_equal(center[0], c) for c in center)  # deterministic
     rand = Preprocess(resolution=16, resize=24, crop="random", random_flip=True)(batch)["pixel_values"]
     assert len({r.tobytes() for r in rand}) > 1  # crops and flips differ
@@ -158,3 +160,13 @@ def test_shards_are_disjoint_across_workers(ray_session, digits_root, tmp_path):
     assert len(a) == len(b) == 200
     assert not set(a) & set(b)
     assert len(set(a) | set(b)) == 400
+
+
+def test_import_digits_writes_straight_to_s3(ray_session, seaweed):
+    from sdray.data.digits import import_digits
+
+    seaweed.create_bucket("imported")
+    assert import_digits("s3://imported/wds", "webdataset", 16, limit=60) == 60
+    assert storage.list_files("s3://imported/wds") == ["imported/wds/shard-00000.tar"]
+    data, rows = read_all(job_spec("s3://imported/wds", "webdataset"))
+    assert len(rows) == 60 and data.skipped() == 0

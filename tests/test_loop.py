@@ -85,3 +85,17 @@ def test_ema_weights_are_exported(ray_session, digits_root, tmp_path):
     names = [n for n, _ in exported.named_parameters()]
     assert any(not torch.equal(raw[n], p) for n, p in zip(names, params))  # EMA ≠ the raw weights
     assert ema["optimization_step"] == 6
+
+
+def test_sdxl_shaped_model_trains_and_exports_a_stock_sdxl_pipeline(ray_session, digits_root, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    summary, out = _run(digits_root, tmp_path, model={"preset": "tiny-xl"},
+                        train={"caption_dropout": 0.3, "max_steps": 8},
+                        validation={"prompts": ["a handwritten digit 2"], "num_inference_steps": 2})
+    losses = [r["loss"] for r in records(out) if "loss" in r]
+    assert summary["step"] == 8 and all(math.isfinite(v) for v in losses)
+    pipe = StableDiffusionXLPipeline.from_pretrained(out / "pipeline")
+    image = pipe("a handwritten digit 2", num_inference_steps=2, height=24, width=24).images[0]
+    assert image.size == (24, 24)
+    assert (out / "samples" / "final.png").exists()

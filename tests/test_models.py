@@ -63,10 +63,42 @@ def test_large_presets_have_release_shapes(preset):
     assert p.unet["cross_attention_dim"] == p.text_encoder["hidden_size"]
 
 
+@pytest.mark.parametrize("preset", ["sdxl-base", "tiny-xl"])
+def test_xl_presets_wire_two_text_encoders_into_the_unet(preset):
+    p = PRESETS[preset]
+    assert p.is_xl
+    assert p.unet["cross_attention_dim"] == p.text_encoder["hidden_size"] + p.text_encoder_2["hidden_size"]
+    assert p.unet["projection_class_embeddings_input_dim"] == (
+        p.text_encoder_2["projection_dim"] + 6 * p.unet["addition_time_embed_dim"])
+    if preset == "sdxl-base":
+        assert p.resolution == 1024 and p.unet["transformer_layers_per_block"] == [1, 2, 10]
+
+
+def test_tiny_xl_conditioning_drives_the_unet(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdray.models.conditioning import unet_conditioning
+
+    c = build_components(ModelSpec(preset="tiny-xl"))
+    assert c.is_xl and len(c.tokenizers) == 2
+    batch = {"input_ids": c.tokenizer(["a digit"] * 3, padding="max_length", return_tensors="pt").input_ids,
+             "input_ids_2": c.tokenizer_2(["a digit"] * 3, padding="max_length", return_tensors="pt").input_ids,
+             "original_size": torch.tensor([[16, 16]] * 3), "crop_top_left": torch.tensor([[0, 0]] * 3)}
+    cond = unet_conditioning(c, batch, drop=torch.tensor([False, True, False]))
+    assert cond["encoder_hidden_states"].shape == (3, 16, 64)
+    assert cond["added_cond_kwargs"]["time_ids"].tolist()[0] == [16, 16, 0, 0, 16, 16]
+    assert not cond["encoder_hidden_states"][1].any() and cond["encoder_hidden_states"][0].any()
+    out = c.unet(torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3]), **cond).sample
+    assert out.shape == (3, 4, 8, 8)
+    assemble_pipeline(c).save_pretrained(tmp_path / "xl")
+    assert isinstance(StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl"), StableDiffusionXLPipeline)
+    again = build_components(ModelSpec(pretrained=str(tmp_path / "xl")))
+    assert again.is_xl and _same(again.text_encoder_2, c.text_encoder_2)
+
+
 def _save_pipeline(path, seed=7):
     c = build_components(ModelSpec(preset="tiny"), seed=seed)
-    assemble_pipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-                      noise_scheduler=c.noise_scheduler).save_pretrained(path, safe_serialization=True)
+    assemble_pipeline(c).save_pretrained(path, safe_serialization=True)
     return c
 
 

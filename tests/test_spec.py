@@ -84,11 +84,11 @@ def test_settings_of_the_other_stage_are_refused(stage, section, field, value):
     assert f"spec.{section}.{field} applies to stage" in str(err.value)
 
 
-def test_sdxl_preset_is_refused_until_it_lands():
+@pytest.mark.parametrize("preset", ["tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base"])
+def test_every_preset_is_accepted(preset):
     doc = valid_doc()
-    doc["spec"]["model"]["preset"] = "sdxl-base"
-    with pytest.raises(SpecError, match="spec.model.preset: .*sdxl-base' is not available yet"):
-        parse_job(doc)
+    doc["spec"]["model"]["preset"] = preset
+    assert parse_job(doc).spec.model.preset == preset
 
 
 def test_model_needs_preset_or_pretrained():

@@ -54,24 +54,28 @@ def decode_image(data: bytes) -> Image.Image | None:
 
 
 class Preprocess:
-    """Turns ``{key, image, caption}`` rows into ``{key, pixel_values, input_ids}`` training rows.
+    """Turns ``{key, image, caption}`` rows into training rows: ``key``, ``pixel_values``, one
+    ``input_ids`` column per tokenizer (``input_ids``, ``input_ids_2``), and each image's
+    ``original_size`` and ``crop_top_left`` (SDXL conditions on them).
 
     ``split="validation"`` rows are center-cropped and never flipped.
     """
 
     def __init__(self, *, resolution: int, resize: int | None, crop: str, random_flip: bool,
-                 tokenizer=None, split: str = "train", skip_counter=None):
+                 tokenizers=(), split: str = "train", skip_counter=None):
         self.resolution = resolution
         self.resize = resize or resolution
         self.random = split == "train"
         self.crop = crop if self.random else "center"
         self.random_flip = random_flip and self.random
-        self.tokenizer = tokenizer
+        self.tokenizers = list(tokenizers)
         self.skip_counter = skip_counter
         self.rng = np.random.default_rng()
 
-    def transform(self, img: Image.Image) -> np.ndarray:
+    def transform(self, img: Image.Image) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """Pixels in [-1, 1] (CHW), the original (height, width), and the crop's (top, left)."""
         w, h = img.size
+        original = (h, w)
         scale = self.resize / min(w, h)
         if scale != 1:
             img = img.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))),
@@ -86,17 +90,20 @@ class Preprocess:
         if self.random_flip and self.rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-        return arr.transpose(2, 0, 1)
+        return arr.transpose(2, 0, 1), original, (top, left)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys, pixels, captions, skipped = [], [], [], []
+        keys, pixels, captions, sizes, crops, skipped = [], [], [], [], [], []
         for key, data, caption in zip(batch["key"], batch["image"], batch["caption"]):
             img = decode_image(data)
             if img is None:
                 skipped.append(str(key))
                 continue
+            array, size, corner = self.transform(img)
             keys.append(str(key))
-            pixels.append(self.transform(img))
+            pixels.append(array)
+            sizes.append(size)
+            crops.append(corner)
             captions.append(str(caption))
         if skipped and self.skip_counter is not None:
             self.skip_counter.add.remote(skipped)
@@ -104,12 +111,14 @@ class Preprocess:
         out = {
             "key": np.array(keys, dtype=object),
             "pixel_values": np.stack(pixels) if pixels else np.zeros((0, 3, r, r), np.float32),
+            "original_size": np.array(sizes, dtype=np.int64).reshape(-1, 2),
+            "crop_top_left": np.array(crops, dtype=np.int64).reshape(-1, 2),
         }
-        if self.tokenizer is not None:
-            length = self.tokenizer.model_max_length
-            out["input_ids"] = (
-                self.tokenizer(captions, padding="max_length", max_length=length, truncation=True,
-                               return_tensors="np").input_ids.astype(np.int64)
+        for i, tokenizer in enumerate(self.tokenizers):
+            length = tokenizer.model_max_length
+            out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = (
+                tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                          return_tensors="np").input_ids.astype(np.int64)
                 if captions else np.zeros((0, length), np.int64)
             )
         return out

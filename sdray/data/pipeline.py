@@ -40,7 +40,7 @@ class JobData:
         return ray.get(self.skip_counter.count.remote())
 
 
-def build_datasets(spec: JobSpec, *, resolution: int, tokenizer=None) -> JobData:
+def build_datasets(spec: JobSpec, *, resolution: int, tokenizers=()) -> JobData:
     """Lazy train/validation datasets for ``spec.data``; fails early with a clear error when the data
     cannot be read or holds no readable image."""
     quiet_ray_data()
@@ -50,7 +50,7 @@ def build_datasets(spec: JobSpec, *, resolution: int, tokenizer=None) -> JobData
         raw = raw.randomize_block_order()
     counter = SkipCounter.remote()
     common = dict(resolution=resolution, resize=data.resize, crop=data.crop, random_flip=data.random_flip,
-                  tokenizer=tokenizer, skip_counter=counter)
+                  tokenizers=tokenizers, skip_counter=counter)
     frac = data.validation_fraction
 
     def side(validation: bool) -> ray.data.Dataset:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdray import storage
 from sdray.models.presets import PRESETS, Preset
@@ -35,6 +35,17 @@ class Components:
     tokenizer: CLIPTokenizer | None
     noise_scheduler: DDPMScheduler
     resolution: int
+    # SDXL only: the second text encoder, whose pooled projection also conditions the UNet.
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+
+    @property
+    def is_xl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
 
 
 _CLASSES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
@@ -65,6 +76,8 @@ def _source_kind(path: Path) -> tuple[str, Path]:
         kinds = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder"}
         if name in kinds:
             return kinds[name], path
+        if name == "CLIPTextModelWithProjection":
+            raise ModelError(f"{path}: a CLIPTextModelWithProjection alone cannot be used; give the whole SDXL pipeline")
     if (path / "vae" / "config.json").exists():  # the output folder of an autoencoder-stage job
         return "vae", path / "vae"
     raise ModelError(
@@ -73,16 +86,16 @@ def _source_kind(path: Path) -> tuple[str, Path]:
     )
 
 
-def _tiny_text_encoder(preset: Preset, tokenizer: CLIPTokenizer, overrides: dict) -> CLIPTextModel:
+def _text_encoder_from_config(cls, config: dict, tokenizer: CLIPTokenizer, overrides: dict):
     config = {
-        **preset.text_encoder,
+        **config,
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         **overrides,
     }
-    return CLIPTextModel(CLIPTextConfig(**config))
+    return cls(CLIPTextConfig(**config))
 
 
 class _Sources:
@@ -138,29 +151,36 @@ class _Sources:
         _check_overrides(name, overrides, _init_params(cls))
         return cls.from_config({**getattr(self.need_preset(name), name), **overrides})
 
-    def tokenizer(self) -> CLIPTokenizer:
-        if self.spec.tokenizer:
+    @property
+    def is_xl(self) -> bool:
+        if self.pipeline_dir is not None:
+            return (self.pipeline_dir / "text_encoder_2").exists()
+        return bool(self.preset and self.preset.is_xl)
+
+    def tokenizer(self, slot: str = "tokenizer") -> CLIPTokenizer:
+        if self.spec.tokenizer and slot == "tokenizer":
             tok = CLIPTokenizer.from_pretrained(storage.local_copy(self.spec.tokenizer, self.s3))
         elif self.pipeline_dir is not None:
-            tok = CLIPTokenizer.from_pretrained(self.pipeline_dir, subfolder="tokenizer")
+            tok = CLIPTokenizer.from_pretrained(self.pipeline_dir, subfolder=slot)
         else:
-            tok = build_tokenizer(self.need_preset("tokenizer").tokenizer_max_length)
+            tok = build_tokenizer(self.need_preset(slot).tokenizer_max_length)
         if len(tok) < 3:
-            raise ModelError("spec.model.tokenizer: the tokenizer loaded is empty (is the directory complete?)")
+            raise ModelError(f"spec.model.tokenizer: the {slot} loaded is empty (is the directory complete?)")
         return tok
 
-    def text_encoder(self, tokenizer: CLIPTokenizer) -> CLIPTextModel:
-        if "text_encoder" in self.component_dirs:
-            enc = CLIPTextModel.from_pretrained(self.component_dirs["text_encoder"])
+    def text_encoder(self, tokenizer: CLIPTokenizer, slot: str = "text_encoder"):
+        cls = CLIPTextModelWithProjection if slot == "text_encoder_2" else CLIPTextModel
+        if slot in self.component_dirs:
+            enc = cls.from_pretrained(self.component_dirs[slot])
         elif self.pipeline_dir is not None:
-            enc = CLIPTextModel.from_pretrained(self.pipeline_dir, subfolder="text_encoder")
+            enc = cls.from_pretrained(self.pipeline_dir, subfolder=slot)
         else:
-            overrides = self.spec.overrides.get("text_encoder", {})
-            _check_overrides("text_encoder", overrides, set(CLIPTextConfig().to_dict()))
-            enc = _tiny_text_encoder(self.need_preset("text_encoder"), tokenizer, overrides)
+            overrides = self.spec.overrides.get(slot, {})
+            _check_overrides(slot, overrides, set(CLIPTextConfig().to_dict()))
+            enc = _text_encoder_from_config(cls, getattr(self.need_preset(slot), slot), tokenizer, overrides)
         if enc.config.vocab_size < len(tokenizer):
             raise ModelError(
-                f"spec.model.tokenizer: {len(tokenizer)} tokens, but the text encoder knows only "
+                f"spec.model.tokenizer: {len(tokenizer)} tokens, but the {slot} knows only "
                 f"{enc.config.vocab_size}"
             )
         return enc
@@ -184,10 +204,13 @@ class _Sources:
 
 
 def data_requirements(spec: ModelSpec, *, stage: str = "unet", s3: S3Settings | None = None
-                      ) -> tuple[int, CLIPTokenizer | None]:
-    """What the data pipeline needs from the model (image size, tokenizer) without building the models."""
+                      ) -> tuple[int, list[CLIPTokenizer]]:
+    """What the data pipeline needs from the model (image size, tokenizers) without building the models."""
     sources = _Sources(spec, s3)
-    return sources.resolution(), (sources.tokenizer() if stage == "unet" else None)
+    if stage != "unet":
+        return sources.resolution(), []
+    slots = ["tokenizer", "tokenizer_2"] if sources.is_xl else ["tokenizer"]
+    return sources.resolution(), [sources.tokenizer(slot) for slot in slots]
 
 
 def build_components(spec: ModelSpec, *, stage: str = "unet", s3: S3Settings | None = None,
@@ -199,9 +222,13 @@ def build_components(spec: ModelSpec, *, stage: str = "unet", s3: S3Settings | N
     sources = _Sources(spec, s3)
     torch.manual_seed(seed)
     vae = sources.model("vae")
-    unet = text_encoder = tokenizer = None
+    unet = text_encoder = tokenizer = text_encoder_2 = tokenizer_2 = None
     if stage == "unet":
         unet = sources.model("unet")
         tokenizer = sources.tokenizer()
         text_encoder = sources.text_encoder(tokenizer)
-    return Components(unet, vae, text_encoder, tokenizer, sources.noise_scheduler(), sources.resolution())
+        if sources.is_xl:
+            tokenizer_2 = sources.tokenizer("tokenizer_2")
+            text_encoder_2 = sources.text_encoder(tokenizer_2, "text_encoder_2")
+    return Components(unet, vae, text_encoder, tokenizer, sources.noise_scheduler(), sources.resolution(),
+                      text_encoder_2, tokenizer_2)

@@ -1,8 +1,9 @@
 """Named architectures, as diffusers/transformers configs (no weights).
 
-``tiny`` is for tests and the demo: 16 px RGB → 8×8×4 latents, a ~0.8 M-parameter UNet with attention
-kept off its highest resolution, a ~30 k-parameter text encoder. The others have the shapes of the
-public Stable Diffusion releases, for real clusters.
+``tiny`` is for tests and the demo: 16 px RGB → 8×8×4 latents, a ~1 M-parameter UNet with attention
+kept off its highest resolution, a ~30 k-parameter text encoder. ``tiny-xl`` is the same size with
+SDXL's structure (two text encoders, pooled-text and size conditioning). The others have the shapes of
+the public Stable Diffusion releases, for real clusters.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class Preset:
     text_encoder: dict[str, Any]
     tokenizer_max_length: int
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_NOISE_SCHEDULE))
+    # SDXL: a second text encoder (CLIPTextModelWithProjection) whose pooled output conditions the UNet.
+    text_encoder_2: dict[str, Any] | None = None
+
+    @property
+    def is_xl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
 _SD_VAE = {
@@ -45,6 +52,45 @@ _SD_VAE = {
     "scaling_factor": 0.18215,
 }
 
+_TINY_TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+    "max_position_embeddings": 16,
+}
+
+_TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 16,
+    "scaling_factor": 1.0,
+}
+
+_TINY_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+
+# SDXL's added conditioning: 6 size/crop numbers, each embedded in addition_time_embed_dim channels,
+# next to text_encoder_2's pooled projection.
+_XL_TIME_IDS = 6
+
 _SD_UNET = {
     "sample_size": 64,
     "in_channels": 4,
@@ -56,40 +102,20 @@ _SD_UNET = {
 }
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(
+    "tiny": Preset(resolution=16, unet=_TINY_UNET, vae=_TINY_VAE, text_encoder=_TINY_TEXT, tokenizer_max_length=16),
+    "tiny-xl": Preset(
         resolution=16,
         unet={
-            "sample_size": 8,
-            "in_channels": 4,
-            "out_channels": 4,
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-            "block_out_channels": [32, 64],
-            "layers_per_block": 1,
-            "cross_attention_dim": 32,
-            "attention_head_dim": 8,
-            "norm_num_groups": 8,
+            **_TINY_UNET,
+            "cross_attention_dim": 64,  # the two text encoders' hidden states, concatenated
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 32 + _XL_TIME_IDS * 8,
         },
-        vae={
-            "in_channels": 3,
-            "out_channels": 3,
-            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-            "block_out_channels": [32, 64],
-            "layers_per_block": 1,
-            "latent_channels": 4,
-            "norm_num_groups": 8,
-            "sample_size": 16,
-            "scaling_factor": 1.0,
-        },
-        text_encoder={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "projection_dim": 32,
-            "max_position_embeddings": 16,
-        },
+        vae=_TINY_VAE,
+        text_encoder=_TINY_TEXT,
+        text_encoder_2=_TINY_TEXT,
         tokenizer_max_length=16,
     ),
     "sd15": Preset(
@@ -126,5 +152,46 @@ PRESETS: dict[str, Preset] = {
             "hidden_act": "gelu",
         },
         tokenizer_max_length=77,
+    ),
+    "sdxl-base": Preset(
+        resolution=1024,
+        unet={
+            "sample_size": 128,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [320, 640, 1280],
+            "layers_per_block": 2,
+            "transformer_layers_per_block": [1, 2, 10],
+            "attention_head_dim": [5, 10, 20],
+            "cross_attention_dim": 2048,
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 1280 + _XL_TIME_IDS * 256,
+        },
+        vae={**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025},
+        text_encoder={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "projection_dim": 768,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+        },
+        text_encoder_2={
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 20,
+            "projection_dim": 1280,
+            "max_position_embeddings": 77,
+            "hidden_act": "gelu",
+        },
+        tokenizer_max_length=77,
+        scheduler={**SD_NOISE_SCHEDULE, "timestep_spacing": "leading"},
     ),
 }

@@ -22,8 +22,9 @@ def to_torch(batch: dict[str, np.ndarray]) -> dict:
     """A numpy batch from Ray Data as tensors (``key`` stays a list of strings)."""
     out: dict = {"key": [str(k) for k in batch["key"]]}
     out["pixel_values"] = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"], dtype=np.float32))
-    if "input_ids" in batch:
-        out["input_ids"] = torch.from_numpy(np.ascontiguousarray(batch["input_ids"], dtype=np.int64))
+    for name in ("input_ids", "input_ids_2", "original_size", "crop_top_left"):
+        if name in batch:
+            out[name] = torch.from_numpy(np.ascontiguousarray(batch[name], dtype=np.int64))
     return out
 
 

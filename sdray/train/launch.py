@@ -151,8 +151,8 @@ def run_name(job: DiffusionJob) -> str:
 
 def _prepare_data(job: DiffusionJob) -> JobData:
     spec = job.spec
-    resolution, tokenizer = data_requirements(spec.model, stage=spec.stage, s3=spec.storage)
-    return build_datasets(spec, resolution=resolution, tokenizer=tokenizer)
+    resolution, tokenizers = data_requirements(spec.model, stage=spec.stage, s3=spec.storage)
+    return build_datasets(spec, resolution=resolution, tokenizers=tokenizers)
 
 
 def _finish_summary(job: DiffusionJob, data: JobData, extra: dict) -> dict:

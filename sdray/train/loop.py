@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel
 
 from sdray import storage
 from sdray.models.build import Components, build_components
+from sdray.models.conditioning import unet_conditioning
 from sdray.models.pipeline import assemble_pipeline, generate
 from sdray.spec import DiffusionJob
 from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -62,8 +63,9 @@ class Trainer:
         seed_everything(self.cfg.seed + 1000 * ctx.rank)  # each worker draws its own noise
         if spec.stage == "unet":
             self.model = self.comps.unet
-            for frozen in (self.comps.vae, self.comps.text_encoder):
-                frozen.requires_grad_(False).eval().to(self.device)
+            for frozen in (self.comps.vae, self.comps.text_encoder, self.comps.text_encoder_2):
+                if frozen is not None:
+                    frozen.requires_grad_(False).eval().to(self.device)
             self.objective = self.model
             self.empty_ids = self.comps.tokenizer(
                 [""], padding="max_length", max_length=self.comps.tokenizer.model_max_length,
@@ -129,14 +131,16 @@ class Trainer:
                     self.recent_latents.append(latents.detach().float().cpu())
                     self.last_pixels = pixels[:8].detach().cpu()
                 return loss, {"recon_mse": mse.item()}
-            ids = batch["input_ids"].to(self.device)
+            drop = None
             if module is self.wrapped and self.cfg.caption_dropout > 0:
-                drop = torch.rand(ids.shape[0]) < self.cfg.caption_dropout
-                ids = torch.where(drop[:, None].to(self.device), self.empty_ids.to(self.device), ids)
+                drop = torch.rand(len(batch["key"])) < self.cfg.caption_dropout
+                if not self.comps.is_xl:
+                    ids = batch["input_ids"]
+                    batch = {**batch, "input_ids": torch.where(drop[:, None], self.empty_ids, ids)}
             with torch.no_grad():
                 latents = self.comps.vae.encode(pixels).latent_dist.sample() * self.comps.vae.config.scaling_factor
-                encoded = self.comps.text_encoder(ids)[0]
-            return diffusion_loss(module, self.comps.noise_scheduler, latents, encoded), {}
+            cond = unet_conditioning(self.comps, batch, drop=drop, device=self.device)
+            return diffusion_loss(module, self.comps.noise_scheduler, latents, cond), {}
 
     def _optimizer_step(self) -> None:
         if self.cfg.max_grad_norm:
@@ -262,9 +266,7 @@ class Trainer:
             if self.spec.stage == "unet" and self.spec.validation.prompts:
                 v = self.spec.validation
                 self.model.eval()
-                pipe = assemble_pipeline(vae=self.comps.vae, text_encoder=self.comps.text_encoder,
-                                         tokenizer=self.comps.tokenizer, unet=self.model,
-                                         noise_scheduler=self.comps.noise_scheduler)
+                pipe = assemble_pipeline(self.comps, self.model)
                 rows = generate(pipe, v.prompts, images_per_prompt=v.images_per_prompt,
                                 num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                                 seed=v.seed, resolution=self.comps.resolution)
@@ -289,9 +291,7 @@ class Trainer:
         out = self.spec.output.uri
         with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp, self._ema_weights():
             if self.spec.stage == "unet":
-                pipe = assemble_pipeline(vae=self.comps.vae, text_encoder=self.comps.text_encoder,
-                                         tokenizer=self.comps.tokenizer, unet=self.model,
-                                         noise_scheduler=self.comps.noise_scheduler)
+                pipe = assemble_pipeline(self.comps, self.model)
                 pipe.save_pretrained(Path(tmp) / "pipeline", safe_serialization=True)
                 storage.upload_dir(Path(tmp) / "pipeline", storage.join(out, "pipeline"), self.spec.storage)
                 summary["pipeline"] = storage.join(out, "pipeline")

@@ -15,14 +15,15 @@ def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: tor
     return noise
 
 
-def diffusion_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+def diffusion_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, cond: dict,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """MSE of the UNet's prediction at uniformly drawn timesteps."""
+    """MSE of the UNet's prediction at uniformly drawn timesteps; ``cond`` holds the UNet's
+    conditioning keyword arguments (``sdray.models.conditioning``)."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator, device=latents.device).long()
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states).sample
+    pred = unet(noisy, timesteps, **cond).sample
     return F.mse_loss(pred.float(), diffusion_target(scheduler, latents, noise, timesteps).float())
 
 

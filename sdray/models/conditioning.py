@@ -1,0 +1,36 @@
+"""How a batch's captions (and, for SDXL, image sizes) become the UNet's conditioning.
+
+Stable Diffusion 1.x/2.x: the text encoder's last hidden state. SDXL: both text encoders' penultimate
+hidden states side by side, plus the second encoder's pooled projection and six "time ids" (original
+size, crop corner, target size), as diffusers' SDXL pipeline computes them at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdray.models.build import Components
+
+
+@torch.no_grad()
+def unet_conditioning(comps: Components, batch: dict, *, drop: torch.Tensor | None = None,
+                      device: torch.device | str = "cpu") -> dict:
+    """Keyword arguments for ``unet(noisy, t, **cond)``. ``drop`` marks captions to drop for
+    classifier-free guidance (SD: the empty caption's ids, set by the caller; SDXL: zeroed embeddings,
+    which is what the SDXL pipeline feeds as the unconditional input)."""
+    ids = batch["input_ids"].to(device)
+    if not comps.is_xl:
+        return {"encoder_hidden_states": comps.text_encoder(ids)[0]}
+    first = comps.text_encoder(ids, output_hidden_states=True)
+    second = comps.text_encoder_2(batch["input_ids_2"].to(device), output_hidden_states=True)
+    embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    pooled = second.text_embeds
+    if drop is not None and drop.any():
+        keep = (~drop).to(device)
+        embeds = embeds * keep[:, None, None]
+        pooled = pooled * keep[:, None]
+    n, r = ids.shape[0], comps.resolution
+    target = torch.tensor([[r, r]], device=device).expand(n, 2)
+    time_ids = torch.cat([batch["original_size"].to(device), batch["crop_top_left"].to(device), target], dim=1)
+    return {"encoder_hidden_states": embeds,
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)}}
