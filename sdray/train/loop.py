@@ -38,7 +38,7 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class DataTooSmallError(ValueError):
-    pass
+    """An epoch gave a worker no full batch: too few readable images for batch_size × num_workers."""
 
 
 def seed_everything(seed: int) -> None:
@@ -92,7 +92,6 @@ class Trainer:
         self._restore()
         self.wrapped = parallelize(self.objective, spec.distributed, self.device)
         self.report = RunReport(spec.output.uri, spec.storage, self.state.step) if self.is_main else None
-        self.last_checkpoint_step = self.state.step
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -114,7 +113,6 @@ class Trainer:
                             lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema, state=self.state,
                             stage=self.spec.stage, job_name=self.job.metadata.name)
             self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
-        self.last_checkpoint_step = self.state.step
 
     # -- one step ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -122,17 +120,19 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _loss(self, batch: dict, module) -> tuple[torch.Tensor, dict]:
+    def _loss(self, batch: dict, training: bool) -> tuple[torch.Tensor, dict]:
+        """Loss of one batch: through the (DDP-wrapped) objective when training, the bare one otherwise."""
+        module = self.wrapped if training else self.objective
         pixels = batch["pixel_values"].to(self.device)
         with self._autocast():
             if self.spec.stage == "autoencoder":
                 loss, mse, latents, _ = module(pixels)
-                if self.is_main and module is self.wrapped:
+                if self.is_main and training:
                     self.recent_latents.append(latents.detach().float().cpu())
                     self.last_pixels = pixels[:8].detach().cpu()
                 return loss, {"recon_mse": mse.item()}
             drop = None
-            if module is self.wrapped and self.cfg.caption_dropout > 0:
+            if training and self.cfg.caption_dropout > 0:
                 drop = torch.rand(len(batch["key"])) < self.cfg.caption_dropout
                 if not self.comps.is_xl:
                     ids = batch["input_ids"]
@@ -172,7 +172,7 @@ class Trainer:
                 sync = (micro + 1) % accum == 0
                 no_sync = self.wrapped.no_sync() if (is_distributed() and not sync) else contextlib.nullcontext()
                 with no_sync:
-                    loss, extra = self._loss(batch, self.wrapped)
+                    loss, extra = self._loss(batch, training=True)
                     self.scaler.scale(loss / accum).backward()
                 micro += 1
                 window["loss"] += loss.item()
@@ -217,8 +217,6 @@ class Trainer:
                 )
             if self.state.step < cfg.max_steps:
                 self.state.epoch += 1
-        if self.last_checkpoint_step != self.state.step:  # resumed at max_steps: nothing trained
-            self.checkpoint(metrics)
         return self.finish(metrics)
 
     # -- validation and export (rank 0) ------------------------------------------------------------
@@ -248,17 +246,19 @@ class Trainer:
             for i, batch in enumerate(batches):
                 if i >= self.spec.validation.max_batches:
                     break
-                losses.append(self._loss(batch, self.objective)[0].item())
+                losses.append(self._loss(batch, training=False)[0].item())
         finally:
             self.model.train()
             torch.set_rng_state(state)
         return float(np.mean(losses)) if losses else None
 
     @torch.no_grad()
-    def validate(self, step: int, metrics: dict, final: bool = False) -> None:
+    def validate(self, step: int, metrics: dict, final: bool = False) -> str | None:
+        """Validation loss and a sample grid (rank 0); returns the grid's URI, if one was drawn."""
         if not self.is_main:
-            return
+            return None
         name = "final" if final else f"step_{step:08d}"
+        grid = None
         with self._ema_weights():
             val_loss = self.validation_loss()
             if val_loss is not None:
@@ -271,15 +271,16 @@ class Trainer:
                                 num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                                 seed=v.seed, resolution=self.comps.resolution)
                 self.model.train()
-                self.report.save_image(f"samples/{name}.png", image_grid(rows, v.prompts))
+                grid = self.report.save_image(f"samples/{name}.png", image_grid(rows, v.prompts))
             elif self.spec.stage == "autoencoder" and self.last_pixels is not None:
                 self.model.eval()
                 pixels = self.last_pixels[:8].to(self.device)
                 recon = self.objective(pixels)[3]
                 self.model.train()
-                self.report.save_image(f"samples/{name}.png", image_grid(
+                grid = self.report.save_image(f"samples/{name}.png", image_grid(
                     [tensor_to_images(pixels), tensor_to_images(recon)], ["input", "reconstruction"]))
         self.report.flush()
+        return grid
 
     def finish(self, metrics: dict) -> dict:
         meta = self.job.metadata
@@ -303,8 +304,7 @@ class Trainer:
                 self.model.save_pretrained(Path(tmp) / "vae", safe_serialization=True)
                 storage.upload_dir(Path(tmp) / "vae", storage.join(out, "vae"), self.spec.storage)
                 summary["vae"] = storage.join(out, "vae")
-        self.validate(self.state.step, metrics, final=True)
-        summary["samples"] = storage.join(out, "samples", "final.png")
+        summary["samples"] = self.validate(self.state.step, metrics, final=True)
         summary["metrics"] = storage.join(out, "metrics.jsonl")
         storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=2).encode(),
                             self.spec.storage)
