@@ -161,23 +161,57 @@ class TrainSpec(_Strict):
     log_every_n_steps: int = Field(default=10, gt=0, description="Metrics reporting interval.")
 
 
+class FSDPSpec(_Strict):
+    sharding: Literal["full", "grad_op", "hybrid"] = Field(
+        default="full",
+        description="full: parameters, gradients and optimizer state sharded, parameters re-gathered for "
+        "backward (ZeRO-3); grad_op: parameters kept gathered between forward and backward (ZeRO-2); "
+        "hybrid: shard within groups of shard_group_size workers, replicate across groups (HSDP).",
+    )
+    shard_group_size: int | None = Field(
+        default=None, ge=1, description="Workers per shard group for sharding: hybrid (must divide num_workers)."
+    )
+    cpu_offload: bool = Field(default=False, description="Keep sharded parameters and optimizer state in host memory (GPU runs).")
+
+
 class DistributedSpec(_Strict):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = Field(
         default=None, description="Ray resources per worker, e.g. {CPU: 1, GPU: 1}."
     )
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        default="ddp", description="ddp: replicate the model; fsdp: shard it with FSDP2 (fully_shard)."
+    )
+    fsdp: FSDPSpec | None = Field(default=None, description="FSDP settings (strategy: fsdp).")
     max_failures: int = Field(
         default=2, ge=0, description="Worker failures to recover from (restart from the latest checkpoint)."
     )
 
     @field_validator("strategy")
     @classmethod
-    def _only_ddp_for_now(cls, v: str) -> str:
-        if v != "ddp":
-            raise ValueError(f"strategy {v!r} is not available yet in this release; use 'ddp'")
+    def _available(cls, v: str) -> str:
+        if v == "deepspeed":
+            raise ValueError("strategy 'deepspeed' is not available yet in this release; use 'ddp' or 'fsdp'")
         return v
+
+    @model_validator(mode="after")
+    def _fsdp_settings(self) -> DistributedSpec:
+        if self.fsdp is not None and self.strategy != "fsdp":
+            raise ValueError(f"spec.distributed.fsdp applies to strategy: fsdp only (this job has {self.strategy!r})")
+        fsdp = self.fsdp or FSDPSpec()
+        if fsdp.cpu_offload and not self.use_gpu:
+            raise ValueError("spec.distributed.fsdp.cpu_offload moves GPU memory to the host: it needs use_gpu: true")
+        if fsdp.sharding == "hybrid":
+            group = fsdp.shard_group_size
+            if not group or self.num_workers % group or group == self.num_workers:
+                raise ValueError(
+                    "spec.distributed.fsdp.shard_group_size: sharding: hybrid needs a group size that divides "
+                    f"num_workers ({self.num_workers}) into two or more groups, got {group}"
+                )
+        elif fsdp.shard_group_size is not None:
+            raise ValueError("spec.distributed.fsdp.shard_group_size applies to sharding: hybrid only")
+        return self
 
 
 class CheckpointSpec(_Strict):
@@ -232,6 +266,12 @@ class JobSpec(_Strict):
                 raise ValueError(f"{used[0]} applies to stage: unet only (this job has stage: autoencoder)")
         elif "kl_weight" in self.train.model_fields_set:
             raise ValueError("spec.train.kl_weight applies to stage: autoencoder only (this job has stage: unet)")
+        return self
+
+    @model_validator(mode="after")
+    def _precision_fits_the_strategy(self) -> JobSpec:
+        if self.distributed.strategy == "fsdp" and self.train.mixed_precision == "fp16":
+            raise ValueError("spec.train.mixed_precision: fp16 needs a sharded loss scaler; use bf16 with strategy: fsdp")
         return self
 
     @property

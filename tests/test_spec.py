@@ -37,7 +37,7 @@ def _set(doc, path, value):
         ("spec.train.learning_rate", -1, "spec.train.learning_rate: Input should be greater than 0"),
         ("spec.train.learning_rat", 0.1, "spec.train.learning_rat: unknown field"),
         ("spec.train.mixed_precision", "fp8", "spec.train.mixed_precision"),
-        ("spec.distributed.strategy", "fsdp", "spec.distributed.strategy: strategy 'fsdp' is not available yet"),
+        ("spec.distributed.strategy", "deepspeed", "spec.distributed.strategy: strategy 'deepspeed' is not available yet"),
         ("spec.distributed.num_workers", 0, "spec.distributed.num_workers"),
         ("spec.data.format", "csv", "spec.data.format"),
         ("spec.data.crop", "left", "spec.data.crop"),
@@ -89,6 +89,31 @@ def test_every_preset_is_accepted(preset):
     doc = valid_doc()
     doc["spec"]["model"]["preset"] = preset
     assert parse_job(doc).spec.model.preset == preset
+
+
+@pytest.mark.parametrize("distributed, train, expected", [
+    ({"strategy": "ddp", "fsdp": {"sharding": "full"}}, {}, "spec.distributed.fsdp applies to strategy: fsdp only"),
+    ({"strategy": "fsdp", "fsdp": {"cpu_offload": True}}, {}, "cpu_offload .* needs use_gpu: true"),
+    ({"strategy": "fsdp", "num_workers": 4, "fsdp": {"sharding": "hybrid"}}, {}, "shard_group_size: sharding: hybrid"),
+    ({"strategy": "fsdp", "num_workers": 4, "fsdp": {"sharding": "hybrid", "shard_group_size": 3}}, {},
+     "divides num_workers"),
+    ({"strategy": "fsdp", "fsdp": {"shard_group_size": 2}}, {}, "applies to sharding: hybrid only"),
+    ({"strategy": "fsdp"}, {"mixed_precision": "fp16"}, "spec.train.mixed_precision: fp16 needs a sharded loss scaler"),
+])
+def test_fsdp_settings_are_checked(distributed, train, expected):
+    doc = valid_doc()
+    doc["spec"]["distributed"] = distributed
+    doc["spec"]["train"].update(train)
+    with pytest.raises(SpecError, match=expected):
+        parse_job(doc)
+
+
+def test_fsdp_settings_accepted():
+    doc = valid_doc()
+    doc["spec"]["distributed"] = {"strategy": "fsdp", "num_workers": 8, "use_gpu": True,
+                                  "fsdp": {"sharding": "hybrid", "shard_group_size": 4, "cpu_offload": True}}
+    doc["spec"]["train"]["mixed_precision"] = "bf16"
+    assert parse_job(doc).spec.distributed.fsdp.shard_group_size == 4
 
 
 def test_model_needs_preset_or_pretrained():

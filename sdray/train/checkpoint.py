@@ -1,9 +1,12 @@
 """Checkpoint contents: one place that saves and restores every stateful piece of a run.
 
 A checkpoint directory holds
-- ``model/``: the trainable model (diffusers ``save_pretrained``, safetensors);
-- ``ema.pt``: the EMA shadow weights, when EMA is on;
-- ``trainer_state.pt``: optimizer, LR schedule, loss scaler and the loop's own counters;
+- ``model/``: the trainable model (diffusers ``save_pretrained``, safetensors) and ``ema.pt``, the EMA
+  shadow weights when EMA is on, for replicated (DDP) runs; or
+- ``sharded/``: for FSDP runs, model, optimizer and EMA shards through ``torch.distributed.checkpoint``:
+  every rank writes its own shard files, nothing is gathered (resume needs the same strategy and world
+  size);
+- ``trainer_state.pt``: optimizer (replicated runs), LR schedule, loss scaler and the loop's counters;
 - ``rng_rank{N}.pt``: each worker's random state (every rank writes its own file);
 - ``sdray_checkpoint.json``: step, stage and job name, for people and tools.
 Where the directory goes (Ray Train storage, or a local folder renamed into place) is the caller's
@@ -41,19 +44,42 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _sharded_state(root, optimizer, ema) -> dict:
+    """What DCP saves/loads for a sharded run (the tensors are the live ones: loading fills them)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(root, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    if ema is not None:
+        state["ema"] = {str(i): p for i, p in enumerate(ema.shadow_params)}
+    return state
+
+
 def save_checkpoint(directory: Path, *, rank: int, model, optimizer, lr_scheduler, scaler, ema,
-                    state: TrainState, stage: str, job_name: str) -> None:
-    """Write this rank's share of a checkpoint into ``directory``."""
+                    state: TrainState, stage: str, job_name: str, sharded_root=None, world_size: int = 1) -> None:
+    """Write this rank's share of a checkpoint into ``directory`` (every rank calls this).
+
+    ``sharded_root`` is the FSDP-sharded module when the run is sharded; then DCP writes the shards."""
+    import torch.distributed.checkpoint as dcp
+
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
+    trainer = {"lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(), "state": asdict(state)}
+    if sharded_root is not None:
+        dcp.save(_sharded_state(sharded_root, optimizer, ema), checkpoint_id=str(directory / "sharded"))
+        if ema is not None:
+            trainer["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
     if rank != 0:
         return
-    model.save_pretrained(directory / "model", safe_serialization=True)
-    if ema is not None:
-        torch.save(ema.state_dict(), directory / "ema.pt")
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "state": asdict(state)}, directory / "trainer_state.pt")
-    (directory / MANIFEST).write_text(json.dumps({"step": state.step, "stage": stage, "job": job_name}))
+    if sharded_root is None:
+        model.save_pretrained(directory / "model", safe_serialization=True)
+        if ema is not None:
+            torch.save(ema.state_dict(), directory / "ema.pt")
+        trainer["optimizer"] = optimizer.state_dict()
+    torch.save(trainer, directory / "trainer_state.pt")
+    (directory / MANIFEST).write_text(json.dumps({
+        "step": state.step, "stage": stage, "job": job_name,
+        "format": "dcp" if sharded_root is not None else "replicated", "world_size": world_size}))
 
 
 def _weights_file(model_dir: Path) -> Path:
@@ -63,15 +89,39 @@ def _weights_file(model_dir: Path) -> Path:
     return files[0]
 
 
-def load_checkpoint(directory: Path, *, rank: int, model, optimizer, lr_scheduler, scaler, ema) -> TrainState:
+class CheckpointMismatch(ValueError):
+    """A checkpoint written under another strategy or world size than this run's."""
+
+
+def load_checkpoint(directory: Path, *, rank: int, model, optimizer, lr_scheduler, scaler, ema,
+                    sharded_root=None, world_size: int = 1) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote; returns the loop counters to continue from."""
-    model.load_state_dict(load_file(_weights_file(directory / "model")))
+    import torch.distributed.checkpoint as dcp
+
+    manifest = read_manifest(directory) or {}
+    saved_sharded = manifest.get("format") == "dcp"
+    if saved_sharded != (sharded_root is not None) or (saved_sharded and manifest.get("world_size") != world_size):
+        raise CheckpointMismatch(
+            f"checkpoint {directory.name} was written by a {'sharded (fsdp)' if saved_sharded else 'replicated (ddp)'} "
+            f"run of {manifest.get('world_size', '?')} workers; resume it with the same strategy and num_workers"
+        )
     trainer = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
+    if sharded_root is not None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = _sharded_state(sharded_root, optimizer, ema)
+        dcp.load(state, checkpoint_id=str(directory / "sharded"))
+        set_state_dict(sharded_root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if ema is not None:
+            for key, value in trainer.get("ema", {}).items():
+                setattr(ema, key, value)
+    else:
+        model.load_state_dict(load_file(_weights_file(directory / "model")))
+        optimizer.load_state_dict(trainer["optimizer"])
+        if ema is not None and (directory / "ema.pt").exists():
+            ema.load_state_dict(torch.load(directory / "ema.pt", map_location="cpu", weights_only=False))
     lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     scaler.load_state_dict(trainer["scaler"])
-    if ema is not None and (directory / "ema.pt").exists():
-        ema.load_state_dict(torch.load(directory / "ema.pt", map_location="cpu", weights_only=False))
     rng = directory / f"rng_rank{rank}.pt"
     if rng.exists():  # a different world size than the saving run: keep this rank's fresh seed
         _set_rng_state(torch.load(rng, weights_only=False))

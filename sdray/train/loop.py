@@ -29,7 +29,7 @@ from sdray.spec import DiffusionJob
 from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sdray.train.context import WorkerContext
 from sdray.train.losses import AutoencoderObjective, diffusion_loss
-from sdray.train.parallel import is_distributed, mean_across_workers, parallelize
+from sdray.train.parallel import full_state_dict, is_sharded, mean_across_workers, no_gradient_sync, parallelize
 from sdray.train.reporting import RunReport, image_grid, tensor_to_images
 
 log = logging.getLogger("sdray.train")
@@ -76,13 +76,16 @@ class Trainer:
             self.recent_latents: deque[torch.Tensor] = deque(maxlen=32)  # for the exported scaling_factor
         self.last_pixels: torch.Tensor | None = None  # shown in the autoencoder's reconstruction grid
         self.model.to(self.device).train()
+        self.amp_dtype = AMP_DTYPES.get(self.cfg.mixed_precision)
+        # Wrap first: FSDP2 turns the parameters into sharded DTensors, which the optimizer must hold.
+        self.wrapped = parallelize(self.objective, spec.distributed, self.device, self.amp_dtype)
+        self.sharded = is_sharded(self.wrapped)
 
         opt = self.cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate, betas=opt.betas,
                                            weight_decay=opt.weight_decay, eps=opt.eps)
         self.lr_scheduler = get_scheduler(self.cfg.lr_scheduler, self.optimizer,
                                           num_warmup_steps=self.cfg.warmup_steps, num_training_steps=self.cfg.max_steps)
-        self.amp_dtype = AMP_DTYPES.get(self.cfg.mixed_precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.mixed_precision == "fp16")
         self.ema = (EMAModel(self.model.parameters(), decay=self.cfg.ema.decay,
                              update_after_step=self.cfg.ema.update_after_step)
@@ -90,7 +93,6 @@ class Trainer:
         self.state = TrainState()
         self.resumed_from: int | None = None
         self._restore()
-        self.wrapped = parallelize(self.objective, spec.distributed, self.device)
         self.report = RunReport(spec.output.uri, spec.storage, self.state.step) if self.is_main else None
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -102,7 +104,9 @@ class Trainer:
         if source is None:
             return
         self.state = load_checkpoint(Path(source), rank=self.ctx.rank, model=self.model, optimizer=self.optimizer,
-                                     lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema)
+                                     lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema,
+                                     sharded_root=self.wrapped if self.sharded else None,
+                                     world_size=self.ctx.world_size)
         self.resumed_from = self.state.step
         if self.is_main:
             log.info("resumed from step %d (%s)", self.state.step, source)
@@ -111,7 +115,8 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="sdray-ckpt-") as tmp:
             save_checkpoint(Path(tmp), rank=self.ctx.rank, model=self.model, optimizer=self.optimizer,
                             lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema, state=self.state,
-                            stage=self.spec.stage, job_name=self.job.metadata.name)
+                            stage=self.spec.stage, job_name=self.job.metadata.name,
+                            sharded_root=self.wrapped if self.sharded else None, world_size=self.ctx.world_size)
             self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
 
     # -- one step ----------------------------------------------------------------------------------
@@ -120,9 +125,8 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _loss(self, batch: dict, training: bool) -> tuple[torch.Tensor, dict]:
-        """Loss of one batch: through the (DDP-wrapped) objective when training, the bare one otherwise."""
-        module = self.wrapped if training else self.objective
+    def _loss(self, batch: dict, module, training: bool) -> tuple[torch.Tensor, dict]:
+        """Loss of one batch through ``module`` (the wrapped objective when training)."""
         pixels = batch["pixel_values"].to(self.device)
         with self._autocast():
             if self.spec.stage == "autoencoder":
@@ -170,9 +174,8 @@ class Trainer:
                 window["data_wait"] += time.perf_counter() - fetch_start
                 batches += 1
                 sync = (micro + 1) % accum == 0
-                no_sync = self.wrapped.no_sync() if (is_distributed() and not sync) else contextlib.nullcontext()
-                with no_sync:
-                    loss, extra = self._loss(batch, training=True)
+                with contextlib.nullcontext() if sync else no_gradient_sync(self.wrapped):
+                    loss, extra = self._loss(batch, self.wrapped, training=True)
                     self.scaler.scale(loss / accum).backward()
                 micro += 1
                 window["loss"] += loss.item()
@@ -233,52 +236,69 @@ class Trainer:
         finally:
             self.ema.restore(self.model.parameters())
 
+    def _plain_model(self):
+        """The trained model with complete weights for sampling and export: the model itself when it is
+        replicated; when sharded, a fresh unsharded copy on rank 0 (None elsewhere). Collective: every
+        rank calls it."""
+        if not self.sharded:
+            return self.model
+        full = full_state_dict(self.wrapped)
+        if not self.is_main:
+            return None
+        prefix = "vae." if self.spec.stage == "autoencoder" else ""  # the sharded root wraps the VAE
+        plain = type(self.model).from_config(self.model.config)
+        plain.load_state_dict({k[len(prefix):]: v for k, v in full.items()})
+        return plain.to(self.device)
+
+    def _objective_of(self, model):
+        return AutoencoderObjective(model, self.cfg.kl_weight) if self.spec.stage == "autoencoder" else model
+
     @torch.no_grad()
-    def validation_loss(self) -> float | None:
+    def validation_loss(self, model) -> float | None:
         batches = self.ctx.validation_batches()
         if batches is None or self.spec.validation.max_batches == 0:
             return None
         state = torch.get_rng_state()
         torch.manual_seed(self.spec.validation.seed)  # the same noise every time: comparable numbers
-        self.model.eval()
+        model.eval()
+        objective = self._objective_of(model)
         losses = []
         try:
             for i, batch in enumerate(batches):
                 if i >= self.spec.validation.max_batches:
                     break
-                losses.append(self._loss(batch, training=False)[0].item())
+                losses.append(self._loss(batch, objective, training=False)[0].item())
         finally:
-            self.model.train()
+            model.train()
             torch.set_rng_state(state)
         return float(np.mean(losses)) if losses else None
 
     @torch.no_grad()
     def validate(self, step: int, metrics: dict, final: bool = False) -> str | None:
-        """Validation loss and a sample grid (rank 0); returns the grid's URI, if one was drawn."""
-        if not self.is_main:
-            return None
-        name = "final" if final else f"step_{step:08d}"
-        grid = None
+        """Validation loss and a sample grid (drawn on rank 0; every rank calls this, since gathering
+        sharded weights is collective). Returns the grid's URI, if one was drawn."""
         with self._ema_weights():
-            val_loss = self.validation_loss()
+            model = self._plain_model()
+            if not self.is_main:
+                return None
+            name = "final" if final else f"step_{step:08d}"
+            grid = None
+            val_loss = self.validation_loss(model)
             if val_loss is not None:
                 self.report.log({"step": step, "val_loss": val_loss})
+            model.eval()
             if self.spec.stage == "unet" and self.spec.validation.prompts:
                 v = self.spec.validation
-                self.model.eval()
-                pipe = assemble_pipeline(self.comps, self.model)
-                rows = generate(pipe, v.prompts, images_per_prompt=v.images_per_prompt,
+                rows = generate(assemble_pipeline(self.comps, model), v.prompts, images_per_prompt=v.images_per_prompt,
                                 num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                                 seed=v.seed, resolution=self.comps.resolution)
-                self.model.train()
                 grid = self.report.save_image(f"samples/{name}.png", image_grid(rows, v.prompts))
             elif self.spec.stage == "autoencoder" and self.last_pixels is not None:
-                self.model.eval()
                 pixels = self.last_pixels[:8].to(self.device)
-                recon = self.objective(pixels)[3]
-                self.model.train()
+                recon = self._objective_of(model)(pixels)[3]
                 grid = self.report.save_image(f"samples/{name}.png", image_grid(
                     [tensor_to_images(pixels), tensor_to_images(recon)], ["input", "reconstruction"]))
+            model.train()
         self.report.flush()
         return grid
 
@@ -287,28 +307,34 @@ class Trainer:
         summary = {"job": meta.name, "namespace": meta.namespace, "labels": meta.labels, "stage": self.spec.stage,
                    "step": self.state.step, "epoch": self.state.epoch, "resumed_from": self.resumed_from,
                    "loss": metrics.get("loss"), "output": self.spec.output.uri}
+        with self._ema_weights():
+            model = self._plain_model()
+            if self.is_main:
+                self._export(model, summary)
+        summary["samples"] = self.validate(self.state.step, metrics, final=True)
         if not self.is_main:
             return summary
-        out = self.spec.output.uri
-        with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp, self._ema_weights():
-            if self.spec.stage == "unet":
-                pipe = assemble_pipeline(self.comps, self.model)
-                pipe.save_pretrained(Path(tmp) / "pipeline", safe_serialization=True)
-                storage.upload_dir(Path(tmp) / "pipeline", storage.join(out, "pipeline"), self.spec.storage)
-                summary["pipeline"] = storage.join(out, "pipeline")
-            else:
-                if self.recent_latents:  # unit variance latents for the UNet stage, as Stable Diffusion does
-                    std = torch.cat(list(self.recent_latents)).std().item()
-                    self.model.register_to_config(scaling_factor=1.0 / std)
-                    summary["scaling_factor"] = 1.0 / std
-                self.model.save_pretrained(Path(tmp) / "vae", safe_serialization=True)
-                storage.upload_dir(Path(tmp) / "vae", storage.join(out, "vae"), self.spec.storage)
-                summary["vae"] = storage.join(out, "vae")
-        summary["samples"] = self.validate(self.state.step, metrics, final=True)
-        summary["metrics"] = storage.join(out, "metrics.jsonl")
-        storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=2).encode(),
+        summary["metrics"] = storage.join(self.spec.output.uri, "metrics.jsonl")
+        storage.write_bytes(storage.join(self.spec.output.uri, "summary.json"), json.dumps(summary, indent=2).encode(),
                             self.spec.storage)
         return summary
+
+    def _export(self, model, summary: dict) -> None:
+        """Save the stock diffusers pipeline (or the VAE) under spec.output.uri (rank 0)."""
+        out = self.spec.output.uri
+        with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
+            if self.spec.stage == "unet":
+                assemble_pipeline(self.comps, model).save_pretrained(Path(tmp) / "pipeline", safe_serialization=True)
+                storage.upload_dir(Path(tmp) / "pipeline", storage.join(out, "pipeline"), self.spec.storage)
+                summary["pipeline"] = storage.join(out, "pipeline")
+                return
+            if self.recent_latents:  # unit-variance latents for the UNet stage, as Stable Diffusion does
+                std = torch.cat(list(self.recent_latents)).std().item()
+                model.register_to_config(scaling_factor=1.0 / std)
+                summary["scaling_factor"] = 1.0 / std
+            model.save_pretrained(Path(tmp) / "vae", safe_serialization=True)
+            storage.upload_dir(Path(tmp) / "vae", storage.join(out, "vae"), self.spec.storage)
+            summary["vae"] = storage.join(out, "vae")
 
 
 def train_worker(job: DiffusionJob, ctx: WorkerContext) -> dict:

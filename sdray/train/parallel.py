@@ -1,29 +1,98 @@
 """Data-parallel strategies, applied to a finished model from outside (as torchtitan's ``parallelize``).
 
-The model code never knows how it is distributed. Only ``ddp`` exists in this release; the job spec
-refuses the others until they land.
+The model code never knows how it is distributed:
+- ``ddp``: ``DistributedDataParallel`` replicates the model and all-reduces gradients;
+- ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every block of the model, then the root.
+  ``full`` reshards parameters after forward (ZeRO-3), ``grad_op`` keeps them gathered until backward
+  (ZeRO-2), ``hybrid`` shards within groups and replicates across them (HSDP, a 2-D device mesh).
+Only the trainable model is wrapped; the frozen VAE and text encoders stay plain replicas.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from sdray.spec import DistributedSpec
+from sdray.spec import DistributedSpec, FSDPSpec
+
+# The containers of repeated blocks in diffusers' UNets and VAEs: FSDP shards each block on its own, so
+# only one block's parameters are gathered at a time.
+_BLOCK_LISTS = ("down_blocks", "up_blocks")
+_SINGLE_BLOCKS = ("mid_block",)
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def parallelize(model: torch.nn.Module, spec: DistributedSpec, device: torch.device) -> torch.nn.Module:
-    """The module to run forward/backward through: ``model`` itself on one process, DDP-wrapped on many."""
-    if spec.strategy != "ddp":
-        raise ValueError(f"spec.distributed.strategy: {spec.strategy!r} is not available yet; use 'ddp'")
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    blocks = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _BLOCK_LISTS and isinstance(module, torch.nn.ModuleList):
+            blocks.extend(module)
+        elif leaf in _SINGLE_BLOCKS and module is not None:
+            blocks.append(module)
+    return blocks
+
+
+def _shard(model: torch.nn.Module, fsdp: FSDPSpec, device: torch.device, amp_dtype: torch.dtype | None):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    world = dist.get_world_size()
+    if fsdp.sharding == "hybrid":
+        group = fsdp.shard_group_size
+        mesh = init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,))
+    kwargs = dict(
+        mesh=mesh,
+        reshard_after_forward=fsdp.sharding != "grad_op",
+        # Compute in the job's precision, reduce gradients in fp32 (bf16 sums lose small updates).
+        mp_policy=MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32 if amp_dtype else None),
+        offload_policy=CPUOffloadPolicy() if fsdp.cpu_offload else OffloadPolicy(),
+    )
+    for block in _blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def parallelize(model: torch.nn.Module, spec: DistributedSpec, device: torch.device,
+                amp_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The module to run forward/backward through: ``model`` itself on one process, DDP-wrapped or
+    FSDP-sharded (in place) on many."""
     if not is_distributed():
         return model
+    if spec.strategy == "fsdp":
+        return _shard(model, spec.fsdp or FSDPSpec(), device, amp_dtype)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def no_gradient_sync(module: torch.nn.Module):
+    """A context in which backward accumulates gradients locally (the micro-steps of accumulation)."""
+    if isinstance(module, DistributedDataParallel):
+        return module.no_sync()
+    if is_sharded(module):
+        @contextlib.contextmanager
+        def paused():
+            module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+        return paused()
+    return contextlib.nullcontext()
 
 
 def mean_across_workers(value: float, device: torch.device) -> float:
@@ -33,3 +102,13 @@ def mean_across_workers(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's complete weights, on CPU. Collective when sharded: every rank must call it; rank 0
+    gets the weights, the others an empty dict."""
+    if not is_sharded(module):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
