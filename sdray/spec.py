@@ -88,6 +88,10 @@ class ModelSpec(_Strict):
     resolution: int | None = Field(
         default=None, ge=8, description="Training image size in pixels; default: the preset's."
     )
+    rescale_betas_zero_snr: bool = Field(
+        default=False,
+        description="Rescale the noise schedule to zero terminal SNR (Lin et al., 2023); needs v_prediction.",
+    )
 
     @model_validator(mode="after")
     def _needs_a_source(self) -> ModelSpec:
@@ -95,6 +99,9 @@ class ModelSpec(_Strict):
             raise ValueError("set spec.model.preset (one of %s) or spec.model.pretrained (a URI)" % ", ".join(PRESETS))
         if self.resolution is not None and self.resolution % 8:
             raise ValueError(f"spec.model.resolution must be a multiple of 8, got {self.resolution}")
+        if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+            raise ValueError("spec.model.rescale_betas_zero_snr: at zero terminal SNR an epsilon target is "
+                             "undefined; set prediction_type: v_prediction")
         return self
 
 
@@ -158,6 +165,11 @@ class TrainSpec(_Strict):
     )
     kl_weight: float = Field(default=1e-6, ge=0.0, description="KL term weight (stage: autoencoder).")
     ema: EMASpec | None = Field(default=None, description="Keep an exponential moving average of the weights.")
+    snr_gamma: float | None = Field(default=None, gt=0.0, description="Min-SNR-γ loss weighting (5.0 is usual).")
+    noise_offset: float = Field(default=0.0, ge=0.0, description="Offset noise strength (0.05–0.1 is usual).")
+    input_perturbation: float = Field(default=0.0, ge=0.0, description="Input perturbation strength (0.1 is usual).")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward: less memory, more compute.")
+    allow_tf32: bool = Field(default=False, description="Let CUDA matmuls and convolutions use TF32 (Ampere and newer).")
     log_every_n_steps: int = Field(default=10, gt=0, description="Metrics reporting interval.")
 
 
@@ -257,7 +269,11 @@ class JobSpec(_Strict):
         """Refuse settings the chosen stage would silently ignore."""
         unet_only = {
             "spec.model.prediction_type": "prediction_type" in self.model.model_fields_set,
+            "spec.model.rescale_betas_zero_snr": self.model.rescale_betas_zero_snr,
             "spec.train.caption_dropout": "caption_dropout" in self.train.model_fields_set,
+            "spec.train.snr_gamma": self.train.snr_gamma is not None,
+            "spec.train.noise_offset": self.train.noise_offset > 0,
+            "spec.train.input_perturbation": self.train.input_perturbation > 0,
             "spec.validation.prompts": bool(self.validation.prompts),
         }
         if self.stage == "autoencoder":

@@ -99,3 +99,15 @@ def test_sdxl_shaped_model_trains_and_exports_a_stock_sdxl_pipeline(ray_session,
     image = pipe("a handwritten digit 2", num_inference_steps=2, height=24, width=24).images[0]
     assert image.size == (24, 24)
     assert (out / "samples" / "final.png").exists()
+
+
+def test_sd_training_options_run_together(ray_session, digits_root, tmp_path):
+    summary, out = _run(digits_root, tmp_path,
+                        model={"preset": "tiny", "prediction_type": "v_prediction", "rescale_betas_zero_snr": True},
+                        train={"snr_gamma": 5.0, "noise_offset": 0.05, "input_perturbation": 0.1,
+                               "gradient_checkpointing": True, "allow_tf32": True})
+    assert summary["step"] == 6 and all(math.isfinite(r["loss"]) for r in records(out) if "loss" in r)
+    assert torch.backends.cuda.matmul.allow_tf32  # set by the loop (it ran in this process)
+    scheduler = json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["rescale_betas_zero_snr"] is True and scheduler["prediction_type"] == "v_prediction"
+    torch.backends.cuda.matmul.allow_tf32 = False

@@ -192,7 +192,8 @@ class _Sources:
             config = dict((self.preset or PRESETS["tiny"]).scheduler)
         overrides = self.spec.overrides.get("scheduler", {})
         _check_overrides("scheduler", overrides, _init_params(DDPMScheduler))
-        return DDPMScheduler.from_config({**config, **overrides, "prediction_type": self.spec.prediction_type})
+        return DDPMScheduler.from_config({**config, **overrides, "prediction_type": self.spec.prediction_type,
+                                          "rescale_betas_zero_snr": self.spec.rescale_betas_zero_snr})
 
     def resolution(self) -> int:
         if self.spec.resolution:

@@ -58,6 +58,8 @@ class Trainer:
         self.device = ctx.device
         self.is_main = ctx.rank == 0
         torch.set_num_threads(max(1, ctx.num_threads))
+        torch.backends.cuda.matmul.allow_tf32 = self.cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.cfg.allow_tf32
 
         self.comps: Components = build_components(spec.model, stage=spec.stage, s3=spec.storage, seed=self.cfg.seed)
         seed_everything(self.cfg.seed + 1000 * ctx.rank)  # each worker draws its own noise
@@ -76,6 +78,8 @@ class Trainer:
             self.recent_latents: deque[torch.Tensor] = deque(maxlen=32)  # for the exported scaling_factor
         self.last_pixels: torch.Tensor | None = None  # shown in the autoencoder's reconstruction grid
         self.model.to(self.device).train()
+        if self.cfg.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
         self.amp_dtype = AMP_DTYPES.get(self.cfg.mixed_precision)
         # Wrap first: FSDP2 turns the parameters into sharded DTensors, which the optimizer must hold.
         self.wrapped = parallelize(self.objective, spec.distributed, self.device, self.amp_dtype)
@@ -144,7 +148,9 @@ class Trainer:
             with torch.no_grad():
                 latents = self.comps.vae.encode(pixels).latent_dist.sample() * self.comps.vae.config.scaling_factor
             cond = unet_conditioning(self.comps, batch, drop=drop, device=self.device)
-            return diffusion_loss(module, self.comps.noise_scheduler, latents, cond), {}
+            return diffusion_loss(module, self.comps.noise_scheduler, latents, cond, snr_gamma=self.cfg.snr_gamma,
+                                  noise_offset=self.cfg.noise_offset,
+                                  input_perturbation=self.cfg.input_perturbation if training else 0.0), {}
 
     def _optimizer_step(self) -> None:
         if self.cfg.max_grad_norm:
