@@ -170,6 +170,9 @@ class TrainSpec(_Strict):
     input_perturbation: float = Field(default=0.0, ge=0.0, description="Input perturbation strength (0.1 is usual).")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward: less memory, more compute.")
     allow_tf32: bool = Field(default=False, description="Let CUDA matmuls and convolutions use TF32 (Ampere and newer).")
+    compile: bool = Field(
+        default=False, description="torch.compile the trained model (slow first step, faster after; ~1 min on CPU)."
+    )
     log_every_n_steps: int = Field(default=10, gt=0, description="Metrics reporting interval.")
 
 

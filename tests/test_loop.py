@@ -111,3 +111,15 @@ def test_sd_training_options_run_together(ray_session, digits_root, tmp_path):
     scheduler = json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["rescale_betas_zero_snr"] is True and scheduler["prediction_type"] == "v_prediction"
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def test_compiled_model_trains(ray_session, digits_root, tmp_path):
+    """train.compile: the loop runs through torch.compile's module (first step compiles, ~1 min on CPU)."""
+    from sdray.spec import DistributedSpec
+    from sdray.train.parallel import parallelize
+
+    compiled = parallelize(torch.nn.Linear(2, 2), DistributedSpec(), torch.device("cpu"), compile=True)
+    assert type(compiled).__name__ == "OptimizedModule"
+    summary, out = _run(digits_root, tmp_path, train={"compile": True, "max_steps": 3})
+    assert summary["step"] == 3 and all(math.isfinite(r["loss"]) for r in records(out) if "loss" in r)
+    assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").exists()

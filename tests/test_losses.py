@@ -83,3 +83,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in c.unet.parameters()]))
         assert c.unet.is_gradient_checkpointing == checkpointing
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_attention_runs_through_fused_sdpa_by_default():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    c = build_components(ModelSpec(preset="tiny"))
+    processors = list(c.unet.attn_processors.values())
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors)  # F.scaled_dot_product_attention

@@ -106,7 +106,10 @@ class Preprocess:
             crops.append(corner)
             captions.append(str(caption))
         if skipped and self.skip_counter is not None:
-            self.skip_counter.add.remote(skipped)
+            # Wait for the count to land: a block leaves this task only once its skips are recorded, so
+            # whoever has read the data reads a complete count (a fire-and-forget call could still be
+            # in flight; actor calls from different callers are not ordered).
+            ray.get(self.skip_counter.add.remote(skipped))
         r = self.resolution
         out = {
             "key": np.array(keys, dtype=object),

@@ -29,7 +29,14 @@ from sdray.spec import DiffusionJob
 from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sdray.train.context import WorkerContext
 from sdray.train.losses import AutoencoderObjective, diffusion_loss
-from sdray.train.parallel import full_state_dict, is_sharded, mean_across_workers, no_gradient_sync, parallelize
+from sdray.train.parallel import (
+    full_state_dict,
+    is_sharded,
+    mean_across_workers,
+    no_gradient_sync,
+    parallelize,
+    unwrap_compiled,
+)
 from sdray.train.reporting import RunReport, image_grid, tensor_to_images
 
 log = logging.getLogger("sdray.train")
@@ -82,8 +89,9 @@ class Trainer:
             self.model.enable_gradient_checkpointing()
         self.amp_dtype = AMP_DTYPES.get(self.cfg.mixed_precision)
         # Wrap first: FSDP2 turns the parameters into sharded DTensors, which the optimizer must hold.
-        self.wrapped = parallelize(self.objective, spec.distributed, self.device, self.amp_dtype)
+        self.wrapped = parallelize(self.objective, spec.distributed, self.device, self.amp_dtype, self.cfg.compile)
         self.sharded = is_sharded(self.wrapped)
+        self.sharded_root = unwrap_compiled(self.wrapped) if self.sharded else None
 
         opt = self.cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate, betas=opt.betas,
@@ -109,8 +117,7 @@ class Trainer:
             return
         self.state = load_checkpoint(Path(source), rank=self.ctx.rank, model=self.model, optimizer=self.optimizer,
                                      lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema,
-                                     sharded_root=self.wrapped if self.sharded else None,
-                                     world_size=self.ctx.world_size)
+                                     sharded_root=self.sharded_root, world_size=self.ctx.world_size)
         self.resumed_from = self.state.step
         if self.is_main:
             log.info("resumed from step %d (%s)", self.state.step, source)
@@ -120,7 +127,7 @@ class Trainer:
             save_checkpoint(Path(tmp), rank=self.ctx.rank, model=self.model, optimizer=self.optimizer,
                             lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema, state=self.state,
                             stage=self.spec.stage, job_name=self.job.metadata.name,
-                            sharded_root=self.wrapped if self.sharded else None, world_size=self.ctx.world_size)
+                            sharded_root=self.sharded_root, world_size=self.ctx.world_size)
             self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
 
     # -- one step ----------------------------------------------------------------------------------

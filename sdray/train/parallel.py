@@ -31,7 +31,7 @@ def is_distributed() -> bool:
 def is_sharded(module: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(module, FSDPModule)
+    return isinstance(getattr(module, "_orig_mod", module), FSDPModule)
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -69,18 +69,25 @@ def _shard(model: torch.nn.Module, fsdp: FSDPSpec, device: torch.device, amp_dty
 
 
 def parallelize(model: torch.nn.Module, spec: DistributedSpec, device: torch.device,
-                amp_dtype: torch.dtype | None = None) -> torch.nn.Module:
+                amp_dtype: torch.dtype | None = None, compile: bool = False) -> torch.nn.Module:
     """The module to run forward/backward through: ``model`` itself on one process, DDP-wrapped or
-    FSDP-sharded (in place) on many."""
-    if not is_distributed():
-        return model
-    if spec.strategy == "fsdp":
-        return _shard(model, spec.fsdp or FSDPSpec(), device, amp_dtype)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    FSDP-sharded (in place) on many; ``torch.compile``-d last when ``compile``."""
+    wrapped = model
+    if is_distributed() and spec.strategy == "fsdp":
+        wrapped = _shard(model, spec.fsdp or FSDPSpec(), device, amp_dtype)
+    elif is_distributed():
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(wrapped) if compile else wrapped
+
+
+def unwrap_compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile`` wrapped (the module itself when it was not compiled)."""
+    return getattr(module, "_orig_mod", module)
 
 
 def no_gradient_sync(module: torch.nn.Module):
     """A context in which backward accumulates gradients locally (the micro-steps of accumulation)."""
+    module = unwrap_compiled(module)
     if isinstance(module, DistributedDataParallel):
         return module.no_sync()
     if is_sharded(module):
@@ -107,6 +114,7 @@ def mean_across_workers(value: float, device: torch.device) -> float:
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's complete weights, on CPU. Collective when sharded: every rank must call it; rank 0
     gets the weights, the others an empty dict."""
+    module = unwrap_compiled(module)
     if not is_sharded(module):
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
