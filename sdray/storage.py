@@ -134,12 +134,12 @@ def download_dir(uri: str, local_dir: str | Path, settings: S3Settings | None = 
     return Path(local_dir)
 
 
-def local_copy(uri: str, settings: S3Settings | None = None, cache_root: str | Path | None = None) -> Path:
+def local_copy(uri: str, settings: S3Settings | None = None) -> Path:
     """A local directory holding what ``uri`` holds: the path itself when local, else a downloaded copy."""
     if not is_s3(uri):
         path = Path(uri).expanduser()
         if not path.exists():
             raise StorageError(f"nothing found at {uri}")
         return path
-    root = Path(cache_root or tempfile.mkdtemp(prefix="sdray-dl-"))
+    root = Path(tempfile.mkdtemp(prefix="sdray-dl-"))
     return download_dir(uri, root / uri.removeprefix("s3://").replace("/", "_"), settings)

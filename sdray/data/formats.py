@@ -45,10 +45,9 @@ def _files(spec: DataSpec, s3: S3Settings, suffix: str) -> tuple[pafs.FileSystem
 class _AttachImageBytes:
     """Parses each metadata.jsonl line and reads its image file (relative to that metadata.jsonl)."""
 
-    def __init__(self, fs: pafs.FileSystem, caption_column: str, uri: str):
+    def __init__(self, fs: pafs.FileSystem, caption_column: str):
         self.fs = fs
         self.caption_column = caption_column
-        self.uri = uri
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys, images, captions = [], [], []
@@ -78,7 +77,7 @@ class _AttachImageBytes:
 def _imagefolder(spec: DataSpec, s3: S3Settings) -> ray.data.Dataset:
     fs, metas = _files(spec, s3, "metadata.jsonl")
     ds = ray.data.read_text(metas, filesystem=fs, include_paths=True)
-    return ds.map_batches(_AttachImageBytes(fs, spec.caption_column or "text", spec.uri),
+    return ds.map_batches(_AttachImageBytes(fs, spec.caption_column or "text"),
                           batch_format="numpy", batch_size=64)
 
 
