@@ -6,6 +6,8 @@ Credentials are never part of a job document: they come from the environment
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -79,16 +81,21 @@ def exists(uri: str, settings: S3Settings | None = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(uri: str, settings: S3Settings | None = None) -> list[str]:
-    """Every file under ``uri``, as paths inside its filesystem, sorted."""
-    fs, path = filesystem(uri, settings)
+def _file_infos(fs: pafs.FileSystem, path: str, uri: str) -> list[pafs.FileInfo]:
+    """Every file under ``path``, sorted by path."""
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except FileNotFoundError:
         raise StorageError(f"nothing found at {uri}") from None
     except OSError as exc:
         raise StorageError(f"cannot list {uri}: {exc}") from None
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+
+def list_files(uri: str, settings: S3Settings | None = None) -> list[str]:
+    """Every file under ``uri``, as paths inside its filesystem, sorted."""
+    fs, path = filesystem(uri, settings)
+    return [i.path for i in _file_infos(fs, path, uri)]
 
 
 def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
@@ -134,12 +141,44 @@ def download_dir(uri: str, local_dir: str | Path, settings: S3Settings | None = 
     return Path(local_dir)
 
 
+def cache_root() -> Path:
+    """Where downloaded models live on this node: ``$SDRAY_CACHE_DIR`` or ``~/.cache/sdray``."""
+    return Path(os.environ.get("SDRAY_CACHE_DIR") or Path.home() / ".cache" / "sdray")
+
+
+def _fingerprint(fs: pafs.FileSystem, path: str, uri: str) -> str:
+    """A digest of every object under ``path`` (name, size, modification time): it changes when they do."""
+    files = [(i.path, i.size, str(i.mtime)) for i in _file_infos(fs, path, uri)]
+    if not files:
+        raise StorageError(f"nothing found at {uri}")
+    return hashlib.sha256(json.dumps([uri, files]).encode()).hexdigest()[:20]
+
+
 def local_copy(uri: str, settings: S3Settings | None = None) -> Path:
-    """A local directory holding what ``uri`` holds: the path itself when local, else a downloaded copy."""
+    """A local directory holding what ``uri`` holds: the path itself when local, else a downloaded copy.
+
+    Downloads are cached per node under ``cache_root()/downloads``, keyed by the URI and a fingerprint of
+    its objects: every worker of a node, and every later job, reuses one copy until the objects change.
+    A copy is downloaded beside its final name and renamed into place, so a reader never sees half of one.
+    """
     if not is_s3(uri):
         path = Path(uri).expanduser()
         if not path.exists():
             raise StorageError(f"nothing found at {uri}")
         return path
-    root = Path(tempfile.mkdtemp(prefix="sdray-dl-"))
-    return download_dir(uri, root / uri.removeprefix("s3://").replace("/", "_"), settings)
+    fs, path = filesystem(uri, settings)
+    name = uri.removeprefix("s3://").strip("/").replace("/", "_")
+    final = cache_root() / "downloads" / f"{name}-{_fingerprint(fs, path, uri)}"
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        download_dir(uri, staging, settings)
+        staging.rename(final)
+    except OSError:
+        if not final.is_dir():  # not a lost race with another process of this node: a real failure
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final

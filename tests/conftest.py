@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from seaweed import SeaweedS3, s3_env, start_seaweed  # noqa: E402
+from sdray.s3server import SeaweedS3, s3_env, start_seaweed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -38,6 +35,19 @@ def make_job(name: str, output: Path, data_uri: str, **spec) -> dict:
         else:
             doc["spec"][section] = values
     return doc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def download_cache(tmp_path_factory) -> Path:
+    """A private per-session cache for S3 downloads (before Ray starts: its workers inherit it)."""
+    root = tmp_path_factory.mktemp("sdray-cache")
+    saved = os.environ.get("SDRAY_CACHE_DIR")
+    os.environ["SDRAY_CACHE_DIR"] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop("SDRAY_CACHE_DIR", None)
+    else:
+        os.environ["SDRAY_CACHE_DIR"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -132,6 +132,24 @@ def test_pretrained_vae_and_pipeline_from_s3(tmp_path, seaweed):
     assert data_requirements(ModelSpec(pretrained="s3://models/tiny-pipe"))[0] == 16
 
 
+def test_s3_downloads_are_cached_per_node_until_the_objects_change(tmp_path, seaweed):
+    _save_pipeline(tmp_path / "pipe", seed=5)
+    seaweed.create_bucket("models")
+    storage.upload_dir(tmp_path / "pipe", "s3://models/cached-pipe")
+    first = storage.local_copy("s3://models/cached-pipe")
+    assert first.parent == storage.cache_root() / "downloads"
+    marker = first / "unet" / "config.json"
+    stamp = marker.stat().st_mtime_ns
+    again = storage.local_copy("s3://models/cached-pipe")  # the same copy, not downloaded again
+    assert again == first and marker.stat().st_mtime_ns == stamp
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+    storage.write_bytes("s3://models/cached-pipe/unet/config.json", marker.read_bytes() + b" ")
+    changed = storage.local_copy("s3://models/cached-pipe")
+    assert changed != first and (changed / "unet" / "config.json").read_bytes().endswith(b" ")
+    with pytest.raises(storage.StorageError, match="nothing found at s3://models/absent"):
+        storage.local_copy("s3://models/absent")
+
+
 def test_missing_or_wrong_sources_are_named(tmp_path):
     with pytest.raises(ModelError, match="spec.model.pretrained: nothing found at"):
         build_components(ModelSpec(pretrained=str(tmp_path / "nope")))

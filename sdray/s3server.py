@@ -1,4 +1,7 @@
-"""A real S3 server for the tests: SeaweedFS (``weed mini``) on 127.0.0.1, started and stopped by PID."""
+"""A real, local S3 server: SeaweedFS (``weed mini``) on 127.0.0.1, started and stopped by PID.
+
+The tests, the demo and the benchmarks use it; a production job talks to whatever S3 it is given.
+"""
 
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ def s3_env(server: SeaweedS3) -> dict[str, str]:
             "AWS_ENDPOINT_URL": server.endpoint, "AWS_REGION": "us-east-1"}
 
 
-if __name__ == "__main__":  # manual use: python tests/seaweed.py DIR
+if __name__ == "__main__":  # manual use: python -m sdray.s3server DIR
     s = start_seaweed(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/sdray-weed"))
     print(s.endpoint, os.getpid())
     s.stop()
