@@ -80,17 +80,26 @@ class Preprocess:
         if scale != 1:
             img = img.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))),
                              Image.Resampling.BICUBIC)
+        return self.crop_and_flip(img, self.resolution, self.resolution, original)
+
+    def crop_and_flip(self, img: Image.Image, width: int, height: int, original: tuple[int, int]
+                      ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """Crop a ``width``×``height`` window (center or random) out of the resized ``img``, maybe flip it."""
         w, h = img.size
-        r = self.resolution
         if self.crop == "random":
-            left, top = int(self.rng.integers(0, w - r + 1)), int(self.rng.integers(0, h - r + 1))
+            left, top = int(self.rng.integers(0, w - width + 1)), int(self.rng.integers(0, h - height + 1))
         else:
-            left, top = (w - r) // 2, (h - r) // 2
-        img = img.crop((left, top, left + r, top + r))
+            left, top = (w - width) // 2, (h - height) // 2
+        img = img.crop((left, top, left + width, top + height))
         if self.random_flip and self.rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         return arr.transpose(2, 0, 1), original, (top, left)
+
+    def pack_pixels(self, pixels: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """The pixel column(s) of an output batch."""
+        r = self.resolution
+        return {"pixel_values": np.stack(pixels) if pixels else np.zeros((0, 3, r, r), np.float32)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys, pixels, captions, sizes, crops, skipped = [], [], [], [], [], []
@@ -110,10 +119,9 @@ class Preprocess:
             # whoever has read the data reads a complete count (a fire-and-forget call could still be
             # in flight; actor calls from different callers are not ordered).
             ray.get(self.skip_counter.add.remote(skipped))
-        r = self.resolution
         out = {
             "key": np.array(keys, dtype=object),
-            "pixel_values": np.stack(pixels) if pixels else np.zeros((0, 3, r, r), np.float32),
+            **self.pack_pixels(pixels),
             "original_size": np.array(sizes, dtype=np.int64).reshape(-1, 2),
             "crop_top_left": np.array(crops, dtype=np.int64).reshape(-1, 2),
         }
@@ -125,3 +133,4 @@ class Preprocess:
                 if captions else np.zeros((0, length), np.int64)
             )
         return out
+
