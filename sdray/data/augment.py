@@ -2,6 +2,7 @@
 
 A row whose image cannot be decoded is dropped and its key is reported to a ``SkipCounter`` actor, so
 a job reports how many files it skipped (each file counted once, however many epochs read it).
+``BucketPreprocess`` crops each image to its aspect-ratio bucket (``sdray.data.buckets``) instead of a square.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import zlib
 import numpy as np
 import ray
 from PIL import Image, UnidentifiedImageError
+
+from sdray.data.buckets import Bucket, nearest_bucket
 
 
 @ray.remote(num_cpus=0)
@@ -134,3 +137,28 @@ class Preprocess:
             )
         return out
 
+
+class BucketPreprocess(Preprocess):
+    """``Preprocess`` with each image resized and cropped to its own bucket instead of a square."""
+
+    def __init__(self, *, buckets: list[Bucket], **common):
+        super().__init__(**common)
+        self.buckets = buckets
+
+    def transform(self, img: Image.Image) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        w, h = img.size
+        original = (h, w)
+        bw, bh = nearest_bucket(w, h, self.buckets)
+        scale = max(bw / w, bh / h)  # cover the bucket, then crop the excess of one side
+        size = (max(bw, round(w * scale)), max(bh, round(h * scale)))
+        if size != (w, h):
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        return self.crop_and_flip(img, bw, bh, original)
+
+    def pack_pixels(self, pixels: list[np.ndarray]) -> dict[str, np.ndarray]:
+        # A list of differently shaped arrays: Ray Data stores it as a variable-shaped tensor column.
+        sizes = np.array([p.shape[1:] for p in pixels], dtype=np.int64).reshape(-1, 2)
+        column = np.empty(len(pixels), dtype=object)
+        for i, array in enumerate(pixels):  # (not column[:] = pixels: numpy would stack equal shapes)
+            column[i] = array
+        return {"pixel_values": column, "target_size": sizes}
