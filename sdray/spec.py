@@ -105,6 +105,26 @@ class ModelSpec(_Strict):
         return self
 
 
+class BucketingSpec(_Strict):
+    """Aspect-ratio buckets: each image trains at the bucket shape nearest its own aspect ratio."""
+
+    enabled: bool = True
+    min_size: int | None = Field(default=None, ge=8, description="Shortest bucket side in pixels; default: resolution / 2.")
+    max_size: int | None = Field(default=None, ge=8, description="Longest bucket side in pixels; default: resolution × 2.")
+    step: int = Field(default=64, ge=8, description="Bucket sides are multiples of this (a multiple of 8).")
+    max_aspect: float = Field(default=4.0, ge=1.0, description="Largest long-side / short-side ratio of a bucket.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BucketingSpec:
+        if self.step % 8:
+            raise ValueError(f"spec.data.bucketing.step must be a multiple of 8 (the VAE's downsampling), got {self.step}")
+        if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
+            raise ValueError(f"spec.data.bucketing.min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
+        if self.max_size is not None and self.max_size < self.step:
+            raise ValueError(f"spec.data.bucketing.max_size ({self.max_size}) must be at least step ({self.step})")
+        return self
+
+
 class DataSpec(S3Settings):
     uri: str = Field(description="Local path or s3://bucket/prefix of the dataset.")
     format: Literal["imagefolder", "webdataset", "parquet"] = Field(
@@ -128,6 +148,22 @@ class DataSpec(S3Settings):
     random_flip: bool = False
     shuffle: bool = Field(default=True, description="Shuffle files and rows every epoch.")
     validation_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    bucketing: BucketingSpec | None = Field(
+        default=None,
+        description="Aspect-ratio bucketing: batches of one bucket shape each instead of square crops "
+        "(validation stays square).",
+    )
+
+    @property
+    def bucketed(self) -> bool:
+        return self.bucketing is not None and self.bucketing.enabled
+
+    @model_validator(mode="after")
+    def _resize_or_buckets(self) -> DataSpec:
+        if self.bucketed and self.resize is not None:
+            raise ValueError("spec.data.resize does not apply with bucketing (each image is resized to cover its "
+                             "bucket); remove it or set bucketing.enabled: false")
+        return self
 
 
 class OptimizerSpec(_Strict):

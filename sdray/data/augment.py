@@ -2,6 +2,7 @@
 
 A row whose image cannot be decoded is dropped and its key is reported to a ``SkipCounter`` actor, so
 a job reports how many files it skipped (each file counted once, however many epochs read it).
+``BucketPreprocess`` crops each image to its aspect-ratio bucket (``sdray.data.buckets``) instead of a square.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import zlib
 import numpy as np
 import ray
 from PIL import Image, UnidentifiedImageError
+
+from sdray.data.buckets import Bucket, nearest_bucket
 
 
 @ray.remote(num_cpus=0)
@@ -80,17 +83,26 @@ class Preprocess:
         if scale != 1:
             img = img.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))),
                              Image.Resampling.BICUBIC)
+        return self.crop_and_flip(img, self.resolution, self.resolution, original)
+
+    def crop_and_flip(self, img: Image.Image, width: int, height: int, original: tuple[int, int]
+                      ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """Crop a ``width``×``height`` window (center or random) out of the resized ``img``, maybe flip it."""
         w, h = img.size
-        r = self.resolution
         if self.crop == "random":
-            left, top = int(self.rng.integers(0, w - r + 1)), int(self.rng.integers(0, h - r + 1))
+            left, top = int(self.rng.integers(0, w - width + 1)), int(self.rng.integers(0, h - height + 1))
         else:
-            left, top = (w - r) // 2, (h - r) // 2
-        img = img.crop((left, top, left + r, top + r))
+            left, top = (w - width) // 2, (h - height) // 2
+        img = img.crop((left, top, left + width, top + height))
         if self.random_flip and self.rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         return arr.transpose(2, 0, 1), original, (top, left)
+
+    def pack_pixels(self, pixels: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """The pixel column(s) of an output batch."""
+        r = self.resolution
+        return {"pixel_values": np.stack(pixels) if pixels else np.zeros((0, 3, r, r), np.float32)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys, pixels, captions, sizes, crops, skipped = [], [], [], [], [], []
@@ -110,10 +122,9 @@ class Preprocess:
             # whoever has read the data reads a complete count (a fire-and-forget call could still be
             # in flight; actor calls from different callers are not ordered).
             ray.get(self.skip_counter.add.remote(skipped))
-        r = self.resolution
         out = {
             "key": np.array(keys, dtype=object),
-            "pixel_values": np.stack(pixels) if pixels else np.zeros((0, 3, r, r), np.float32),
+            **self.pack_pixels(pixels),
             "original_size": np.array(sizes, dtype=np.int64).reshape(-1, 2),
             "crop_top_left": np.array(crops, dtype=np.int64).reshape(-1, 2),
         }
@@ -125,3 +136,29 @@ class Preprocess:
                 if captions else np.zeros((0, length), np.int64)
             )
         return out
+
+
+class BucketPreprocess(Preprocess):
+    """``Preprocess`` with each image resized and cropped to its own bucket instead of a square."""
+
+    def __init__(self, *, buckets: list[Bucket], **common):
+        super().__init__(**common)
+        self.buckets = buckets
+
+    def transform(self, img: Image.Image) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        w, h = img.size
+        original = (h, w)
+        bw, bh = nearest_bucket(w, h, self.buckets)
+        scale = max(bw / w, bh / h)  # cover the bucket, then crop the excess of one side
+        size = (max(bw, round(w * scale)), max(bh, round(h * scale)))
+        if size != (w, h):
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        return self.crop_and_flip(img, bw, bh, original)
+
+    def pack_pixels(self, pixels: list[np.ndarray]) -> dict[str, np.ndarray]:
+        # A list of differently shaped arrays: Ray Data stores it as a variable-shaped tensor column.
+        sizes = np.array([p.shape[1:] for p in pixels], dtype=np.int64).reshape(-1, 2)
+        column = np.empty(len(pixels), dtype=object)
+        for i, array in enumerate(pixels):  # (not column[:] = pixels: numpy would stack equal shapes)
+            column[i] = array
+        return {"pixel_values": column, "target_size": sizes}

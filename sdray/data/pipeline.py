@@ -15,7 +15,8 @@ from functools import partial
 import ray
 import ray.data
 
-from sdray.data.augment import Preprocess, SkipCounter, split_filter
+from sdray.data.augment import BucketPreprocess, Preprocess, SkipCounter, split_filter
+from sdray.data.buckets import buckets_for
 from sdray.data.formats import DataError, read_dataset
 from sdray.spec import JobSpec
 
@@ -52,12 +53,19 @@ def build_datasets(spec: JobSpec, *, resolution: int, tokenizers=()) -> JobData:
     common = dict(resolution=resolution, resize=data.resize, crop=data.crop, random_flip=data.random_flip,
                   tokenizers=tokenizers, skip_counter=counter)
     frac = data.validation_fraction
+    train_step = Preprocess(**common, split="train")
+    if data.bucketed:  # validation stays square: comparable losses, the sample grid's shape
+        try:
+            buckets = buckets_for(data.bucketing, resolution)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        train_step = BucketPreprocess(**common, split="train", buckets=buckets)
 
     def side(validation: bool) -> ray.data.Dataset:
         rows = raw.filter(partial(split_filter, fraction=frac, validation=validation)) if frac > 0 else raw
         # Stateless tasks (a callable instance, not an actor pool): no CPU stays reserved between epochs.
-        return rows.map_batches(Preprocess(**common, split="validation" if validation else "train"),
-                                batch_format="numpy", batch_size=64)
+        step = Preprocess(**common, split="validation") if validation else train_step
+        return rows.map_batches(step, batch_format="numpy", batch_size=64)
 
     train = side(False)
     validation = side(True) if frac > 0 else None

@@ -2,7 +2,8 @@
 
 Stable Diffusion 1.x/2.x: the text encoder's last hidden state. SDXL: both text encoders' penultimate
 hidden states side by side, plus the second encoder's pooled projection and six "time ids" (original
-size, crop corner, target size), as diffusers' SDXL pipeline computes them at inference.
+size, crop corner, target size: the aspect-ratio bucket's when bucketing), as diffusers' SDXL pipeline
+computes them at inference.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def unet_conditioning(comps: Components, batch: dict, *, drop: torch.Tensor | No
         embeds = embeds * keep[:, None, None]
         pooled = pooled * keep[:, None]
     n, r = ids.shape[0], comps.resolution
-    target = torch.tensor([[r, r]], device=device).expand(n, 2)
+    # Bucketed rows carry their bucket's (height, width); square ones are the model's resolution.
+    target = (batch["target_size"].to(device) if "target_size" in batch
+              else torch.tensor([[r, r]], device=device).expand(n, 2))
     time_ids = torch.cat([batch["original_size"].to(device), batch["crop_top_left"].to(device), target], dim=1)
     return {"encoder_hidden_states": embeds,
             "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)}}

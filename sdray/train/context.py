@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from sdray.data.buckets import bucket_batches
 from sdray.train.checkpoint import read_manifest
 
 
@@ -22,21 +23,23 @@ def to_torch(batch: dict[str, np.ndarray]) -> dict:
     """A numpy batch from Ray Data as tensors (``key`` stays a list of strings)."""
     out: dict = {"key": [str(k) for k in batch["key"]]}
     out["pixel_values"] = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"], dtype=np.float32))
-    for name in ("input_ids", "input_ids_2", "original_size", "crop_top_left"):
+    for name in ("input_ids", "input_ids_2", "original_size", "crop_top_left", "target_size"):
         if name in batch:
             out[name] = torch.from_numpy(np.ascontiguousarray(batch[name], dtype=np.int64))
     return out
 
 
-def iterate(dataset_or_iterator, *, batch_size: int, shuffle: bool) -> Iterator[dict]:
-    """One epoch of torch batches from a Ray Dataset or a Ray Train dataset shard."""
-    for batch in dataset_or_iterator.iter_batches(
+def iterate(dataset_or_iterator, *, batch_size: int, shuffle: bool, bucketed: bool = False) -> Iterator[dict]:
+    """One epoch of torch batches from a Ray Dataset or a Ray Train dataset shard; ``bucketed``: each
+    batch holds rows of one aspect-ratio bucket (``sdray.data.buckets``)."""
+    batches = dataset_or_iterator.iter_batches(
         batch_size=batch_size,
-        drop_last=True,
+        drop_last=not bucketed,
         batch_format="numpy",
         local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
         prefetch_batches=2,
-    ):
+    )
+    for batch in bucket_batches(batches, batch_size) if bucketed else batches:
         yield to_torch(batch)
 
 
@@ -69,11 +72,12 @@ class LocalContext:
     world_size = 1
 
     def __init__(self, *, train, validation, batch_size: int, shuffle: bool, run_dir: Path, keep_last: int,
-                 device: str = "cpu", num_threads: int = 1):
+                 device: str = "cpu", num_threads: int = 1, bucketed: bool = False):
         self.train = train
         self.validation = validation
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.bucketed = bucketed
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
         self.device = torch.device(device)
@@ -81,7 +85,7 @@ class LocalContext:
         self.last_progress: dict = {}
 
     def train_batches(self) -> Iterator[dict]:
-        return iterate(self.train, batch_size=self.batch_size, shuffle=self.shuffle)
+        return iterate(self.train, batch_size=self.batch_size, shuffle=self.shuffle, bucketed=self.bucketed)
 
     def validation_batches(self) -> Iterator[dict] | None:
         if self.validation is None:

@@ -108,7 +108,7 @@ class RayContext:
         import ray.train
 
         return iterate(ray.train.get_dataset_shard("train"), batch_size=self.job.spec.train.batch_size,
-                       shuffle=self.job.spec.data.shuffle)
+                       shuffle=self.job.spec.data.shuffle, bucketed=self.job.spec.data.bucketed)
 
     def validation_batches(self):
         import ray.train
@@ -241,7 +241,7 @@ def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads:
             train=data.train, validation=data.validation, batch_size=spec.train.batch_size,
             shuffle=spec.data.shuffle, run_dir=Path(spec.checkpoint_uri) / run_name(job),
             keep_last=spec.checkpoint.keep_last, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-            num_threads=num_threads or int(cpus_per_worker(job)),
+            num_threads=num_threads or int(cpus_per_worker(job)), bucketed=spec.data.bucketed,
         )
         start = time.perf_counter()
         train_worker(job, ctx)

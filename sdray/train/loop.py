@@ -13,7 +13,7 @@ import logging
 import random
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,12 @@ from sdray.train.context import WorkerContext
 from sdray.train.losses import AutoencoderObjective, diffusion_loss
 from sdray.train.parallel import (
     full_state_dict,
+    in_lockstep,
     is_sharded,
     mean_across_workers,
     no_gradient_sync,
     parallelize,
+    sum_counts_across_workers,
     unwrap_compiled,
 )
 from sdray.train.reporting import RunReport, image_grid, tensor_to_images
@@ -84,6 +86,7 @@ class Trainer:
             self.objective = AutoencoderObjective(self.model, self.cfg.kl_weight)
             self.recent_latents: deque[torch.Tensor] = deque(maxlen=32)  # for the exported scaling_factor
         self.last_pixels: torch.Tensor | None = None  # shown in the autoencoder's reconstruction grid
+        self.batch_shapes: Counter[str] = Counter()  # "HxW" bucket of each training batch since this start
         self.model.to(self.device).train()
         if self.cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
@@ -183,9 +186,14 @@ class Trainer:
         while self.state.step < cfg.max_steps:
             batches = 0
             fetch_start = time.perf_counter()
-            for batch in self.ctx.train_batches():
+            epoch = self.ctx.train_batches()
+            if self.spec.data.bucketed:  # bucket batches per worker differ: stop together
+                epoch = in_lockstep(epoch, self.device)
+            for batch in epoch:
                 window["data_wait"] += time.perf_counter() - fetch_start
                 batches += 1
+                if "target_size" in batch:  # a bucket's (height, width), whether it holds pixels or latents
+                    self.batch_shapes["x".join(map(str, batch["target_size"][0].tolist()))] += 1
                 sync = (micro + 1) % accum == 0
                 with contextlib.nullcontext() if sync else no_gradient_sync(self.wrapped):
                     loss, extra = self._loss(batch, self.wrapped, training=True)
@@ -230,6 +238,7 @@ class Trainer:
                 raise DataTooSmallError(
                     f"spec.data.uri: an epoch gave worker {self.ctx.rank} no full batch: the dataset needs at "
                     f"least batch_size × num_workers = {cfg.batch_size * self.ctx.world_size} readable images"
+                    + (" of one aspect-ratio bucket" if self.spec.data.bucketed else "")
                 )
             if self.state.step < cfg.max_steps:
                 self.state.epoch += 1
@@ -320,6 +329,8 @@ class Trainer:
         summary = {"job": meta.name, "namespace": meta.namespace, "labels": meta.labels, "stage": self.spec.stage,
                    "step": self.state.step, "epoch": self.state.epoch, "resumed_from": self.resumed_from,
                    "loss": metrics.get("loss"), "output": self.spec.output.uri}
+        if self.spec.data.bucketed:
+            summary["batch_shapes"] = dict(sorted(sum_counts_across_workers(self.batch_shapes).items()))
         with self._ema_weights():
             model = self._plain_model()
             if self.is_main:
@@ -342,7 +353,7 @@ class Trainer:
                 summary["pipeline"] = storage.join(out, "pipeline")
                 return
             if self.recent_latents:  # unit-variance latents for the UNet stage, as Stable Diffusion does
-                std = torch.cat(list(self.recent_latents)).std().item()
+                std = torch.cat([latents.flatten() for latents in self.recent_latents]).std().item()
                 model.register_to_config(scaling_factor=1.0 / std)
                 summary["scaling_factor"] = 1.0 / std
             model.save_pretrained(Path(tmp) / "vae", safe_serialization=True)

@@ -11,6 +11,8 @@ Only the trainable model is wrapped; the frozen VAE and text encoders stay plain
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -109,6 +111,36 @@ def mean_across_workers(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def all_workers_have(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on every worker (``flag`` itself on one process). Collective."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def in_lockstep(batches: Iterable, device: torch.device) -> Iterator:
+    """``batches`` until any worker runs out: every worker then ends its epoch at the same step. For
+    data whose batch count differs between workers (aspect-ratio buckets); without it the worker with
+    more batches would wait forever in a gradient all-reduce its peers never join."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if not all_workers_have(batch is not None, device):
+            return
+        yield batch
+
+
+def sum_counts_across_workers(counts: dict[str, int]) -> dict[str, int]:
+    """Per-key sums of every worker's ``counts`` (a copy of ``counts`` on one process). Collective."""
+    if not is_distributed():
+        return dict(counts)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    return dict(sum((Counter(c) for c in gathered), Counter()))
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,225 @@
+"""Aspect-ratio bucketing: the buckets, the pipeline's one-shape batches, SDXL's size/crop conditioning,
+and a 2-worker DDP run whose workers get different numbers of bucket batches (and must not hang)."""
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_job
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from PIL import Image
+
+from sdray.data.buckets import bucket_batches, buckets_for, compute_buckets, nearest_bucket
+from sdray.data.digits import digit_images
+from sdray.data.pipeline import build_datasets
+from sdray.models.build import data_requirements
+from sdray.spec import BucketingSpec, SpecError, parse_job
+from sdray.train.context import iterate
+from sdray.train.launch import run_in_process, run_job
+
+# The test settings: 32 px, sides 16–48 in steps of 8, up to 3:1 → five buckets (width, height).
+SETTINGS = {"step": 8, "min_size": 16, "max_size": 48, "max_aspect": 3}
+BUCKETS = [(16, 48), (24, 40), (32, 32), (40, 24), (48, 16)]
+# What each kind of image in the dataset becomes: (height, width) written → bucket (height, width) and
+# the center crop's (top, left) in the image resized to cover the bucket.
+KINDS = {
+    "square": ((32, 32), (32, 32), (0, 0)),
+    "wide": ((32, 64), (24, 40), (0, 4)),  # 64×32 → 48×24, 4 px cropped off each side
+    "tall": ((64, 32), (40, 24), (4, 0)),
+}
+# SDXL's published bucket list (width, height), from the SDXL report's appendix.
+SDXL = {(512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664), (640, 1600),
+        (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 1216), (832, 1152),
+        (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024)}
+SDXL |= {(h, w) for w, h in SDXL}
+
+
+@pytest.mark.parametrize("resolution,step,low,high,aspect", [(32, 8, 16, 48, 3), (512, 64, 256, 1024, 2.0),
+                                                             (1024, 64, 512, 2048, 4.0), (48, 16, 16, 80, 4.0)])
+def test_buckets_are_valid_maximal_and_symmetric(resolution, step, low, high, aspect):
+    buckets = compute_buckets(resolution, step=step, min_size=low, max_size=high, max_aspect=aspect)
+    assert len(buckets) >= 3 and len(set(buckets)) == len(buckets)
+    for w, h in buckets:
+        assert w % step == 0 and h % step == 0 and low <= min(w, h) and max(w, h) <= high
+        assert w * h <= resolution**2 and max(w, h) / min(w, h) <= aspect
+        assert (h, w) in buckets
+        # the tallest for its width, or the transpose of one (kohya and SDXL list both)
+        assert any(a * (b + step) > resolution**2 or b + step > high for a, b in ((w, h), (h, w)))
+    assert (resolution, resolution) in buckets
+    ratios = [w / h for w, h in buckets]
+    assert ratios == sorted(ratios)
+
+
+def test_sdxl_settings_give_sdxl_buckets():
+    ours = set(buckets_for(BucketingSpec(), 1024))  # defaults: step 64, 512–2048, up to 4:1
+    assert ours <= SDXL and len(ours) >= 25
+    assert {(1024, 1024), (1152, 896), (1216, 832), (1344, 768), (1536, 640), (2048, 512)} <= ours
+
+
+def test_images_go_to_the_nearest_aspect_ratio():
+    assert compute_buckets(32, **SETTINGS) == BUCKETS
+    for (w, h), bucket in {(32, 32): (32, 32), (64, 32): (40, 24), (32, 64): (24, 40), (500, 480): (32, 32),
+                           (96, 32): (48, 16), (1000, 10): (48, 16), (30, 100): (16, 48)}.items():
+        assert nearest_bucket(w, h, BUCKETS) == bucket, (w, h)
+    # log-ratio distance: 2.2:1 is nearer 5:3 than 3:1 (0.28 vs 0.31); 2.4:1 is nearer 3:1 (0.22 vs 0.37)
+    assert nearest_bucket(220, 100, BUCKETS) == (40, 24) and nearest_bucket(240, 100, BUCKETS) == (48, 16)
+
+
+def _doc(**bucketing):
+    return make_job("b", "/tmp/unused", "/tmp/unused", data={"uri": "/tmp/unused", "bucketing": bucketing})
+
+
+@pytest.mark.parametrize("bucketing,field", [
+    ({"step": 12}, "spec.data.bucketing.step"),
+    ({"step": 8, "min_size": 48, "max_size": 16}, "spec.data.bucketing.min_size"),
+    ({"max_aspect": 0.5}, "spec.data.bucketing.max_aspect"),
+    ({"step": 64, "max_size": 32}, "spec.data.bucketing.max_size"),
+    ({"colour": 1}, "spec.data.bucketing.colour"),
+])
+def test_bad_bucketing_settings_name_the_field(bucketing, field):
+    with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+        parse_job(_doc(**bucketing))
+
+
+def test_resize_and_bucketing_are_refused_together_and_empty_bucket_lists_explained():
+    doc = _doc(step=8)
+    doc["spec"]["data"]["resize"] = 24
+    with pytest.raises(SpecError, match=r"spec\.data\.resize does not apply with bucketing"):
+        parse_job(doc)
+    doc["spec"]["data"]["bucketing"]["enabled"] = False
+    parse_job(doc)
+    # the tiny preset's 16 px with the default step of 64: no bucket at all
+    with pytest.raises(ValueError, match=r"spec\.data\.bucketing\.step: no side that is a multiple of 64"):
+        buckets_for(BucketingSpec(), 16)
+
+
+def test_bucket_batches_hold_one_shape_and_drop_leftovers():
+    sizes = [(24, 40)] * 7 + [(32, 32)] * 5 + [(40, 24)] * 2
+    order = np.random.default_rng(0).permutation(len(sizes))
+    rows = [{"key": np.array([f"k{i}"], dtype=object), "target_size": np.array([sizes[i]]),
+             "pixel_values": np.zeros((1, 3, *sizes[i]), np.float32)} for i in order]
+    batches = list(bucket_batches(iter(rows), 3))
+    assert sorted(tuple(b["target_size"][0]) for b in batches) == [(24, 40), (24, 40), (32, 32)]
+    for b in batches:
+        assert b["pixel_values"].shape[0] == 3 and all(tuple(s) == tuple(b["target_size"][0]) for s in b["target_size"])
+        assert b["pixel_values"].shape[2:] == tuple(b["target_size"][0])
+
+
+@pytest.fixture(scope="module")
+def mixed_aspect_root(tmp_path_factory):
+    """120 digits at 32 px as an imagefolder: 50 square, then 40 padded to 2:1, then 30 padded to 1:2 (in
+    this order, so that workers splitting the rows get different mixes of buckets)."""
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "images").mkdir()
+    pngs, labels = digit_images(32)
+    lines = []
+    for i in range(120):
+        kind = "square" if i < 50 else "wide" if i < 90 else "tall"
+        (h, w), _, _ = KINDS[kind]
+        canvas = Image.new("RGB", (w, h))
+        canvas.paste(Image.open(io.BytesIO(pngs[i])), ((w - 32) // 2, (h - 32) // 2))
+        name = f"images/{kind}_{i:03d}.png"
+        canvas.save(root / name)
+        lines.append(json.dumps({"file_name": name, "text": f"a handwritten digit {labels[i]}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def bucketed_job(name, out, root, **spec):
+    return make_job(name, out, str(root), model={"preset": "tiny-xl", "resolution": 32},
+                    data={"bucketing": SETTINGS, **spec.pop("data", {})}, **spec)
+
+
+def _kind(key: str) -> str:
+    return key.rsplit("/", 1)[-1].split("_")[0]
+
+
+def test_pipeline_batches_hold_one_bucket_and_sdxl_gets_the_crop(ray_session, mixed_aspect_root, tmp_path):
+    spec = parse_job(bucketed_job("pipe", tmp_path, mixed_aspect_root, data={"validation_fraction": 0.2})).spec
+    resolution, tokenizers = data_requirements(spec.model)
+    data = build_datasets(spec, resolution=resolution, tokenizers=tokenizers)
+    seen = set()
+    for batch in iterate(data.train, batch_size=4, shuffle=True, bucketed=True):
+        target = tuple(batch["target_size"][0].tolist())
+        assert batch["pixel_values"].shape[1:] == (3, *target)  # one shape per batch: the bucket's
+        for key, size, corner, bucket in zip(batch["key"], batch["original_size"], batch["crop_top_left"],
+                                             batch["target_size"]):
+            assert (tuple(size.tolist()), tuple(bucket.tolist()), tuple(corner.tolist())) == KINDS[_kind(key)]
+        seen.add(target)
+    assert seen == {bucket for _, bucket, _ in KINDS.values()}
+    # validation stays square at the model's resolution
+    val = next(iterate(data.validation, batch_size=4, shuffle=False))
+    assert val["pixel_values"].shape[1:] == (3, 32, 32) and "target_size" not in val
+
+    # SDXL's time ids: original size, crop corner, then the bucket as target size
+    from sdray.models.build import build_components
+    from sdray.models.conditioning import unet_conditioning
+
+    comps = build_components(spec.model, seed=0)
+    cond = unet_conditioning(comps, batch)
+    expected = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
+    assert torch.equal(cond["added_cond_kwargs"]["time_ids"], expected.float())
+
+
+def test_in_process_run_conditions_the_sdxl_unet_on_each_bucketed_crop(ray_session, mixed_aspect_root, tmp_path):
+    job = parse_job(bucketed_job("inproc", tmp_path / "out", mixed_aspect_root,
+                                 train={"max_steps": 12, "batch_size": 12, "log_every_n_steps": 4},
+                                 checkpoint={"uri": str(tmp_path / "ckpt"), "every_n_steps": 12}))
+    calls = []
+
+    def record(module, args, kwargs, _):  # what the loop feeds the SDXL UNet
+        if isinstance(module, UNet2DConditionModel):
+            calls.append((args[0].shape, kwargs["added_cond_kwargs"]["time_ids"].clone()))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record, with_kwargs=True)
+    try:
+        summary = run_in_process(job)
+    finally:
+        hook.remove()
+    assert summary["step"] == 12 and len(summary["batch_shapes"]) == 3
+    assert sum(summary["batch_shapes"].values()) == 12
+    # an epoch is 4 + 3 + 2 full batches of 12 (50, 40, 30 rows; the rest dropped): step 12 is in epoch 1
+    assert summary["epoch"] == 1
+    assert len(calls) == 12 and len({shape for shape, _ in calls}) == 3
+    for latent_shape, time_ids in calls:
+        bucket = (latent_shape[2] * 2, latent_shape[3] * 2)  # the tiny VAE halves each side
+        for row in time_ids.long().tolist():
+            original, corner, target = tuple(row[:2]), tuple(row[2:4]), tuple(row[4:])
+            assert target == bucket and (original, target, corner) in KINDS.values()
+    assert all(math.isfinite(json.loads(line).get("loss", 0.0))
+               for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_autoencoder_stage_trains_on_buckets(ray_session, mixed_aspect_root, tmp_path):
+    job = parse_job(make_job("ae-buckets", tmp_path / "out", str(mixed_aspect_root), stage="autoencoder",
+                             model={"preset": "tiny", "resolution": 32}, data={"bucketing": SETTINGS},
+                             train={"max_steps": 9, "batch_size": 12, "log_every_n_steps": 3},
+                             checkpoint={"uri": str(tmp_path / "ckpt"), "every_n_steps": 9}))
+    summary = run_in_process(job)
+    # latents of several shapes set the exported scaling factor; the reconstruction grid is drawn
+    assert summary["step"] == 9 and len(summary["batch_shapes"]) == 3  # one epoch: 4 + 3 + 2 batches
+    assert math.isfinite(summary["scaling_factor"]) and (tmp_path / "out" / "samples" / "final.png").exists()
+
+
+@pytest.mark.timeout(300)  # without lockstep epochs this run waits forever in a collective
+def test_two_ddp_workers_train_on_buckets_without_hanging(ray_session, mixed_aspect_root, tmp_path):
+    out = tmp_path / "out"
+    job = parse_job(bucketed_job(
+        "buckets-ddp", out, mixed_aspect_root,
+        train={"max_steps": 16, "batch_size": 8, "learning_rate": 1e-3, "log_every_n_steps": 4},
+        distributed={"num_workers": 2, "resources_per_worker": {"CPU": 1}},
+        checkpoint={"every_n_steps": 16, "keep_last": 1},
+    ))
+    summary = run_job(job)
+    # 60 rows a worker, 8-row batches of up to 3 buckets: 6 or 7 batches an epoch, different on the two
+    # workers (their mixes of buckets differ), so 16 steps cross epochs where one worker runs out first
+    assert summary["step"] == 16 and summary["epoch"] >= 2
+    # batches of both workers: only 50 rows are square, so they cannot all be square
+    assert len(summary["batch_shapes"]) > 1 and sum(summary["batch_shapes"].values()) == 2 * 16
+    pipe = StableDiffusionXLPipeline.from_pretrained(out / "pipeline")
+    image = pipe("a handwritten digit 3", num_inference_steps=2, height=24, width=40,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (40, 24)
