@@ -66,6 +66,28 @@ class VAESource(_Strict):
     pretrained: str = Field(description="Local dir or s3:// URI of a diffusers AutoencoderKL (or a pipeline).")
 
 
+class LoRASpec(_Strict):
+    """Low-rank adapters (LoRA, through peft) on a pretrained UNet: its own weights stay frozen."""
+
+    rank: int = Field(gt=0, description="Rank of each adapter's low-rank update.")
+    alpha: float | None = Field(
+        default=None, gt=0.0, description="Scale numerator: the update is multiplied by alpha/rank; default: rank."
+    )
+    targets: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        description="UNet module names (or name suffixes) that get adapters; default: the attention projections, "
+        "as diffusers' text_to_image LoRA example.",
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input in training.")
+
+    @model_validator(mode="after")
+    def _alpha_defaults_to_rank(self) -> LoRASpec:
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        return self
+
+
 class ModelSpec(_Strict):
     preset: Literal["tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base"] | None = Field(
         default=None,
@@ -92,6 +114,10 @@ class ModelSpec(_Strict):
         default=False,
         description="Rescale the noise schedule to zero terminal SNR (Lin et al., 2023); needs v_prediction.",
     )
+    lora: LoRASpec | None = Field(
+        default=None,
+        description="Train LoRA adapters on the pretrained UNet instead of its weights (needs model.pretrained).",
+    )
 
     @model_validator(mode="after")
     def _needs_a_source(self) -> ModelSpec:
@@ -99,6 +125,9 @@ class ModelSpec(_Strict):
             raise ValueError("set spec.model.preset (one of %s) or spec.model.pretrained (a URI)" % ", ".join(PRESETS))
         if self.resolution is not None and self.resolution % 8:
             raise ValueError(f"spec.model.resolution must be a multiple of 8, got {self.resolution}")
+        if self.lora is not None and self.pretrained is None:
+            raise ValueError("spec.model.lora adapts pretrained weights: set spec.model.pretrained (a diffusers "
+                             "pipeline dir or s3:// URI); on a preset's random UNet train the UNet itself")
         if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
             raise ValueError("spec.model.rescale_betas_zero_snr: at zero terminal SNR an epsilon target is "
                              "undefined; set prediction_type: v_prediction")
@@ -209,6 +238,11 @@ class TrainSpec(_Strict):
     compile: bool = Field(
         default=False, description="torch.compile the trained model (slow first step, faster after; ~1 min on CPU)."
     )
+    train_text_encoder: bool = Field(
+        default=False,
+        description="Train the text encoder (SDXL: both) with the UNet; with model.lora, LoRA adapters on its "
+        "attention projections instead.",
+    )
     log_every_n_steps: int = Field(default=10, gt=0, description="Metrics reporting interval.")
 
 
@@ -313,6 +347,8 @@ class JobSpec(_Strict):
             "spec.train.snr_gamma": self.train.snr_gamma is not None,
             "spec.train.noise_offset": self.train.noise_offset > 0,
             "spec.train.input_perturbation": self.train.input_perturbation > 0,
+            "spec.train.train_text_encoder": self.train.train_text_encoder,
+            "spec.model.lora": self.model.lora is not None,
             "spec.validation.prompts": bool(self.validation.prompts),
         }
         if self.stage == "autoencoder":
@@ -324,9 +360,16 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _precision_fits_the_strategy(self) -> JobSpec:
-        if self.distributed.strategy == "fsdp" and self.train.mixed_precision == "fp16":
+    def _fits_the_strategy(self) -> JobSpec:
+        if self.distributed.strategy != "fsdp":
+            return self
+        if self.train.mixed_precision == "fp16":
             raise ValueError("spec.train.mixed_precision: fp16 needs a sharded loss scaler; use bf16 with strategy: fsdp")
+        # Adapters and a trained text encoder have only been run replicated (DDP); sharding them is untested.
+        if self.model.lora is not None:
+            raise ValueError("spec.model.lora is not available with strategy: fsdp (adapters are small: use ddp)")
+        if self.train.train_text_encoder:
+            raise ValueError("spec.train.train_text_encoder is not available with strategy: fsdp; use ddp")
         return self
 
     @property

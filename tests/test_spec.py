@@ -166,3 +166,47 @@ def test_a_job_survives_the_trip_to_the_workers():
         doc["spec"]["stage"] = stage
         job = parse_job(doc)
         assert parse_job(job.model_dump(mode="json", exclude_unset=True)) == job
+
+
+def lora_doc(**lora):
+    doc = valid_doc()
+    doc["spec"]["model"] = {"pretrained": "s3://models/base", "lora": {"rank": 4, **lora}}
+    return doc
+
+
+def test_lora_defaults_and_trip_to_the_workers():
+    job = parse_job(lora_doc())
+    lora = job.spec.model.lora
+    assert (lora.alpha, lora.targets, lora.dropout) == (4.0, ["to_q", "to_k", "to_v", "to_out.0"], 0.0)
+    assert parse_job(job.model_dump(mode="json", exclude_unset=True)) == job
+    assert parse_job(lora_doc(alpha=8)).spec.model.lora.alpha == 8.0
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d["spec"]["model"].update(pretrained=None, preset="tiny"),
+     "spec.model.lora adapts pretrained weights: set spec.model.pretrained"),
+    (lambda d: d["spec"]["model"]["lora"].update(rank=0), "spec.model.lora.rank: Input should be greater than 0"),
+    (lambda d: d["spec"]["model"]["lora"].update(targets=[]), "spec.model.lora.targets"),
+    (lambda d: d["spec"].update(stage="autoencoder"), "spec.model.lora applies to stage: unet only"),
+    (lambda d: d["spec"].update(distributed={"num_workers": 2, "strategy": "fsdp"}),
+     "spec.model.lora is not available with strategy: fsdp"),
+])
+def test_lora_refusals_name_the_field(change, expected):
+    doc = lora_doc()
+    change(doc)
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    assert any(expected in line for line in err.value.errors), err.value.errors
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ({"stage": "autoencoder"}, "spec.train.train_text_encoder applies to stage: unet only"),
+    ({"distributed": {"num_workers": 2, "strategy": "fsdp"}}, "spec.train.train_text_encoder is not available with "
+                                                              "strategy: fsdp"),
+])
+def test_train_text_encoder_refusals_name_the_field(spec, expected):
+    doc = valid_doc()
+    doc["spec"]["train"]["train_text_encoder"] = True
+    doc["spec"].update(spec)
+    with pytest.raises(SpecError, match=expected):
+        parse_job(doc)

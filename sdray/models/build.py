@@ -225,6 +225,9 @@ def build_components(spec: ModelSpec, *, stage: str = "unet", s3: S3Settings | N
     vae = sources.model("vae")
     unet = text_encoder = tokenizer = text_encoder_2 = tokenizer_2 = None
     if stage == "unet":
+        if spec.lora is not None and not sources.is_pretrained("unet"):
+            raise ModelError("spec.model.lora: spec.model.pretrained holds no UNet, so the adapters would sit on "
+                             "the preset's random weights; give a pipeline or UNet to adapt")
         unet = sources.model("unet")
         tokenizer = sources.tokenizer()
         text_encoder = sources.text_encoder(tokenizer)

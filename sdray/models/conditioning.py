@@ -13,12 +13,12 @@ import torch
 from sdray.models.build import Components
 
 
-@torch.no_grad()
 def unet_conditioning(comps: Components, batch: dict, *, drop: torch.Tensor | None = None,
                       device: torch.device | str = "cpu") -> dict:
     """Keyword arguments for ``unet(noisy, t, **cond)``. ``drop`` marks captions to drop for
     classifier-free guidance (SD: the empty caption's ids, set by the caller; SDXL: zeroed embeddings,
-    which is what the SDXL pipeline feeds as the unconditional input)."""
+    which is what the SDXL pipeline feeds as the unconditional input). Gradients flow into the text
+    encoders unless the caller runs this under ``torch.no_grad()`` (frozen encoders)."""
     ids = batch["input_ids"].to(device)
     if not comps.is_xl:
         return {"encoder_hidden_states": comps.text_encoder(ids)[0]}

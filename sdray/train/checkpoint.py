@@ -1,14 +1,15 @@
 """Checkpoint contents: one place that saves and restores every stateful piece of a run.
 
 A checkpoint directory holds
-- ``model/``: the trainable model (diffusers ``save_pretrained``, safetensors) and ``ema.pt``, the EMA
-  shadow weights when EMA is on, for replicated (DDP) runs; or
+- ``model/<component>.safetensors``: the trained weights of each trained component (``unet``, ``vae``,
+  ``text_encoder``…; LoRA runs: the adapters alone) and ``ema.pt``, the EMA shadow weights when EMA is
+  on, for replicated (DDP) runs; or
 - ``sharded/``: for FSDP runs, model, optimizer and EMA shards through ``torch.distributed.checkpoint``:
   every rank writes its own shard files, nothing is gathered (resume needs the same strategy and world
   size);
 - ``trainer_state.pt``: optimizer (replicated runs), LR schedule, loss scaler and the loop's counters;
 - ``rng_rank{N}.pt``: each worker's random state (every rank writes its own file);
-- ``sdray_checkpoint.json``: step, stage and job name, for people and tools.
+- ``sdray_checkpoint.json``: step, stage, job name and what it holds of each component, for people and tools.
 Where the directory goes (Ray Train storage, or a local folder renamed into place) is the caller's
 business: every writer here writes into a private staging directory first.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 MANIFEST = "sdray_checkpoint.json"
 
@@ -55,11 +56,12 @@ def _sharded_state(root, optimizer, ema) -> dict:
     return state
 
 
-def save_checkpoint(directory: Path, *, rank: int, model, optimizer, lr_scheduler, scaler, ema,
+def save_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_scheduler, scaler, ema,
                     state: TrainState, stage: str, job_name: str, sharded_root=None, world_size: int = 1) -> None:
     """Write this rank's share of a checkpoint into ``directory`` (every rank calls this).
 
-    ``sharded_root`` is the FSDP-sharded module when the run is sharded; then DCP writes the shards."""
+    ``trainable`` is the run's ``sdray.train.trainable.Trainable``. ``sharded_root`` is the FSDP-sharded
+    module when the run is sharded; then DCP writes the shards."""
     import torch.distributed.checkpoint as dcp
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -72,28 +74,25 @@ def save_checkpoint(directory: Path, *, rank: int, model, optimizer, lr_schedule
     if rank != 0:
         return
     if sharded_root is None:
-        model.save_pretrained(directory / "model", safe_serialization=True)
+        (directory / "model").mkdir()
+        for name, weights in trainable.state_dicts().items():
+            save_file({k: v.detach().contiguous() for k, v in weights.items()},
+                      directory / "model" / f"{name}.safetensors")
         if ema is not None:
             torch.save(ema.state_dict(), directory / "ema.pt")
         trainer["optimizer"] = optimizer.state_dict()
     torch.save(trainer, directory / "trainer_state.pt")
     (directory / MANIFEST).write_text(json.dumps({
         "step": state.step, "stage": stage, "job": job_name,
-        "format": "dcp" if sharded_root is not None else "replicated", "world_size": world_size}))
-
-
-def _weights_file(model_dir: Path) -> Path:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no .safetensors weights in this checkpoint")
-    return files[0]
+        "format": "dcp" if sharded_root is not None else "replicated", "world_size": world_size,
+        "weights": trainable.kinds}))
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint written under another strategy or world size than this run's."""
 
 
-def load_checkpoint(directory: Path, *, rank: int, model, optimizer, lr_scheduler, scaler, ema,
+def load_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_scheduler, scaler, ema,
                     sharded_root=None, world_size: int = 1) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote; returns the loop counters to continue from."""
     import torch.distributed.checkpoint as dcp
@@ -104,6 +103,11 @@ def load_checkpoint(directory: Path, *, rank: int, model, optimizer, lr_schedule
         raise CheckpointMismatch(
             f"checkpoint {directory.name} was written by a {'sharded (fsdp)' if saved_sharded else 'replicated (ddp)'} "
             f"run of {manifest.get('world_size', '?')} workers; resume it with the same strategy and num_workers"
+        )
+    if not saved_sharded and manifest.get("weights") != trainable.kinds:
+        raise CheckpointMismatch(
+            f"checkpoint {directory.name} holds {manifest.get('weights')} weights, this run trains "
+            f"{trainable.kinds}: resume it with the same spec.model.lora and spec.train.train_text_encoder"
         )
     trainer = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)
     if sharded_root is not None:
@@ -116,7 +120,8 @@ def load_checkpoint(directory: Path, *, rank: int, model, optimizer, lr_schedule
             for key, value in trainer.get("ema", {}).items():
                 setattr(ema, key, value)
     else:
-        model.load_state_dict(load_file(_weights_file(directory / "model")))
+        trainable.load_state_dicts({name: load_file(directory / "model" / f"{name}.safetensors")
+                                    for name in trainable.components})
         optimizer.load_state_dict(trainer["optimizer"])
         if ema is not None and (directory / "ema.pt").exists():
             ema.load_state_dict(torch.load(directory / "ema.pt", map_location="cpu", weights_only=False))

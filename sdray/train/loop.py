@@ -1,8 +1,9 @@
 """The per-worker training loop: plain PyTorch, independent of Ray.
 
-``train_worker(job, ctx)`` trains the UNet (``stage: unet``: VAE and text encoder frozen) or the
-AutoencoderKL (``stage: autoencoder``), checkpoints, validates and, on rank 0, exports the result:
-a stock diffusers ``StableDiffusionPipeline`` (or an ``AutoencoderKL``) under ``spec.output.uri``.
+``train_worker(job, ctx)`` trains the UNet (``stage: unet``; what exactly trains, LoRA adapters or the
+text encoder too, is ``sdray.train.trainable``'s decision) or the AutoencoderKL (``stage: autoencoder``),
+checkpoints, validates and, on rank 0, exports the result: a stock diffusers ``StableDiffusionPipeline``
+(with LoRA: also the adapters in diffusers' LoRA format) or an ``AutoencoderKL``, under ``spec.output.uri``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from diffusers.training_utils import EMAModel
 
 from sdray import storage
 from sdray.models.build import Components, build_components
-from sdray.models.conditioning import unet_conditioning
 from sdray.models.pipeline import assemble_pipeline, generate
 from sdray.spec import DiffusionJob
 from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sdray.train.context import WorkerContext
-from sdray.train.losses import AutoencoderObjective, diffusion_loss
+from sdray.train.losses import diffusion_loss
 from sdray.train.parallel import (
     full_state_dict,
     in_lockstep,
@@ -40,6 +40,7 @@ from sdray.train.parallel import (
     unwrap_compiled,
 )
 from sdray.train.reporting import RunReport, image_grid, tensor_to_images
+from sdray.train.trainable import Trainable
 
 log = logging.getLogger("sdray.train")
 
@@ -72,19 +73,20 @@ class Trainer:
 
         self.comps: Components = build_components(spec.model, stage=spec.stage, s3=spec.storage, seed=self.cfg.seed)
         seed_everything(self.cfg.seed + 1000 * ctx.rank)  # each worker draws its own noise
+        self.trainable = Trainable(self.comps, spec)
         if spec.stage == "unet":
             self.model = self.comps.unet
-            for frozen in (self.comps.vae, self.comps.text_encoder, self.comps.text_encoder_2):
-                if frozen is not None:
-                    frozen.requires_grad_(False).eval().to(self.device)
-            self.objective = self.model
+            for name in ("vae", "text_encoder", "text_encoder_2"):
+                module = getattr(self.comps, name)
+                if module is not None:
+                    module.to(self.device).train(name in self.trainable.components)
             self.empty_ids = self.comps.tokenizer(
                 [""], padding="max_length", max_length=self.comps.tokenizer.model_max_length,
                 return_tensors="pt").input_ids[0]
         else:
             self.model = self.comps.vae
-            self.objective = AutoencoderObjective(self.model, self.cfg.kl_weight)
             self.recent_latents: deque[torch.Tensor] = deque(maxlen=32)  # for the exported scaling_factor
+        self.objective = self.trainable.objective()
         self.last_pixels: torch.Tensor | None = None  # shown in the autoencoder's reconstruction grid
         self.batch_shapes: Counter[str] = Counter()  # "HxW" bucket of each training batch since this start
         self.model.to(self.device).train()
@@ -97,12 +99,12 @@ class Trainer:
         self.sharded_root = unwrap_compiled(self.wrapped) if self.sharded else None
 
         opt = self.cfg.optimizer
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate, betas=opt.betas,
+        self.optimizer = torch.optim.AdamW(self.trainable.parameters(), lr=self.cfg.learning_rate, betas=opt.betas,
                                            weight_decay=opt.weight_decay, eps=opt.eps)
         self.lr_scheduler = get_scheduler(self.cfg.lr_scheduler, self.optimizer,
                                           num_warmup_steps=self.cfg.warmup_steps, num_training_steps=self.cfg.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.mixed_precision == "fp16")
-        self.ema = (EMAModel(self.model.parameters(), decay=self.cfg.ema.decay,
+        self.ema = (EMAModel(self.trainable.parameters(), decay=self.cfg.ema.decay,
                              update_after_step=self.cfg.ema.update_after_step)
                     if self.cfg.ema else None)
         self.state = TrainState()
@@ -118,16 +120,16 @@ class Trainer:
             source = storage.local_copy(resume, self.spec.storage)
         if source is None:
             return
-        self.state = load_checkpoint(Path(source), rank=self.ctx.rank, model=self.model, optimizer=self.optimizer,
-                                     lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema,
-                                     sharded_root=self.sharded_root, world_size=self.ctx.world_size)
+        self.state = load_checkpoint(Path(source), rank=self.ctx.rank, trainable=self.trainable,
+                                     optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.scaler,
+                                     ema=self.ema, sharded_root=self.sharded_root, world_size=self.ctx.world_size)
         self.resumed_from = self.state.step
         if self.is_main:
             log.info("resumed from step %d (%s)", self.state.step, source)
 
     def checkpoint(self, metrics: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="sdray-ckpt-") as tmp:
-            save_checkpoint(Path(tmp), rank=self.ctx.rank, model=self.model, optimizer=self.optimizer,
+            save_checkpoint(Path(tmp), rank=self.ctx.rank, trainable=self.trainable, optimizer=self.optimizer,
                             lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema, state=self.state,
                             stage=self.spec.stage, job_name=self.job.metadata.name,
                             sharded_root=self.sharded_root, world_size=self.ctx.world_size)
@@ -157,21 +159,20 @@ class Trainer:
                     batch = {**batch, "input_ids": torch.where(drop[:, None], self.empty_ids, ids)}
             with torch.no_grad():
                 latents = self.comps.vae.encode(pixels).latent_dist.sample() * self.comps.vae.config.scaling_factor
-            cond = unet_conditioning(self.comps, batch, drop=drop, device=self.device)
-            return diffusion_loss(module, self.comps.noise_scheduler, latents, cond, snr_gamma=self.cfg.snr_gamma,
-                                  noise_offset=self.cfg.noise_offset,
+            return diffusion_loss(module, self.comps.noise_scheduler, latents, {"batch": batch, "drop": drop},
+                                  snr_gamma=self.cfg.snr_gamma, noise_offset=self.cfg.noise_offset,
                                   input_perturbation=self.cfg.input_perturbation if training else 0.0), {}
 
     def _optimizer_step(self) -> None:
         if self.cfg.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step(self.model.parameters())
+            self.ema.step(self.trainable.parameters())
         self.state.step += 1
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -251,12 +252,12 @@ class Trainer:
         if self.ema is None:
             yield
             return
-        self.ema.store(self.model.parameters())
-        self.ema.copy_to(self.model.parameters())
+        self.ema.store(self.trainable.parameters())
+        self.ema.copy_to(self.trainable.parameters())
         try:
             yield
         finally:
-            self.ema.restore(self.model.parameters())
+            self.ema.restore(self.trainable.parameters())
 
     def _plain_model(self):
         """The trained model with complete weights for sampling and export: the model itself when it is
@@ -267,13 +268,10 @@ class Trainer:
         full = full_state_dict(self.wrapped)
         if not self.is_main:
             return None
-        prefix = "vae." if self.spec.stage == "autoencoder" else ""  # the sharded root wraps the VAE
+        prefix = "vae." if self.spec.stage == "autoencoder" else "unet."  # the sharded root wraps the model
         plain = type(self.model).from_config(self.model.config)
         plain.load_state_dict({k[len(prefix):]: v for k, v in full.items()})
         return plain.to(self.device)
-
-    def _objective_of(self, model):
-        return AutoencoderObjective(model, self.cfg.kl_weight) if self.spec.stage == "autoencoder" else model
 
     @torch.no_grad()
     def validation_loss(self, model) -> float | None:
@@ -282,8 +280,7 @@ class Trainer:
             return None
         state = torch.get_rng_state()
         torch.manual_seed(self.spec.validation.seed)  # the same noise every time: comparable numbers
-        model.eval()
-        objective = self._objective_of(model)
+        objective = self.trainable.objective(model).eval()
         losses = []
         try:
             for i, batch in enumerate(batches):
@@ -291,7 +288,7 @@ class Trainer:
                     break
                 losses.append(self._loss(batch, objective, training=False)[0].item())
         finally:
-            model.train()
+            objective.train()
             torch.set_rng_state(state)
         return float(np.mean(losses)) if losses else None
 
@@ -308,7 +305,7 @@ class Trainer:
             val_loss = self.validation_loss(model)
             if val_loss is not None:
                 self.report.log({"step": step, "val_loss": val_loss})
-            model.eval()
+            objective = self.trainable.objective(model).eval()  # the model and any trained text encoder
             if self.spec.stage == "unet" and self.spec.validation.prompts:
                 v = self.spec.validation
                 rows = generate(assemble_pipeline(self.comps, model), v.prompts, images_per_prompt=v.images_per_prompt,
@@ -317,10 +314,10 @@ class Trainer:
                 grid = self.report.save_image(f"samples/{name}.png", image_grid(rows, v.prompts))
             elif self.spec.stage == "autoencoder" and self.last_pixels is not None:
                 pixels = self.last_pixels[:8].to(self.device)
-                recon = self._objective_of(model)(pixels)[3]
+                recon = objective(pixels)[3]
                 grid = self.report.save_image(f"samples/{name}.png", image_grid(
                     [tensor_to_images(pixels), tensor_to_images(recon)], ["input", "reconstruction"]))
-            model.train()
+            objective.train()
         self.report.flush()
         return grid
 
@@ -348,7 +345,13 @@ class Trainer:
         out = self.spec.output.uri
         with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
             if self.spec.stage == "unet":
-                assemble_pipeline(self.comps, model).save_pretrained(Path(tmp) / "pipeline", safe_serialization=True)
+                pipe = assemble_pipeline(self.comps, model)
+                if self.trainable.lora:
+                    pipe.save_lora_weights(Path(tmp) / "lora", **self.trainable.lora_layers())
+                    storage.upload_dir(Path(tmp) / "lora", storage.join(out, "lora"), self.spec.storage)
+                    summary["lora"] = storage.join(out, "lora")
+                    pipe = self.trainable.merged_pipeline(model)
+                pipe.save_pretrained(Path(tmp) / "pipeline", safe_serialization=True)
                 storage.upload_dir(Path(tmp) / "pipeline", storage.join(out, "pipeline"), self.spec.storage)
                 summary["pipeline"] = storage.join(out, "pipeline")
                 return

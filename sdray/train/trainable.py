@@ -1,0 +1,150 @@
+"""What a run trains, decided in one place from the spec.
+
+- ``stage: autoencoder``: the VAE.
+- ``stage: unet``: the UNet, or LoRA adapters on it (``model.lora``; the UNet's own weights stay frozen);
+  with ``train.train_text_encoder`` also the text encoder (SDXL: both), or, with ``model.lora``, LoRA
+  adapters on its attention projections (as diffusers' LoRA training examples do).
+Everything else is frozen. ``Trainable`` gives the module the parallel strategy wraps (one module, so one
+DDP wrap covers the UNet and the trained text encoders), the parameters the optimizer and EMA hold, the
+weights a checkpoint saves (the adapters alone, for LoRA), and the LoRA exports.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+from diffusers.training_utils import cast_training_params
+
+from sdray.models.build import Components, ModelError
+from sdray.models.conditioning import unet_conditioning
+from sdray.models.pipeline import assemble_pipeline
+from sdray.spec import JobSpec, LoRASpec
+from sdray.train.losses import AutoencoderObjective
+
+# The CLIP text encoders' attention projections, the adapters' targets in diffusers' LoRA examples.
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class ConditionedUNet(torch.nn.Module):
+    """The UNet with its text conditioning computed inside ``forward``: with grad through the text
+    encoders in ``trained_text`` (registered as submodules, so a DDP wrap of this module covers them),
+    without grad when none trains. Called as ``module(noisy, timesteps, batch=..., drop=...)``."""
+
+    def __init__(self, comps: Components, unet, trained_text: list[torch.nn.Module] = ()):
+        super().__init__()
+        self.unet = unet
+        self.text_encoders = torch.nn.ModuleList(trained_text)
+        self.comps = comps
+
+    def forward(self, sample, timestep, *, batch: dict, drop: torch.Tensor | None = None):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and len(self.text_encoders) > 0):
+            cond = unet_conditioning(self.comps, batch, drop=drop, device=sample.device)
+        return self.unet(sample, timestep, **cond)
+
+
+def _lora_config(lora: LoRASpec, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      init_lora_weights="gaussian")
+
+
+class Trainable:
+    """The trained components of a job (name → module) and how to train, save and export them."""
+
+    def __init__(self, comps: Components, spec: JobSpec):
+        self.comps = comps
+        self.lora = spec.model.lora
+        if spec.stage == "autoencoder":
+            self.components = {"vae": comps.vae}
+        else:
+            names = ["unet"] + (["text_encoder", "text_encoder_2"] if spec.train.train_text_encoder else [])
+            self.components = {n: getattr(comps, n) for n in names if getattr(comps, n) is not None}
+        for name in ("vae", "unet", "text_encoder", "text_encoder_2"):
+            module = getattr(comps, name)
+            if module is not None:
+                module.requires_grad_(name in self.components and self.lora is None)
+        if self.lora is not None:
+            self._add_adapters()
+        if comps.is_xl and "text_encoder" in self.components:
+            # SDXL conditions on the first encoder's penultimate layer: its last layer gets no gradient,
+            # and DDP refuses parameters that never get one.
+            model = comps.text_encoder
+            for unused in (model.encoder.layers[-1], model.final_layer_norm):
+                unused.requires_grad_(False)
+        # Trained weights are fp32 whatever the source's precision (autocast does the half-precision math).
+        cast_training_params(list(self.components.values()), dtype=torch.float32)
+        self.kl_weight = spec.train.kl_weight
+
+    def _add_adapters(self) -> None:
+        from peft import inject_adapter_in_model
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        for name, module in self.components.items():
+            config = _lora_config(self.lora, self.lora.targets if name == "unet" else TEXT_ENCODER_LORA_TARGETS)
+            if not any(check_target_module_exists(config, key) for key, _ in module.named_modules()):
+                raise ModelError(f"spec.model.lora.targets: none of {self.lora.targets} names a module of the {name}")
+            if name == "unet":
+                module.add_adapter(config)
+            else:  # transformers' own add_adapter wants a newer peft than diffusers does; this is what it calls
+                inject_adapter_in_model(config, module)
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """What a checkpoint holds for each component: 'lora' (adapters) or 'full' (every weight)."""
+        return {name: "lora" if self.lora else "full" for name in self.components}
+
+    def objective(self, model=None) -> torch.nn.Module:
+        """The module a batch's loss runs through, around ``model`` (default: the trained one)."""
+        if "vae" in self.components:
+            return AutoencoderObjective(model if model is not None else self.comps.vae, self.kl_weight)
+        text = [m for n, m in self.components.items() if n != "unet"]
+        return ConditionedUNet(self.comps, model if model is not None else self.comps.unet, text)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters that train. Call after wrapping: FSDP replaces them with sharded ones."""
+        return [p for m in self.components.values() for p in m.parameters() if p.requires_grad]
+
+    def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The trained weights of each component: every weight, or the adapters alone for LoRA."""
+        from peft import get_peft_model_state_dict
+
+        return {name: get_peft_model_state_dict(m) if self.lora else m.state_dict()
+                for name, m in self.components.items()}
+
+    def load_state_dicts(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        from peft import set_peft_model_state_dict
+
+        for name, module in self.components.items():
+            if not self.lora:
+                module.load_state_dict(state[name])
+                continue
+            result = set_peft_model_state_dict(module, state[name])
+            if result.unexpected_keys:
+                raise ValueError(f"{name}: the checkpoint's adapters do not fit this model "
+                                 f"(unexpected: {result.unexpected_keys[:3]})")
+
+    def lora_layers(self) -> dict:
+        """``save_lora_weights`` arguments: each component's adapters with their peft config as metadata
+        (so ``load_lora_weights`` rebuilds the same rank, alpha and targets). The keys stay in peft's naming:
+        diffusers' ``convert_state_dict_to_diffusers`` renames attention projections only, and
+        ``load_lora_weights`` judges a file's naming by its first key, so targets beyond attention would
+        be dropped silently on load."""
+        from peft import get_peft_model_state_dict
+
+        layers = {}
+        for name, module in self.components.items():
+            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
+            layers[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+        return layers
+
+    def merged_pipeline(self, unet):
+        """A stock pipeline whose components hold the adapters merged into their weights, with the peft
+        layers removed: plain diffusers/transformers models (the trained ones are left as they are)."""
+        copies = {name: copy.deepcopy(unet if name == "unet" else module) for name, module in self.components.items()}
+        pipe = assemble_pipeline(replace(self.comps, **copies))
+        pipe.fuse_lora(components=list(copies))
+        pipe.unload_lora_weights()
+        return pipe
