@@ -107,9 +107,11 @@ class ModelSpec(_Strict):
 
 class DataSpec(S3Settings):
     uri: str = Field(description="Local path or s3://bucket/prefix of the dataset.")
-    format: Literal["imagefolder", "webdataset", "parquet"] = Field(
+    format: Literal["imagefolder", "webdataset", "parquet", "latents"] = Field(
         default="imagefolder",
-        description="imagefolder: images + metadata.jsonl; webdataset: .tar shards; parquet: image-bytes column.",
+        description="imagefolder: images + metadata.jsonl; webdataset: .tar shards; parquet: image-bytes column; "
+        "latents: a latent cache written by `sdray data precompute` (checked against this job's model and "
+        "transforms at start).",
     )
     image_column: str | None = Field(
         default=None,
@@ -128,6 +130,19 @@ class DataSpec(S3Settings):
     random_flip: bool = False
     shuffle: bool = Field(default=True, description="Shuffle files and rows every epoch.")
     validation_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _latent_cache_settings(self) -> DataSpec:
+        if self.format != "latents":
+            return self
+        for name in ("image_column", "caption_column"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"spec.data.{name} does not apply to format: latents (the cache's manifest "
+                                 "records the columns it was made from)")
+        if self.crop == "random":
+            raise ValueError("spec.data.crop: a latent cache holds center crops only (a random crop cannot be "
+                             "precomputed); use crop: center or train on the images")
+        return self
 
 
 class OptimizerSpec(_Strict):
@@ -278,6 +293,7 @@ class JobSpec(_Strict):
             "spec.train.noise_offset": self.train.noise_offset > 0,
             "spec.train.input_perturbation": self.train.input_perturbation > 0,
             "spec.validation.prompts": bool(self.validation.prompts),
+            "spec.data.format: latents": self.data.format == "latents",
         }
         if self.stage == "autoencoder":
             used = [name for name, set_ in unet_only.items() if set_]

@@ -3,11 +3,15 @@
 ``train_worker(job, ctx)`` trains the UNet (``stage: unet``: VAE and text encoder frozen) or the
 AutoencoderKL (``stage: autoencoder``), checkpoints, validates and, on rank 0, exports the result:
 a stock diffusers ``StableDiffusionPipeline`` (or an ``AutoencoderKL``) under ``spec.output.uri``.
+
+On a latent cache (``data.format: latents``) the VAE and text encoders are not built for training:
+rank 0 builds them on first use, for sample grids and the export.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -22,8 +26,10 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from sdray import storage
+from sdray.data.latents import cached_encoder
 from sdray.models.build import Components, build_components
 from sdray.models.conditioning import unet_conditioning
+from sdray.models.encoding import OnlineEncoder
 from sdray.models.pipeline import assemble_pipeline, generate
 from sdray.spec import DiffusionJob
 from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -68,17 +74,16 @@ class Trainer:
         torch.backends.cuda.matmul.allow_tf32 = self.cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.cfg.allow_tf32
 
-        self.comps: Components = build_components(spec.model, stage=spec.stage, s3=spec.storage, seed=self.cfg.seed)
+        cached = spec.data.format == "latents"
+        self.comps: Components = build_components(spec.model, stage=spec.stage, s3=spec.storage, seed=self.cfg.seed,
+                                                  frozen=not cached)
         seed_everything(self.cfg.seed + 1000 * ctx.rank)  # each worker draws its own noise
         if spec.stage == "unet":
             self.model = self.comps.unet
-            for frozen in (self.comps.vae, self.comps.text_encoder, self.comps.text_encoder_2):
-                if frozen is not None:
-                    frozen.requires_grad_(False).eval().to(self.device)
+            self._freeze_encoders()
             self.objective = self.model
-            self.empty_ids = self.comps.tokenizer(
-                [""], padding="max_length", max_length=self.comps.tokenizer.model_max_length,
-                return_tensors="pt").input_ids[0]
+            # Where latents and prompt embeddings come from: the frozen encoders, or the cache's rows.
+            self.encoder = cached_encoder(spec, self.device) if cached else OnlineEncoder(self.comps, self.device)
         else:
             self.model = self.comps.vae
             self.objective = AutoencoderObjective(self.model, self.cfg.kl_weight)
@@ -106,6 +111,20 @@ class Trainer:
         self.resumed_from: int | None = None
         self._restore()
         self.report = RunReport(spec.output.uri, spec.storage, self.state.step) if self.is_main else None
+
+    def _freeze_encoders(self) -> None:
+        for frozen in (self.comps.vae, self.comps.text_encoder, self.comps.text_encoder_2):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval().to(self.device)
+
+    def _with_encoders(self) -> Components:
+        """The components with the VAE, tokenizers and text encoders, built on first use when training
+        on a latent cache (sampling and the export need them; training steps do not)."""
+        if self.comps.vae is None:
+            frozen = build_components(self.spec.model, s3=self.spec.storage, seed=self.cfg.seed, unet=False)
+            self.comps = dataclasses.replace(frozen, unet=self.comps.unet)
+            self._freeze_encoders()
+        return self.comps
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -138,9 +157,9 @@ class Trainer:
 
     def _loss(self, batch: dict, module, training: bool) -> tuple[torch.Tensor, dict]:
         """Loss of one batch through ``module`` (the wrapped objective when training)."""
-        pixels = batch["pixel_values"].to(self.device)
         with self._autocast():
             if self.spec.stage == "autoencoder":
+                pixels = batch["pixel_values"].to(self.device)
                 loss, mse, latents, _ = module(pixels)
                 if self.is_main and training:
                     self.recent_latents.append(latents.detach().float().cpu())
@@ -149,12 +168,10 @@ class Trainer:
             drop = None
             if training and self.cfg.caption_dropout > 0:
                 drop = torch.rand(len(batch["key"])) < self.cfg.caption_dropout
-                if not self.comps.is_xl:
-                    ids = batch["input_ids"]
-                    batch = {**batch, "input_ids": torch.where(drop[:, None], self.empty_ids, ids)}
             with torch.no_grad():
-                latents = self.comps.vae.encode(pixels).latent_dist.sample() * self.comps.vae.config.scaling_factor
-            cond = unet_conditioning(self.comps, batch, drop=drop, device=self.device)
+                latents = self.encoder.latents(batch, training=training)
+                cond = unet_conditioning(self.encoder.prompts(batch), batch, resolution=self.comps.resolution,
+                                         unconditional=self.encoder.unconditional, drop=drop, device=self.device)
             return diffusion_loss(module, self.comps.noise_scheduler, latents, cond, snr_gamma=self.cfg.snr_gamma,
                                   noise_offset=self.cfg.noise_offset,
                                   input_perturbation=self.cfg.input_perturbation if training else 0.0), {}
@@ -302,7 +319,7 @@ class Trainer:
             model.eval()
             if self.spec.stage == "unet" and self.spec.validation.prompts:
                 v = self.spec.validation
-                rows = generate(assemble_pipeline(self.comps, model), v.prompts, images_per_prompt=v.images_per_prompt,
+                rows = generate(assemble_pipeline(self._with_encoders(), model), v.prompts, images_per_prompt=v.images_per_prompt,
                                 num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                                 seed=v.seed, resolution=self.comps.resolution)
                 grid = self.report.save_image(f"samples/{name}.png", image_grid(rows, v.prompts))
@@ -337,7 +354,7 @@ class Trainer:
         out = self.spec.output.uri
         with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
             if self.spec.stage == "unet":
-                assemble_pipeline(self.comps, model).save_pretrained(Path(tmp) / "pipeline", safe_serialization=True)
+                assemble_pipeline(self._with_encoders(), model).save_pretrained(Path(tmp) / "pipeline", safe_serialization=True)
                 storage.upload_dir(Path(tmp) / "pipeline", storage.join(out, "pipeline"), self.spec.storage)
                 summary["pipeline"] = storage.join(out, "pipeline")
                 return
