@@ -224,6 +224,43 @@ def import_digits(
     out.print(f"wrote {n} digits ({format}, {resolution}px) to {uri}", highlight=False)
 
 
+@data_app.command("precompute")
+def precompute(
+    job: Annotated[Path, typer.Argument(help="Job document (YAML or JSON) whose data, model and transforms to use.")],
+    out_uri: Annotated[str | None, typer.Option(
+        "--out", "-o", help="Where the cache goes (local or s3://); default: <data.uri>-latents.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder call.")] = 64,
+    concurrency: Annotated[int | None, typer.Option(
+        min=1, help="Encoder actors (one GPU each with distributed.use_gpu); default: distributed.num_workers.")] = None,
+    dtype: Annotated[str, typer.Option(help="Stored precision: float32 or float16 (half the size).")] = "float32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what --out already holds.")] = False,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster: 'auto', 'ray://host:10001', or omit for an embedded one.")] = None,
+) -> None:
+    """Encode a job's dataset once with its frozen VAE and text encoder(s) into a latent cache.
+
+    Writes parquet shards, unconditional.safetensors and manifest.json to --out. Train on it with the same
+    job, data.uri set to the cache and data.format: latents (the VAE and text encoders are then not run
+    for training steps). A cache made with another VAE, text encoder, resolution or transform is refused.
+    """
+    doc = _load(job)
+    _quiet_libraries()
+    from sdray.data.precompute import precompute as run
+    from sdray.train.launch import ray_cluster
+
+    try:
+        with ray_cluster(doc, address, log_to_driver=False):
+            manifest = run(doc, out_uri, batch_size=batch_size, concurrency=concurrency, dtype=dtype,
+                           overwrite=overwrite, progress=err.is_terminal)
+    except _user_errors() as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"{doc.metadata.name}: latent cache written", show_header=False, title_justify="left")
+    for key in ("uri", "rows", "skipped_images", "dtype", "scaling_factor", "elapsed_s"):
+        table.add_row(key, str(manifest[key]))
+    table.add_row("columns", ", ".join(manifest["columns"]))
+    out.print(table)
+
+
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for data, jobs, models and samples.")] = Path("demo-output"),

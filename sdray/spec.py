@@ -156,9 +156,11 @@ class BucketingSpec(_Strict):
 
 class DataSpec(S3Settings):
     uri: str = Field(description="Local path or s3://bucket/prefix of the dataset.")
-    format: Literal["imagefolder", "webdataset", "parquet"] = Field(
+    format: Literal["imagefolder", "webdataset", "parquet", "latents"] = Field(
         default="imagefolder",
-        description="imagefolder: images + metadata.jsonl; webdataset: .tar shards; parquet: image-bytes column.",
+        description="imagefolder: images + metadata.jsonl; webdataset: .tar shards; parquet: image-bytes column; "
+        "latents: a latent cache written by `sdray data precompute` (checked against this job's model and "
+        "transforms at start).",
     )
     image_column: str | None = Field(
         default=None,
@@ -192,6 +194,22 @@ class DataSpec(S3Settings):
         if self.bucketed and self.resize is not None:
             raise ValueError("spec.data.resize does not apply with bucketing (each image is resized to cover its "
                              "bucket); remove it or set bucketing.enabled: false")
+        return self
+
+    @model_validator(mode="after")
+    def _latent_cache_settings(self) -> DataSpec:
+        if self.format != "latents":
+            return self
+        for name in ("image_column", "caption_column"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"spec.data.{name} does not apply to format: latents (the cache's manifest "
+                                 "records the columns it was made from)")
+        if self.crop == "random":
+            raise ValueError("spec.data.crop: a latent cache holds center crops only (a random crop cannot be "
+                             "precomputed); use crop: center or train on the images")
+        if self.bucketed:
+            raise ValueError("spec.data.bucketing: a latent cache holds square crops only in this release; "
+                             "train bucketed on the images (format: imagefolder, webdataset or parquet)")
         return self
 
 
@@ -350,6 +368,7 @@ class JobSpec(_Strict):
             "spec.train.train_text_encoder": self.train.train_text_encoder,
             "spec.model.lora": self.model.lora is not None,
             "spec.validation.prompts": bool(self.validation.prompts),
+            "spec.data.format: latents": self.data.format == "latents",
         }
         if self.stage == "autoencoder":
             used = [name for name, set_ in unet_only.items() if set_]
@@ -357,6 +376,9 @@ class JobSpec(_Strict):
                 raise ValueError(f"{used[0]} applies to stage: unet only (this job has stage: autoencoder)")
         elif "kl_weight" in self.train.model_fields_set:
             raise ValueError("spec.train.kl_weight applies to stage: autoencoder only (this job has stage: unet)")
+        if self.train.train_text_encoder and self.data.format == "latents":
+            raise ValueError("spec.train.train_text_encoder: a latent cache holds fixed prompt embeddings; train "
+                             "the text encoder on the images (format: imagefolder, webdataset or parquet)")
         return self
 
     @model_validator(mode="after")

@@ -77,14 +77,15 @@ def test_xl_presets_wire_two_text_encoders_into_the_unet(preset):
 def test_tiny_xl_conditioning_drives_the_unet(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from sdray.models.conditioning import unet_conditioning
+    from sdray.models.conditioning import encode_prompts, unconditional_prompts, unet_conditioning
 
     c = build_components(ModelSpec(preset="tiny-xl"))
     assert c.is_xl and len(c.tokenizers) == 2
     batch = {"input_ids": c.tokenizer(["a digit"] * 3, padding="max_length", return_tensors="pt").input_ids,
              "input_ids_2": c.tokenizer_2(["a digit"] * 3, padding="max_length", return_tensors="pt").input_ids,
              "original_size": torch.tensor([[16, 16]] * 3), "crop_top_left": torch.tensor([[0, 0]] * 3)}
-    cond = unet_conditioning(c, batch, drop=torch.tensor([False, True, False]))
+    cond = unet_conditioning(encode_prompts(c, batch), batch, resolution=c.resolution,
+                             unconditional=unconditional_prompts(c), drop=torch.tensor([False, True, False]))
     assert cond["encoder_hidden_states"].shape == (3, 16, 64)
     assert cond["added_cond_kwargs"]["time_ids"].tolist()[0] == [16, 16, 0, 0, 16, 16]
     assert not cond["encoder_hidden_states"][1].any() and cond["encoder_hidden_states"][0].any()

@@ -3,6 +3,9 @@
 Ray Train splits the ``train`` dataset across workers (``streaming_split`` with equal shares, so every
 worker runs the same number of steps and DDP never waits on a missing peer); ``validation`` is read
 whole by rank 0.
+
+A latent cache (``data.format: latents``) is checked against the job first (``sdray.data.latents``), then
+its rows are read as they are: they were decoded, transformed and encoded when the cache was made.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from functools import partial
 import ray
 import ray.data
 
+from sdray import storage
 from sdray.data.augment import BucketPreprocess, Preprocess, SkipCounter, split_filter
 from sdray.data.buckets import buckets_for
 from sdray.data.formats import DataError, read_dataset
+from sdray.data.latents import check_cache
 from sdray.spec import JobSpec
 
 
@@ -35,10 +40,23 @@ def quiet_ray_data() -> None:
 class JobData:
     train: ray.data.Dataset
     validation: ray.data.Dataset | None
-    skip_counter: ray.actor.ActorHandle
+    skip_counter: ray.actor.ActorHandle | None
+    cached_skips: int = 0  # images a latent cache's precompute skipped
 
     def skipped(self) -> int:
+        if self.skip_counter is None:
+            return self.cached_skips
         return ray.get(self.skip_counter.count.remote())
+
+
+def _cache_rows(spec: JobSpec) -> tuple[ray.data.Dataset, int]:
+    manifest = check_cache(spec)
+    fs, _ = storage.filesystem(spec.data.uri, spec.data_s3)
+    files = [f for f in storage.list_files(spec.data.uri, spec.data_s3) if f.endswith(".parquet")]
+    if not files:
+        raise DataError(f"spec.data.uri: the latent cache at {spec.data.uri} holds no .parquet files")
+    rows = ray.data.read_parquet(files, filesystem=fs, shuffle="files" if spec.data.shuffle else None)
+    return rows, manifest["skipped_images"]
 
 
 def build_datasets(spec: JobSpec, *, resolution: int, tokenizers=()) -> JobData:
@@ -46,10 +64,15 @@ def build_datasets(spec: JobSpec, *, resolution: int, tokenizers=()) -> JobData:
     cannot be read or holds no readable image."""
     quiet_ray_data()
     data = spec.data
-    raw = read_dataset(data, spec.data_s3)
+    cached = data.format == "latents"
+    counter, cached_skips = None, 0
+    if cached:
+        raw, cached_skips = _cache_rows(spec)
+    else:
+        raw = read_dataset(data, spec.data_s3)
+        counter = SkipCounter.remote()
     if data.shuffle:
         raw = raw.randomize_block_order()
-    counter = SkipCounter.remote()
     common = dict(resolution=resolution, resize=data.resize, crop=data.crop, random_flip=data.random_flip,
                   tokenizers=tokenizers, skip_counter=counter)
     frac = data.validation_fraction
@@ -63,6 +86,8 @@ def build_datasets(spec: JobSpec, *, resolution: int, tokenizers=()) -> JobData:
 
     def side(validation: bool) -> ray.data.Dataset:
         rows = raw.filter(partial(split_filter, fraction=frac, validation=validation)) if frac > 0 else raw
+        if cached:
+            return rows
         # Stateless tasks (a callable instance, not an actor pool): no CPU stays reserved between epochs.
         step = Preprocess(**common, split="validation") if validation else train_step
         return rows.map_batches(step, batch_format="numpy", batch_size=64)
@@ -74,13 +99,13 @@ def build_datasets(spec: JobSpec, *, resolution: int, tokenizers=()) -> JobData:
     except Exception as exc:  # a reader failing on the storage itself (missing bucket, refused keys)
         raise DataError(f"spec.data.uri: cannot read {data.uri}: {_root_cause(exc)}") from None
     if not first:
-        skipped = ray.get(counter.count.remote())
+        skipped = ray.get(counter.count.remote()) if counter is not None else cached_skips
         raise DataError(
             f"spec.data.uri: no readable image in {data.uri} ({skipped} unreadable or corrupt files skipped"
             + (f"; validation_fraction={data.validation_fraction} left none for training" if not skipped else "")
             + ")"
         )
-    return JobData(train, validation, counter)
+    return JobData(train, validation, counter, cached_skips)
 
 
 def _root_cause(exc: BaseException) -> str:

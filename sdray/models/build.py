@@ -8,6 +8,7 @@ the preset. Nothing is fetched from a hub.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ class ModelError(ValueError):
 @dataclass
 class Components:
     unet: UNet2DConditionModel | None
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None
     text_encoder: CLIPTextModel | None
     tokenizer: CLIPTokenizer | None
     noise_scheduler: DDPMScheduler
@@ -49,6 +50,11 @@ class Components:
 
 
 _CLASSES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
+
+# Each component starts from its own seed, so building some of them (the frozen encoders alone, for a
+# latent cache; the UNet alone, to train on one) initialises each exactly as building them all does.
+_SEED_OFFSETS = {"vae": 0, "unet": 1, "text_encoder": 2, "text_encoder_2": 3}
+FROZEN = ("vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
 
 def _check_overrides(component: str, overrides: dict, accepted: set[str]) -> None:
@@ -195,6 +201,26 @@ class _Sources:
         return DDPMScheduler.from_config({**config, **overrides, "prediction_type": self.spec.prediction_type,
                                           "rescale_betas_zero_snr": self.spec.rescale_betas_zero_snr})
 
+    def pretrained_dir(self, slot: str) -> Path | None:
+        """The directory a pretrained ``slot`` (a model, tokenizer or text encoder) is loaded from, or None
+        when the preset builds it."""
+        if slot == "tokenizer" and self.spec.tokenizer:
+            return storage.local_copy(self.spec.tokenizer, self.s3)
+        if slot in self.component_dirs:
+            return self.component_dirs[slot]
+        if self.pipeline_dir is not None and (self.pipeline_dir / slot).is_dir():
+            return self.pipeline_dir / slot
+        return None
+
+    def build(self, slot: str, seed: int, tokenizer: CLIPTokenizer | None = None):
+        """One model (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``) from its own seed; the
+        caller's random state is left as it was (a trainer may build the frozen ones mid-run)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + _SEED_OFFSETS[slot])
+            if slot in _CLASSES:
+                return self.model(slot)
+            return self.text_encoder(tokenizer, slot)
+
     def resolution(self) -> int:
         if self.spec.resolution:
             return self.spec.resolution
@@ -215,24 +241,70 @@ def data_requirements(spec: ModelSpec, *, stage: str = "unet", s3: S3Settings | 
 
 
 def build_components(spec: ModelSpec, *, stage: str = "unet", s3: S3Settings | None = None,
-                     seed: int = 0) -> Components:
+                     seed: int = 0, unet: bool = True, frozen: bool = True) -> Components:
     """Every component a job of ``stage`` needs, weights loaded where a pretrained source names them.
 
-    ``seed`` makes preset initialisation identical on every worker.
+    ``seed`` makes preset initialisation identical on every worker. For ``stage: unet``, ``unet=False``
+    leaves out the UNet and ``frozen=False`` the VAE, tokenizers and text encoders (training on a latent
+    cache needs none of them); each component is the same whichever others are built.
     """
     sources = _Sources(spec, s3)
-    torch.manual_seed(seed)
-    vae = sources.model("vae")
-    unet = text_encoder = tokenizer = text_encoder_2 = tokenizer_2 = None
-    if stage == "unet":
+    if stage != "unet":
+        return Components(None, sources.build("vae", seed), None, None, sources.noise_scheduler(),
+                          sources.resolution())
+    parts: dict = dict.fromkeys(("unet", *FROZEN))
+    if unet:
         if spec.lora is not None and not sources.is_pretrained("unet"):
             raise ModelError("spec.model.lora: spec.model.pretrained holds no UNet, so the adapters would sit on "
                              "the preset's random weights; give a pipeline or UNet to adapt")
-        unet = sources.model("unet")
-        tokenizer = sources.tokenizer()
-        text_encoder = sources.text_encoder(tokenizer)
-        if sources.is_xl:
-            tokenizer_2 = sources.tokenizer("tokenizer_2")
-            text_encoder_2 = sources.text_encoder(tokenizer_2, "text_encoder_2")
-    return Components(unet, vae, text_encoder, tokenizer, sources.noise_scheduler(), sources.resolution(),
-                      text_encoder_2, tokenizer_2)
+        parts["unet"] = sources.build("unet", seed)
+    if frozen:
+        parts["vae"] = sources.build("vae", seed)
+        pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+        for tokenizer, encoder in pairs[: 2 if sources.is_xl else 1]:
+            parts[tokenizer] = sources.tokenizer(tokenizer)
+            parts[encoder] = sources.build(encoder, seed, parts[tokenizer])
+    return Components(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                      sources.noise_scheduler(), sources.resolution(), parts["text_encoder_2"], parts["tokenizer_2"])
+
+
+def _hash_files(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_model(model) -> str:
+    digest = hashlib.sha256()
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def frozen_fingerprints(spec: ModelSpec, *, s3: S3Settings | None = None, seed: int = 0) -> dict[str, str]:
+    """A content digest of each frozen component of a UNet job (VAE, tokenizers, text encoders): what a
+    latent cache depends on. A pretrained component is hashed from its files (config and weights; nothing
+    is loaded), a preset one from its configuration and the weights ``seed`` initialises."""
+    sources = _Sources(spec, s3)
+    slots = FROZEN if sources.is_xl else FROZEN[:3]
+    out: dict[str, str] = {}
+    for slot in slots:
+        directory = sources.pretrained_dir(slot)
+        if directory is not None:
+            out[slot] = "files:" + _hash_files(directory)
+        elif slot.startswith("tokenizer"):
+            tok = sources.tokenizer(slot)
+            out[slot] = "preset:" + hashlib.sha256(
+                f"{tok.model_max_length}:{tok.backend_tokenizer.to_str()}".encode()).hexdigest()
+        else:
+            tokenizer = sources.tokenizer(slot.replace("text_encoder", "tokenizer")) if slot != "vae" else None
+            out[slot] = "preset:" + _hash_model(sources.build(slot, seed, tokenizer))
+    return out

@@ -20,12 +20,14 @@ from sdray.train.checkpoint import read_manifest
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> dict:
-    """A numpy batch from Ray Data as tensors (``key`` stays a list of strings)."""
+    """A numpy batch from Ray Data as tensors: float columns (pixels, or a latent cache's latents and
+    embeddings, whatever their stored precision) as float32, integer columns as int64; ``key`` stays a
+    list of strings."""
     out: dict = {"key": [str(k) for k in batch["key"]]}
-    out["pixel_values"] = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"], dtype=np.float32))
-    for name in ("input_ids", "input_ids_2", "original_size", "crop_top_left", "target_size"):
-        if name in batch:
-            out[name] = torch.from_numpy(np.ascontiguousarray(batch[name], dtype=np.int64))
+    for name, column in batch.items():
+        if name != "key":
+            dtype = np.float32 if np.asarray(column).dtype.kind == "f" else np.int64
+            out[name] = torch.from_numpy(np.ascontiguousarray(column, dtype=dtype))
     return out
 
 

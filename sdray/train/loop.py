@@ -4,11 +4,15 @@
 text encoder too, is ``sdray.train.trainable``'s decision) or the AutoencoderKL (``stage: autoencoder``),
 checkpoints, validates and, on rank 0, exports the result: a stock diffusers ``StableDiffusionPipeline``
 (with LoRA: also the adapters in diffusers' LoRA format) or an ``AutoencoderKL``, under ``spec.output.uri``.
+
+On a latent cache (``data.format: latents``) the VAE and text encoders are not built for training:
+rank 0 builds them on first use, for sample grids and the export.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -23,7 +27,9 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from sdray import storage
+from sdray.data.latents import cached_encoder
 from sdray.models.build import Components, build_components
+from sdray.models.encoding import OnlineEncoder
 from sdray.models.pipeline import assemble_pipeline, generate
 from sdray.spec import DiffusionJob
 from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -71,18 +77,25 @@ class Trainer:
         torch.backends.cuda.matmul.allow_tf32 = self.cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.cfg.allow_tf32
 
-        self.comps: Components = build_components(spec.model, stage=spec.stage, s3=spec.storage, seed=self.cfg.seed)
+        cached = spec.data.format == "latents"
+        self.comps: Components = build_components(spec.model, stage=spec.stage, s3=spec.storage, seed=self.cfg.seed,
+                                                  frozen=not cached)
         seed_everything(self.cfg.seed + 1000 * ctx.rank)  # each worker draws its own noise
-        self.trainable = Trainable(self.comps, spec)
+        self.encoder = None
+        if spec.stage == "unet":
+            for name in ("vae", "text_encoder", "text_encoder_2"):
+                module = getattr(self.comps, name)
+                if module is not None:
+                    module.to(self.device)
+            # Where latents and prompt embeddings come from: the frozen encoders, or the cache's rows.
+            self.encoder = cached_encoder(spec, self.device) if cached else OnlineEncoder(self.comps, self.device)
+        self.trainable = Trainable(self.comps, spec, self.encoder)  # decides what trains (requires_grad)
         if spec.stage == "unet":
             self.model = self.comps.unet
             for name in ("vae", "text_encoder", "text_encoder_2"):
                 module = getattr(self.comps, name)
                 if module is not None:
-                    module.to(self.device).train(name in self.trainable.components)
-            self.empty_ids = self.comps.tokenizer(
-                [""], padding="max_length", max_length=self.comps.tokenizer.model_max_length,
-                return_tensors="pt").input_ids[0]
+                    module.train(name in self.trainable.components)
         else:
             self.model = self.comps.vae
             self.recent_latents: deque[torch.Tensor] = deque(maxlen=32)  # for the exported scaling_factor
@@ -111,6 +124,17 @@ class Trainer:
         self.resumed_from: int | None = None
         self._restore()
         self.report = RunReport(spec.output.uri, spec.storage, self.state.step) if self.is_main else None
+
+    def _with_encoders(self) -> Components:
+        """The components with the VAE, tokenizers and text encoders, built on first use when training
+        on a latent cache (sampling and the export need them; training steps do not)."""
+        if self.comps.vae is None:
+            frozen = build_components(self.spec.model, s3=self.spec.storage, seed=self.cfg.seed, unet=False)
+            for module in (frozen.vae, frozen.text_encoder, frozen.text_encoder_2):
+                if module is not None:
+                    module.requires_grad_(False).eval().to(self.device)
+            self.comps = self.trainable.comps = dataclasses.replace(frozen, unet=self.comps.unet)
+        return self.comps
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -143,9 +167,9 @@ class Trainer:
 
     def _loss(self, batch: dict, module, training: bool) -> tuple[torch.Tensor, dict]:
         """Loss of one batch through ``module`` (the wrapped objective when training)."""
-        pixels = batch["pixel_values"].to(self.device)
         with self._autocast():
             if self.spec.stage == "autoencoder":
+                pixels = batch["pixel_values"].to(self.device)
                 loss, mse, latents, _ = module(pixels)
                 if self.is_main and training:
                     self.recent_latents.append(latents.detach().float().cpu())
@@ -154,11 +178,8 @@ class Trainer:
             drop = None
             if training and self.cfg.caption_dropout > 0:
                 drop = torch.rand(len(batch["key"])) < self.cfg.caption_dropout
-                if not self.comps.is_xl:
-                    ids = batch["input_ids"]
-                    batch = {**batch, "input_ids": torch.where(drop[:, None], self.empty_ids, ids)}
             with torch.no_grad():
-                latents = self.comps.vae.encode(pixels).latent_dist.sample() * self.comps.vae.config.scaling_factor
+                latents = self.encoder.latents(batch, training=training)
             return diffusion_loss(module, self.comps.noise_scheduler, latents, {"batch": batch, "drop": drop},
                                   snr_gamma=self.cfg.snr_gamma, noise_offset=self.cfg.noise_offset,
                                   input_perturbation=self.cfg.input_perturbation if training else 0.0), {}
@@ -308,7 +329,7 @@ class Trainer:
             objective = self.trainable.objective(model).eval()  # the model and any trained text encoder
             if self.spec.stage == "unet" and self.spec.validation.prompts:
                 v = self.spec.validation
-                rows = generate(assemble_pipeline(self.comps, model), v.prompts, images_per_prompt=v.images_per_prompt,
+                rows = generate(assemble_pipeline(self._with_encoders(), model), v.prompts, images_per_prompt=v.images_per_prompt,
                                 num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
                                 seed=v.seed, resolution=self.comps.resolution)
                 grid = self.report.save_image(f"samples/{name}.png", image_grid(rows, v.prompts))
@@ -345,7 +366,7 @@ class Trainer:
         out = self.spec.output.uri
         with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
             if self.spec.stage == "unet":
-                pipe = assemble_pipeline(self.comps, model)
+                pipe = assemble_pipeline(self._with_encoders(), model)
                 if self.trainable.lora:
                     pipe.save_lora_weights(Path(tmp) / "lora", **self.trainable.lora_layers())
                     storage.upload_dir(Path(tmp) / "lora", storage.join(out, "lora"), self.spec.storage)

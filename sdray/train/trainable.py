@@ -30,17 +30,28 @@ TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 class ConditionedUNet(torch.nn.Module):
     """The UNet with its text conditioning computed inside ``forward``: with grad through the text
     encoders in ``trained_text`` (registered as submodules, so a DDP wrap of this module covers them),
-    without grad when none trains. Called as ``module(noisy, timesteps, batch=..., drop=...)``."""
+    without grad when none trains. Called as ``module(noisy, timesteps, batch=..., drop=...)``; the
+    prompt embeddings come from ``encoder`` (the text encoders, or a latent cache's rows)."""
 
-    def __init__(self, comps: Components, unet, trained_text: list[torch.nn.Module] = ()):
+    def __init__(self, comps: Components, unet, encoder, trained_text: list[torch.nn.Module] = ()):
         super().__init__()
         self.unet = unet
         self.text_encoders = torch.nn.ModuleList(trained_text)
         self.comps = comps
+        self.encoder = encoder
 
     def forward(self, sample, timestep, *, batch: dict, drop: torch.Tensor | None = None):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and len(self.text_encoders) > 0):
-            cond = unet_conditioning(self.comps, batch, drop=drop, device=sample.device)
+        trains_text = len(self.text_encoders) > 0
+        unconditional = self.encoder.unconditional
+        if trains_text and drop is not None and not self.comps.is_xl:
+            # A trained encoder's empty-caption embedding moves with it: encode the empty caption's ids
+            # in place of the dropped captions' (SDXL's unconditional input stays zeros).
+            batch = {**batch, "input_ids": torch.where(drop[:, None], self.encoder.empty_ids, batch["input_ids"])}
+            drop = None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains_text):
+            prompts = self.encoder.prompts(batch)
+        cond = unet_conditioning(prompts, batch, resolution=self.comps.resolution, unconditional=unconditional,
+                                 drop=drop, device=sample.device)
         return self.unet(sample, timestep, **cond)
 
 
@@ -54,8 +65,9 @@ def _lora_config(lora: LoRASpec, targets: list[str]):
 class Trainable:
     """The trained components of a job (name → module) and how to train, save and export them."""
 
-    def __init__(self, comps: Components, spec: JobSpec):
+    def __init__(self, comps: Components, spec: JobSpec, encoder=None):
         self.comps = comps
+        self.encoder = encoder  # stage unet: where latents and prompt embeddings come from
         self.lora = spec.model.lora
         if spec.stage == "autoencoder":
             self.components = {"vae": comps.vae}
@@ -101,7 +113,7 @@ class Trainable:
         if "vae" in self.components:
             return AutoencoderObjective(model if model is not None else self.comps.vae, self.kl_weight)
         text = [m for n, m in self.components.items() if n != "unet"]
-        return ConditionedUNet(self.comps, model if model is not None else self.comps.unet, text)
+        return ConditionedUNet(self.comps, model if model is not None else self.comps.unet, self.encoder, text)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The parameters that train. Call after wrapping: FSDP replaces them with sharded ones."""

@@ -1,0 +1,168 @@
+"""``sdray data precompute``: encode a job's dataset once with its frozen VAE and text encoder(s) and
+write a latent cache (``sdray.data.latents``) to a local path or object storage.
+
+Ray Data reads ``spec.data`` through the same reader and ``Preprocess`` step as training (same resize,
+crop and tokenizers; unreadable images skipped and counted), then a pool of ``Encode`` actors (one GPU
+each when ``distributed.use_gpu``; ``distributed.num_workers`` of them unless told otherwise) runs the
+encoders, and ``write_parquet`` writes the rows. The manifest goes last, so a cache without one is
+known to be incomplete.
+
+Random crops are refused: a crop baked into a cache would be the same every epoch. A random flip is
+kept whole instead: the mirrored image is encoded too, and training picks one of the two per step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+from safetensors.torch import save as save_safetensors
+
+from sdray import storage
+from sdray.data.augment import Preprocess, SkipCounter
+from sdray.data.formats import DataError, read_dataset
+from sdray.data.latents import KIND, MANIFEST, UNCONDITIONAL, VERSION, transform_settings
+from sdray.data.pipeline import quiet_ray_data
+from sdray.models.build import build_components, data_requirements, frozen_fingerprints
+from sdray.models.conditioning import encode_prompts, unconditional_prompts
+from sdray.models.encoding import LATENT_DIST, LATENT_DIST_FLIPPED, latent_distribution
+from sdray.spec import DiffusionJob, JobSpec, ModelSpec, S3Settings
+from sdray.train.launch import cpus_per_worker
+
+DTYPES = ("float32", "float16")
+
+
+class Encode:
+    """A Ray Data actor: Preprocess rows (pixels, token ids, sizes) → latent-cache rows."""
+
+    def __init__(self, *, model: ModelSpec, s3: S3Settings, seed: int, flip: bool, dtype: str, use_gpu: bool,
+                 threads: int):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.comps = build_components(model, s3=s3, seed=seed, unet=False)
+        for frozen in (self.comps.vae, self.comps.text_encoder, self.comps.text_encoder_2):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval().to(self.device)
+        self.flip = flip
+        self.dtype = np.dtype(dtype)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(batch["key"]) == 0:  # every image of the block was unreadable: keep the columns' shapes
+            one = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in batch.items() if k != "key"}
+            return {k: v[:0] for k, v in self({"key": np.array(["-"], dtype=object), **one}).items()}
+        pixels = torch.from_numpy(batch["pixel_values"]).to(self.device)
+        encoded = {LATENT_DIST: latent_distribution(self.comps.vae, pixels)}
+        if self.flip:
+            encoded[LATENT_DIST_FLIPPED] = latent_distribution(self.comps.vae, pixels.flip(-1))
+        ids = {k: torch.from_numpy(batch[k]) for k in ("input_ids", "input_ids_2") if k in batch}
+        encoded.update(encode_prompts(self.comps, ids, device=self.device))
+        out = {k: v.float().cpu().numpy().astype(self.dtype) for k, v in encoded.items()}
+        return {"key": batch["key"], **out, "original_size": batch["original_size"],
+                "crop_top_left": batch["crop_top_left"]}
+
+
+def default_destination(spec: JobSpec) -> str:
+    """Where a cache goes when no ``--out`` is given: beside the dataset, ``<data.uri>-latents``."""
+    return spec.data.uri.rstrip("/") + "-latents"
+
+
+def _refuse_uncacheable(spec: JobSpec) -> None:
+    if spec.stage != "unet":
+        raise DataError("spec.stage: a latent cache feeds the UNet stage; this job has stage: autoencoder")
+    if spec.data.format == "latents":
+        raise DataError("spec.data.format: this job already reads a latent cache; precompute from the images")
+    if spec.data.crop == "random":
+        raise DataError("spec.data.crop: a random crop cannot be cached (every epoch would see the same "
+                        "crop); use crop: center to precompute, or train on the images")
+
+
+def _prepare_destination(out: str, settings: S3Settings, overwrite: bool) -> None:
+    if not storage.exists(out, settings):
+        return
+    fs, path = storage.filesystem(out, settings)
+    if not overwrite:
+        if storage.list_files(out, settings):
+            raise DataError(f"--out: {out} is not empty; choose another destination or pass --overwrite")
+        return
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
+def _count_rows(out: str, settings: S3Settings) -> tuple[list[str], int]:
+    fs, _ = storage.filesystem(out, settings)
+    files = [f for f in storage.list_files(out, settings) if f.endswith(".parquet")]
+    return files, sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
+
+
+def precompute(job: DiffusionJob, out: str | None = None, *, batch_size: int = 64, concurrency: int | None = None,
+               dtype: str = "float32", overwrite: bool = False, progress: bool = False) -> dict:
+    """Encode ``job``'s dataset into a latent cache at ``out`` (default ``<data.uri>-latents``), on the
+    current Ray cluster; returns the manifest written."""
+    spec = job.spec
+    out = out or default_destination(spec)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    _refuse_uncacheable(spec)
+    settings = spec.data_s3
+    _prepare_destination(out, settings, overwrite)
+    start = time.perf_counter()
+    resolution, tokenizers = data_requirements(spec.model, s3=spec.storage)
+    fingerprints = frozen_fingerprints(spec.model, s3=spec.storage, seed=spec.train.seed)
+    quiet_ray_data()
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    counter = SkipCounter.remote()
+    rows = read_dataset(spec.data, settings).map_batches(
+        Preprocess(resolution=resolution, resize=spec.data.resize, crop="center", random_flip=False,
+                   tokenizers=tokenizers, skip_counter=counter),
+        batch_format="numpy", batch_size=64)
+    use_gpu = spec.distributed.use_gpu
+    encoded = rows.map_batches(
+        Encode, batch_format="numpy", batch_size=batch_size,
+        fn_constructor_kwargs={"model": spec.model, "s3": spec.storage, "seed": spec.train.seed,
+                               "flip": spec.data.random_flip, "dtype": dtype, "use_gpu": use_gpu,
+                               "threads": max(1, int(cpus_per_worker(job)))},
+        compute=ray.data.ActorPoolStrategy(size=concurrency or spec.distributed.num_workers),
+        num_cpus=cpus_per_worker(job), num_gpus=1 if use_gpu else None)
+    fs, path = storage.filesystem(out, settings)
+    encoded.write_parquet(path, filesystem=fs)
+    files, n_rows = _count_rows(out, settings)
+    skipped = ray.get(counter.count.remote())
+    if n_rows == 0:
+        raise DataError(f"spec.data.uri: no readable image in {spec.data.uri} ({skipped} unreadable or corrupt "
+                        "files skipped); nothing was cached")
+
+    comps = build_components(spec.model, s3=spec.storage, seed=spec.train.seed, unet=False)
+    unconditional = {k: v.contiguous() for k, v in unconditional_prompts(comps).items()}
+    storage.write_bytes(storage.join(out, UNCONDITIONAL), save_safetensors(unconditional), settings)
+    columns = pq.read_schema(files[0], filesystem=fs)
+    model = spec.model
+    manifest = {
+        "kind": KIND,
+        "version": VERSION,
+        "sdray_version": version("sdray"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"uri": spec.data.uri, "format": spec.data.format, "image_column": spec.data.image_column,
+                   "caption_column": spec.data.caption_column},
+        "model": {"preset": model.preset, "pretrained": model.pretrained,
+                  "vae": model.vae.pretrained if model.vae else None, "tokenizer": model.tokenizer,
+                  "overrides": model.overrides, "seed": spec.train.seed},
+        "fingerprints": fingerprints,
+        "transform": transform_settings(spec, resolution),
+        "scaling_factor": float(comps.vae.config.scaling_factor),
+        "dtype": dtype,
+        "columns": [name for name in columns.names if not name.startswith("__")],
+        "files": [f.rsplit("/", 1)[-1] for f in files],
+        "rows": n_rows,
+        "skipped_images": skipped,
+        "skipped_examples": ray.get(counter.examples.remote()),
+        "elapsed_s": round(time.perf_counter() - start, 2),
+    }
+    storage.write_bytes(storage.join(out, MANIFEST), json.dumps(manifest, indent=2).encode(), settings)
+    return {**manifest, "uri": out}
