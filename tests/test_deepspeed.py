@@ -13,7 +13,7 @@ from test_train import losses, metrics, ray_checkpoints
 
 from sdray.spec import parse_job
 from sdray.train.checkpoint import read_manifest
-from sdray.train.deepspeed import engine_config
+from sdray.train.deepspeed import engine_config, make_engine
 from sdray.train.launch import run_in_process, run_job
 
 
@@ -118,3 +118,14 @@ def test_zero_stage_trains_and_exports_the_trained_weights(ray_session, digits_r
         assert all(torch.equal(exported[k], exported[k].bfloat16().float()) for k in exported)
     assert StableDiffusionPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 8
     assert (out / "samples" / "final.png").exists()
+
+
+def test_fp16_where_deepspeed_has_none_is_refused_naming_the_field():
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this device has fp16 kernels")
+    job = parse_job(ds_job("ds-fp16", "/tmp/out", "/tmp/data", {"zero_stage": 2}, 2, mixed_precision="fp16"))
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="spec.train.mixed_precision: DeepSpeed has no fp16 support on this device"):
+        make_engine(model, torch.optim.AdamW(model.parameters()), None, job.spec, torch.device("cpu"))

@@ -85,6 +85,10 @@ def make_engine(module: torch.nn.Module, optimizer, lr_scheduler, spec: JobSpec,
     ZeRO-3 partitions the parameters here, after the model was built whole: a model too big for one
     worker's memory would need ``deepspeed.zero.Init`` at construction, which sdray does not do yet."""
     deepspeed = _import_deepspeed()
+    accelerator = deepspeed.get_accelerator()
+    if spec.train.mixed_precision == "fp16" and not accelerator.is_fp16_supported():
+        raise ValueError(f"spec.train.mixed_precision: DeepSpeed has no fp16 support on this device "
+                         f"({accelerator.device_name()}); use bf16 or no")
     _ensure_process_group(device)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                       config=engine_config(spec, dist.get_world_size()), dist_init_required=False)
