@@ -92,19 +92,27 @@ def test_zero2_with_ema_and_accumulation_checkpoints_resumes_and_exports(ray_ses
         run_in_process(parse_job(doc))
 
 
-@pytest.mark.parametrize("deepspeed, train", [
-    ({"zero_stage": 1}, {"mixed_precision": "bf16"}),
-    ({"zero_stage": 3}, {}),
-    # DeepSpeedCPUAdam is JIT-compiled on first use (~35 s)
-    pytest.param({"zero_stage": 3, "offload_optimizer": True, "offload_params": True}, {}, marks=pytest.mark.slow),
-], ids=["zero1-bf16", "zero3", "zero3-offload"])
-def test_zero_stage_trains_and_exports_the_trained_weights(ray_session, digits_root, tmp_path, deepspeed, train):
+@pytest.mark.parametrize("deepspeed, train, resume", [
+    ({"zero_stage": 1}, {"mixed_precision": "bf16"}, False),
+    ({"zero_stage": 3}, {}, False),
+    # DeepSpeedCPUAdam is JIT-compiled on first use (~35 s); ZeRO-3 resumes into offloaded parameters
+    pytest.param({"zero_stage": 3, "offload_optimizer": True, "offload_params": True}, {}, True,
+                 marks=pytest.mark.slow),
+], ids=["zero1-bf16", "zero3", "zero3-offload-resume"])
+def test_zero_stage_trains_and_exports_the_trained_weights(ray_session, digits_root, tmp_path, deepspeed, train,
+                                                           resume):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     out = tmp_path / "out"
     name = f"ds-zero{deepspeed['zero_stage']}-{len(deepspeed)}"
-    summary = run_job(parse_job(ds_job(name, out, str(digits_root / "imagefolder"), deepspeed, 10, **train)))
+    doc = ds_job(name, out, str(digits_root / "imagefolder"), deepspeed, 10, **train)
+    summary = run_job(parse_job(doc))
     assert summary["step"] == 10 and all(torch.isfinite(torch.tensor(losses(out))))
+    if resume:
+        doc["spec"]["train"]["max_steps"] = 15
+        summary = run_job(parse_job(doc))
+        assert summary["resumed_from"] == 10 and summary["step"] == 15
+        assert engine_steps(ray_checkpoints(out / "checkpoints" / name)[-1]) == 15
     ckpt = ray_checkpoints(out / "checkpoints" / name)[-1]
     assert read_manifest(ckpt)["zero_stage"] == deepspeed["zero_stage"]
     # the export holds the trained weights: DeepSpeed's own consolidation of the saved fp32 partitions
