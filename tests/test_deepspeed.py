@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_train import losses, metrics, ray_checkpoints
 
 from sdray.spec import parse_job
-from sdray.train.checkpoint import read_manifest
+from sdray.train.checkpoint import CheckpointMismatch, read_manifest
 from sdray.train.deepspeed import engine_config, make_engine
 from sdray.train.launch import run_in_process, run_job
 
@@ -84,11 +84,12 @@ def test_zero2_with_ema_and_accumulation_checkpoints_resumes_and_exports(ray_ses
     # another strategy, ZeRO stage or world size refuses the checkpoint with a message that says so
     doc["spec"]["checkpoint"]["resume"] = str(ray_checkpoints(run_dir)[-1])
     doc["spec"]["distributed"] = {"num_workers": 1}
-    with pytest.raises(Exception, match=r"deepspeed ZeRO-2 run of 2 workers, this run is replicated \(ddp\) on 1"):
+    with pytest.raises(CheckpointMismatch,
+                       match=r"deepspeed ZeRO-2 run of 2 workers, this run is replicated \(ddp\) on 1"):
         run_in_process(parse_job(doc))
     doc["spec"]["distributed"] = {"num_workers": 1, "strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}
     doc["spec"]["train"].pop("ema")
-    with pytest.raises(Exception, match="deepspeed ZeRO-2 run of 2 workers, this run is deepspeed ZeRO-3 on 1"):
+    with pytest.raises(CheckpointMismatch, match="deepspeed ZeRO-2 run of 2 workers, this run is deepspeed ZeRO-3 on 1"):
         run_in_process(parse_job(doc))
 
 
