@@ -277,6 +277,20 @@ class FSDPSpec(_Strict):
     cpu_offload: bool = Field(default=False, description="Keep sharded parameters and optimizer state in host memory (GPU runs).")
 
 
+class DeepSpeedSpec(_Strict):
+    zero_stage: Literal[1, 2, 3] = Field(
+        default=2,
+        description="1: optimizer state partitioned across workers; 2: gradients too; 3: parameters too "
+        "(gathered block by block for forward and backward).",
+    )
+    offload_optimizer: bool = Field(
+        default=False,
+        description="Keep optimizer state in host memory and step it there with DeepSpeedCPUAdam "
+        "(JIT-compiled on first use, ~35 s; needs a C++ compiler on the workers).",
+    )
+    offload_params: bool = Field(default=False, description="Keep partitioned parameters in host memory (zero_stage: 3).")
+
+
 class DistributedSpec(_Strict):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
@@ -284,19 +298,14 @@ class DistributedSpec(_Strict):
         default=None, description="Ray resources per worker, e.g. {CPU: 1, GPU: 1}."
     )
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
-        default="ddp", description="ddp: replicate the model; fsdp: shard it with FSDP2 (fully_shard)."
+        default="ddp",
+        description="ddp: replicate the model; fsdp: shard it with FSDP2 (fully_shard); deepspeed: DeepSpeed ZeRO.",
     )
     fsdp: FSDPSpec | None = Field(default=None, description="FSDP settings (strategy: fsdp).")
+    deepspeed: DeepSpeedSpec | None = Field(default=None, description="DeepSpeed settings (strategy: deepspeed).")
     max_failures: int = Field(
         default=2, ge=0, description="Worker failures to recover from (restart from the latest checkpoint)."
     )
-
-    @field_validator("strategy")
-    @classmethod
-    def _available(cls, v: str) -> str:
-        if v == "deepspeed":
-            raise ValueError("strategy 'deepspeed' is not available yet in this release; use 'ddp' or 'fsdp'")
-        return v
 
     @model_validator(mode="after")
     def _fsdp_settings(self) -> DistributedSpec:
@@ -314,6 +323,17 @@ class DistributedSpec(_Strict):
                 )
         elif fsdp.shard_group_size is not None:
             raise ValueError("spec.distributed.fsdp.shard_group_size applies to sharding: hybrid only")
+        return self
+
+    @model_validator(mode="after")
+    def _deepspeed_settings(self) -> DistributedSpec:
+        if self.deepspeed is not None and self.strategy != "deepspeed":
+            raise ValueError(
+                f"spec.distributed.deepspeed applies to strategy: deepspeed only (this job has {self.strategy!r})")
+        ds = self.deepspeed or DeepSpeedSpec()
+        if ds.offload_params and ds.zero_stage != 3:
+            raise ValueError("spec.distributed.deepspeed.offload_params: only partitioned parameters can be offloaded; "
+                             f"it needs zero_stage: 3 (got {ds.zero_stage})")
         return self
 
 
@@ -392,6 +412,24 @@ class JobSpec(_Strict):
             raise ValueError("spec.model.lora is not available with strategy: fsdp (adapters are small: use ddp)")
         if self.train.train_text_encoder:
             raise ValueError("spec.train.train_text_encoder is not available with strategy: fsdp; use ddp")
+        return self
+
+    @model_validator(mode="after")
+    def _what_deepspeed_does_not_take(self) -> JobSpec:
+        if self.distributed.strategy != "deepspeed":
+            return self
+        if self.train.compile:
+            raise ValueError("spec.train.compile is not supported with strategy: deepspeed (the engine's hooks are "
+                             "not compiled here); set compile: false or use ddp or fsdp")
+        # Adapters and a trained text encoder have only been run replicated (DDP) so far.
+        if self.model.lora is not None:
+            raise ValueError("spec.model.lora is not available with strategy: deepspeed (adapters are small: use ddp)")
+        if self.train.train_text_encoder:
+            raise ValueError("spec.train.train_text_encoder is not available with strategy: deepspeed; use ddp")
+        stage = (self.distributed.deepspeed or DeepSpeedSpec()).zero_stage
+        if self.train.ema is not None and stage == 3:
+            raise ValueError("spec.train.ema: ZeRO-3 partitions the weights an EMA would average; use zero_stage 1 "
+                             "or 2 for an EMA, or drop train.ema")
         return self
 
     @property

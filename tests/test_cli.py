@@ -35,12 +35,12 @@ def test_validate_ok_prints_a_summary(tmp_path):
 
 def test_validate_errors_name_fields_exit_2_without_traceback(tmp_path):
     doc = make_job("cli-bad", tmp_path / "out", "s3://bucket/data", train={"learning_rate": "fast"})
-    doc["spec"]["distributed"]["strategy"] = "deepspeed"
+    doc["spec"]["distributed"]["strategy"] = "horovod"
     doc["spec"]["data"]["colour"] = "blue"
     result = sdray("validate", write(tmp_path / "bad.yaml", doc))
     assert result.returncode == 2
     assert "spec.train.learning_rate" in result.stderr
-    assert "spec.distributed.strategy" in result.stderr and "not available yet" in result.stderr
+    assert "spec.distributed.strategy: Input should be 'ddp', 'fsdp' or 'deepspeed'" in result.stderr
     assert "spec.data.colour: unknown field" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 

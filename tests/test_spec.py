@@ -37,7 +37,9 @@ def _set(doc, path, value):
         ("spec.train.learning_rate", -1, "spec.train.learning_rate: Input should be greater than 0"),
         ("spec.train.learning_rat", 0.1, "spec.train.learning_rat: unknown field"),
         ("spec.train.mixed_precision", "fp8", "spec.train.mixed_precision"),
-        ("spec.distributed.strategy", "deepspeed", "spec.distributed.strategy: strategy 'deepspeed' is not available yet"),
+        ("spec.distributed.strategy", "horovod", "spec.distributed.strategy: Input should be 'ddp', 'fsdp' or"),
+        ("spec.distributed.deepspeed.zero_stage", 4, "spec.distributed.deepspeed.zero_stage: Input should be 1, 2 or 3"),
+        ("spec.distributed.deepspeed.offload_optimizer", "cpu", "spec.distributed.deepspeed.offload_optimizer"),
         ("spec.distributed.num_workers", 0, "spec.distributed.num_workers"),
         ("spec.data.format", "csv", "spec.data.format"),
         ("spec.data.crop", "left", "spec.data.crop"),
@@ -99,8 +101,15 @@ def test_every_preset_is_accepted(preset):
      "divides num_workers"),
     ({"strategy": "fsdp", "fsdp": {"shard_group_size": 2}}, {}, "applies to sharding: hybrid only"),
     ({"strategy": "fsdp"}, {"mixed_precision": "fp16"}, "spec.train.mixed_precision: fp16 needs a sharded loss scaler"),
+    ({"strategy": "ddp", "deepspeed": {"zero_stage": 2}}, {},
+     "spec.distributed.deepspeed applies to strategy: deepspeed only"),
+    ({"strategy": "deepspeed", "deepspeed": {"offload_params": True}}, {},
+     "spec.distributed.deepspeed.offload_params: .* needs zero_stage: 3 \\(got 2\\)"),
+    ({"strategy": "deepspeed"}, {"compile": True}, "spec.train.compile is not supported with strategy: deepspeed"),
+    ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}, {"ema": {"decay": 0.99}},
+     "spec.train.ema: ZeRO-3 partitions the weights"),
 ])
-def test_fsdp_settings_are_checked(distributed, train, expected):
+def test_strategy_settings_are_checked(distributed, train, expected):
     doc = valid_doc()
     doc["spec"]["distributed"] = distributed
     doc["spec"]["train"].update(train)
@@ -114,6 +123,16 @@ def test_fsdp_settings_accepted():
                                   "fsdp": {"sharding": "hybrid", "shard_group_size": 4, "cpu_offload": True}}
     doc["spec"]["train"]["mixed_precision"] = "bf16"
     assert parse_job(doc).spec.distributed.fsdp.shard_group_size == 4
+
+
+def test_deepspeed_settings_accepted():
+    doc = valid_doc()
+    doc["spec"]["distributed"] = {"strategy": "deepspeed", "num_workers": 2,
+                                  "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}}
+    doc["spec"]["train"]["mixed_precision"] = "fp16"
+    assert parse_job(doc).spec.distributed.deepspeed.offload_params
+    doc["spec"]["distributed"] = {"strategy": "deepspeed"}
+    assert parse_job(doc).spec.distributed.deepspeed is None  # zero_stage 2 by default
 
 
 def test_model_needs_preset_or_pretrained():
@@ -164,6 +183,7 @@ def test_a_job_survives_the_trip_to_the_workers():
     for stage in ("unet", "autoencoder"):
         doc = valid_doc()
         doc["spec"]["stage"] = stage
+        doc["spec"]["distributed"] = {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}
         job = parse_job(doc)
         assert parse_job(job.model_dump(mode="json", exclude_unset=True)) == job
 

@@ -6,10 +6,14 @@ A checkpoint directory holds
   on, for replicated (DDP) runs; or
 - ``sharded/``: for FSDP runs, model, optimizer and EMA shards through ``torch.distributed.checkpoint``:
   every rank writes its own shard files, nothing is gathered (resume needs the same strategy and world
-  size);
+  size); or
+- ``deepspeed/``: for DeepSpeed runs, the engine's own ``save_checkpoint`` files (module, every rank's
+  ZeRO partition of the optimizer state, LR schedule), plus ``ema.pt`` (ZeRO 1/2 keep full weights on
+  every rank, so rank 0's EMA is everyone's); resume needs the same ZeRO stage and world size;
 - ``trainer_state.pt``: optimizer (replicated runs), LR schedule, loss scaler and the loop's counters;
 - ``rng_rank{N}.pt``: each worker's random state (every rank writes its own file);
-- ``sdray_checkpoint.json``: step, stage, job name and what it holds of each component, for people and tools.
+- ``sdray_checkpoint.json``: step, stage, job name, format (replicated, dcp or deepspeed), world size,
+  ZeRO stage and what it holds of each component: what a resuming run checks first.
 Where the directory goes (Ray Train storage, or a local folder renamed into place) is the caller's
 business: every writer here writes into a private staging directory first.
 """
@@ -26,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "sdray_checkpoint.json"
+DEEPSPEED_TAG = "engine"  # the engine's subdirectory under deepspeed/
 
 
 @dataclass
@@ -56,12 +61,26 @@ def _sharded_state(root, optimizer, ema) -> dict:
     return state
 
 
+def _layout(sharded_root, engine) -> dict:
+    """How this run's checkpoints are laid out (the manifest's format fields)."""
+    if engine is not None:
+        return {"format": "deepspeed", "zero_stage": engine.zero_optimization_stage()}
+    return {"format": "dcp" if sharded_root is not None else "replicated"}
+
+
+def _describe(layout: dict) -> str:
+    return {"replicated": "replicated (ddp)", "dcp": "sharded (fsdp)"}.get(
+        layout.get("format", "replicated"), f"deepspeed ZeRO-{layout.get('zero_stage')}")
+
+
 def save_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_scheduler, scaler, ema,
-                    state: TrainState, stage: str, job_name: str, sharded_root=None, world_size: int = 1) -> None:
+                    state: TrainState, stage: str, job_name: str, sharded_root=None, engine=None,
+                    world_size: int = 1) -> None:
     """Write this rank's share of a checkpoint into ``directory`` (every rank calls this).
 
     ``trainable`` is the run's ``sdray.train.trainable.Trainable``. ``sharded_root`` is the FSDP-sharded
-    module when the run is sharded; then DCP writes the shards."""
+    module when the run is sharded; then DCP writes the shards. ``engine`` is the DeepSpeed engine of a
+    DeepSpeed run; then the engine writes its own files."""
     import torch.distributed.checkpoint as dcp
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -71,44 +90,53 @@ def save_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_sche
         dcp.save(_sharded_state(sharded_root, optimizer, ema), checkpoint_id=str(directory / "sharded"))
         if ema is not None:
             trainer["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    if engine is not None:
+        (directory / "deepspeed").mkdir()
+        engine.save_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
     if rank != 0:
         return
-    if sharded_root is None:
+    if sharded_root is None and engine is None:
         (directory / "model").mkdir()
         for name, weights in trainable.state_dicts().items():
             save_file({k: v.detach().contiguous() for k, v in weights.items()},
                       directory / "model" / f"{name}.safetensors")
-        if ema is not None:
-            torch.save(ema.state_dict(), directory / "ema.pt")
         trainer["optimizer"] = optimizer.state_dict()
+    if sharded_root is None and ema is not None:
+        torch.save(ema.state_dict(), directory / "ema.pt")
     torch.save(trainer, directory / "trainer_state.pt")
     (directory / MANIFEST).write_text(json.dumps({
-        "step": state.step, "stage": stage, "job": job_name,
-        "format": "dcp" if sharded_root is not None else "replicated", "world_size": world_size,
-        "weights": trainable.kinds}))
+        "step": state.step, "stage": stage, "job": job_name, **_layout(sharded_root, engine),
+        "world_size": world_size, "weights": trainable.kinds}))
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint written under another strategy or world size than this run's."""
+    """A checkpoint written under another strategy, ZeRO stage, world size or trained set than this run's."""
+
+
+def _check_layout(directory: Path, layout: dict, world_size: int, kinds: dict) -> None:
+    manifest = read_manifest(directory) or {}
+    saved = {k: manifest[k] for k in ("format", "zero_stage") if k in manifest}
+    saved.setdefault("format", "replicated")
+    same_world = saved["format"] == "replicated" or manifest.get("world_size") == world_size
+    if saved != layout or not same_world:
+        raise CheckpointMismatch(
+            f"checkpoint {directory.name} was written by a {_describe(saved)} run of "
+            f"{manifest.get('world_size', '?')} workers, this run is {_describe(layout)} on {world_size}; "
+            "resume it with the same strategy and num_workers (and zero_stage for deepspeed)"
+        )
+    if manifest.get("weights") != kinds:
+        raise CheckpointMismatch(
+            f"checkpoint {directory.name} holds {manifest.get('weights')} weights, this run trains "
+            f"{kinds}: resume it with the same spec.model.lora and spec.train.train_text_encoder"
+        )
 
 
 def load_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_scheduler, scaler, ema,
-                    sharded_root=None, world_size: int = 1) -> TrainState:
+                    sharded_root=None, engine=None, world_size: int = 1) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote; returns the loop counters to continue from."""
     import torch.distributed.checkpoint as dcp
 
-    manifest = read_manifest(directory) or {}
-    saved_sharded = manifest.get("format") == "dcp"
-    if saved_sharded != (sharded_root is not None) or (saved_sharded and manifest.get("world_size") != world_size):
-        raise CheckpointMismatch(
-            f"checkpoint {directory.name} was written by a {'sharded (fsdp)' if saved_sharded else 'replicated (ddp)'} "
-            f"run of {manifest.get('world_size', '?')} workers; resume it with the same strategy and num_workers"
-        )
-    if not saved_sharded and manifest.get("weights") != trainable.kinds:
-        raise CheckpointMismatch(
-            f"checkpoint {directory.name} holds {manifest.get('weights')} weights, this run trains "
-            f"{trainable.kinds}: resume it with the same spec.model.lora and spec.train.train_text_encoder"
-        )
+    _check_layout(directory, _layout(sharded_root, engine), world_size, trainable.kinds)
     trainer = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)
     if sharded_root is not None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -119,12 +147,16 @@ def load_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_sche
         if ema is not None:
             for key, value in trainer.get("ema", {}).items():
                 setattr(ema, key, value)
+    elif engine is not None:
+        path, _ = engine.load_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG)
+        if path is None:
+            raise FileNotFoundError(f"{directory / 'deepspeed'}: the DeepSpeed engine found no checkpoint to load")
     else:
         trainable.load_state_dicts({name: load_file(directory / "model" / f"{name}.safetensors")
                                     for name in trainable.components})
         optimizer.load_state_dict(trainer["optimizer"])
-        if ema is not None and (directory / "ema.pt").exists():
-            ema.load_state_dict(torch.load(directory / "ema.pt", map_location="cpu", weights_only=False))
+    if sharded_root is None and ema is not None and (directory / "ema.pt").exists():
+        ema.load_state_dict(torch.load(directory / "ema.pt", map_location="cpu", weights_only=False))
     lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     scaler.load_state_dict(trainer["scaler"])
     rng = directory / f"rng_rank{rank}.pt"

@@ -34,6 +34,8 @@ from sdray.models.pipeline import assemble_pipeline, generate
 from sdray.spec import DiffusionJob
 from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sdray.train.context import WorkerContext
+from sdray.train.deepspeed import adamw_class as deepspeed_adamw
+from sdray.train.deepspeed import full_copy, make_engine
 from sdray.train.losses import diffusion_loss
 from sdray.train.parallel import (
     full_state_dict,
@@ -106,18 +108,28 @@ class Trainer:
         if self.cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.amp_dtype = AMP_DTYPES.get(self.cfg.mixed_precision)
+        use_deepspeed = spec.distributed.strategy == "deepspeed"
         # Wrap first: FSDP2 turns the parameters into sharded DTensors, which the optimizer must hold.
-        self.wrapped = parallelize(self.objective, spec.distributed, self.device, self.amp_dtype, self.cfg.compile)
+        # DeepSpeed goes the other way: its engine is made from the optimizer and the LR schedule.
+        self.wrapped = self.objective if use_deepspeed else parallelize(
+            self.objective, spec.distributed, self.device, self.amp_dtype, self.cfg.compile)
         self.sharded = is_sharded(self.wrapped)
         self.sharded_root = unwrap_compiled(self.wrapped) if self.sharded else None
 
         opt = self.cfg.optimizer
-        self.optimizer = torch.optim.AdamW(self.trainable.parameters(), lr=self.cfg.learning_rate, betas=opt.betas,
-                                           weight_decay=opt.weight_decay, eps=opt.eps)
+        adamw = deepspeed_adamw(spec) if use_deepspeed else torch.optim.AdamW
+        self.optimizer = adamw(self.trainable.parameters(), lr=self.cfg.learning_rate, betas=opt.betas,
+                               weight_decay=opt.weight_decay, eps=opt.eps)
         self.lr_scheduler = get_scheduler(self.cfg.lr_scheduler, self.optimizer,
                                           num_warmup_steps=self.cfg.warmup_steps, num_training_steps=self.cfg.max_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.mixed_precision == "fp16")
-        self.ema = (EMAModel(self.trainable.parameters(), decay=self.cfg.ema.decay,
+        self.engine = (make_engine(self.objective, self.optimizer, self.lr_scheduler, spec, self.device)
+                       if use_deepspeed else None)
+        if self.engine is not None:
+            self.wrapped = self.engine
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.cfg.mixed_precision == "fp16" and self.engine is None)
+        # fp32 shadows even where DeepSpeed keeps 16-bit weights: small EMA updates vanish in 16 bits.
+        self.ema = (EMAModel([p.detach().float() for p in self.trainable.parameters()], decay=self.cfg.ema.decay,
                              update_after_step=self.cfg.ema.update_after_step)
                     if self.cfg.ema else None)
         self.state = TrainState()
@@ -146,7 +158,8 @@ class Trainer:
             return
         self.state = load_checkpoint(Path(source), rank=self.ctx.rank, trainable=self.trainable,
                                      optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.scaler,
-                                     ema=self.ema, sharded_root=self.sharded_root, world_size=self.ctx.world_size)
+                                     ema=self.ema, sharded_root=self.sharded_root, engine=self.engine,
+                                     world_size=self.ctx.world_size)
         self.resumed_from = self.state.step
         if self.is_main:
             log.info("resumed from step %d (%s)", self.state.step, source)
@@ -156,7 +169,7 @@ class Trainer:
             save_checkpoint(Path(tmp), rank=self.ctx.rank, trainable=self.trainable, optimizer=self.optimizer,
                             lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema, state=self.state,
                             stage=self.spec.stage, job_name=self.job.metadata.name,
-                            sharded_root=self.sharded_root, world_size=self.ctx.world_size)
+                            sharded_root=self.sharded_root, engine=self.engine, world_size=self.ctx.world_size)
             self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
 
     # -- one step ----------------------------------------------------------------------------------
@@ -184,14 +197,24 @@ class Trainer:
                                   snr_gamma=self.cfg.snr_gamma, noise_offset=self.cfg.noise_offset,
                                   input_perturbation=self.cfg.input_perturbation if training else 0.0), {}
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.engine is None:
+            self.scaler.scale(loss / self.cfg.gradient_accumulation_steps).backward()
+            return
+        # DeepSpeed divides by gradient_accumulation_steps and scales fp16 losses itself; step() is called
+        # after every micro-step and steps the optimizer, clipping and the schedule at the boundary only.
+        self.engine.backward(loss)
+        self.engine.step()
+
     def _optimizer_step(self) -> None:
-        if self.cfg.max_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.engine is None:
+            if self.cfg.max_grad_norm:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.trainable.parameters())
         self.state.step += 1
@@ -219,7 +242,7 @@ class Trainer:
                 sync = (micro + 1) % accum == 0
                 with contextlib.nullcontext() if sync else no_gradient_sync(self.wrapped):
                     loss, extra = self._loss(batch, self.wrapped, training=True)
-                    self.scaler.scale(loss / accum).backward()
+                    self._backward(loss)
                 micro += 1
                 window["loss"] += loss.item()
                 window["n"] += 1
@@ -284,6 +307,8 @@ class Trainer:
         """The trained model with complete weights for sampling and export: the model itself when it is
         replicated; when sharded, a fresh unsharded copy on rank 0 (None elsewhere). Collective: every
         rank calls it."""
+        if self.engine is not None:
+            return full_copy(self.model, self.engine, self.is_main)
         if not self.sharded:
             return self.model
         full = full_state_dict(self.wrapped)
