@@ -1,4 +1,4 @@
-"""The ``sdray`` command line: validate, train, sample, import data, run the demo.
+"""The ``sdray`` command line: validate, train, tune, sample, import data, run the demo.
 
 Every command reports bad input as one clear message and an exit code (2: the document or arguments
 are wrong; 1: the run failed), never a traceback.
@@ -169,6 +169,66 @@ def train(
     spec.output.uri. Rerunning a job with checkpoint.resume: auto continues from its latest checkpoint.
     """
     run_training(job, address=address, in_process=in_process, verbose=verbose)
+
+
+@app.command()
+def tune(
+    job: Annotated[Path, typer.Argument(help="Job document (YAML or JSON) with a spec.tune section.")],
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster: 'auto', 'ray://host:10001', or omit for an embedded one.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue an interrupted search: finished trials are kept, unfinished ones continue "
+        "from their last checkpoint.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and the workers' logs.")] = False,
+) -> None:
+    """Search hyperparameters (spec.tune) with Ray Tune: one full Ray Train run of the job per trial.
+
+    ASHA stops weak trials early; PBT lets weak trials copy strong ones' checkpoints and perturb their values.
+    Writes results.parquet, tune.png (metric against learning rate, coloured by batch size), best.yaml (the
+    document with the best values, ready for `sdray train`) and the best trial's pipeline to spec.output.uri.
+    """
+    doc = _load(job)
+    if verbose:
+        os.environ["SDRAY_VERBOSE"] = "1"
+    else:
+        _quiet_libraries()
+    from sdray.tuning import TuneError, planned_trials, run_search
+
+    if doc.spec.tune is None:
+        raise _fail(f"{job}: spec.tune is missing: add a search (see README), or run `sdray train`", EXIT_BAD_INPUT)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=err)
+    task = progress.add_task(f"{doc.metadata.name}: trials", total=planned_trials(doc.spec.tune), best="-")
+
+    def update(state: dict) -> None:
+        best = state.get("best")
+        progress.update(task, completed=state["ended"], best="-" if best is None else f"{best:.4f}")
+
+    try:
+        with progress:
+            summary = run_search(doc, address=address, resume=resume, worker_logs=verbose, on_progress=update)
+    except (TuneError, *_user_errors()) as exc:
+        raise _fail(str(exc)) from None
+    metric = summary["metric"]
+    table = Table(title=f"{doc.metadata.name}: {len(summary['trials'])} trials ({metric}, {summary['mode']})",
+                  title_justify="left")
+    keys = sorted({k for t in summary["trials"] for k in t["params"]})
+    for column in ("trial", *keys, metric, "step", "status"):
+        table.add_column(column)
+    best = summary["best"]["trial"]
+    for t in sorted(summary["trials"], key=lambda t: (t["metric"] is None, t["metric"] or 0.0)):
+        value = "-" if t["metric"] is None else f"{t['metric']:.4f}"
+        status = t["status"] + (f": {t['error']}" if t["error"] else "")
+        style = "bold green" if t["trial"] == best else None
+        table.add_row(t["trial"], *[_short(t["params"].get(k)) for k in keys], value, str(t["step"]), status,
+                      style=style)
+    out.print(table)
+    for key in ("pipeline", "best_job", "results", "plot"):
+        out.print(f"{key}: {summary[key]}", highlight=False)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 @app.command()

@@ -8,6 +8,7 @@ Unknown fields are refused, and every error names the field path it concerns
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -361,6 +362,80 @@ class OutputSpec(_Strict):
     uri: str = Field(description="Where the final model, sample grids and metrics go (local or s3://).")
 
 
+class Distribution(_Strict):
+    """One search dimension: exactly one of the four keys."""
+
+    loguniform: tuple[float, float] | None = Field(default=None, description="[low, high], sampled log-uniformly (low > 0).")
+    uniform: tuple[float, float] | None = Field(default=None, description="[low, high], sampled uniformly.")
+    choice: list[Any] | None = Field(default=None, min_length=1, description="Values sampled uniformly.")
+    grid: list[Any] | None = Field(default=None, min_length=1, description="Every value, once per sample (grid search).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Distribution:
+        given = [k for k in ("loguniform", "uniform", "choice", "grid") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of loguniform, uniform, choice, grid (got {given or 'none'})")
+        for kind in ("loguniform", "uniform"):
+            bounds = getattr(self, kind)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{kind}: low must be below high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: low must be > 0, got {self.loguniform[0]}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("loguniform", "uniform", "choice", "grid") if getattr(self, k) is not None)
+
+    def candidates(self) -> list[Any]:
+        """The values that bound what can be sampled (both ends of a range, every listed value)."""
+        return list(getattr(self, self.kind))
+
+
+class TuneSchedulerSpec(_Strict):
+    name: Literal["fifo", "asha", "pbt"] = Field(
+        default="fifo", description="fifo: run every trial to the end; asha: stop weak trials early; "
+        "pbt: population based training (weak trials copy a strong one's checkpoint and perturb its values).")
+    grace_period: int | None = Field(
+        default=None, gt=0, description="asha: steps every trial runs before it can be stopped; default: "
+        "checkpoint.every_n_steps.")
+    reduction_factor: float = Field(default=2.0, gt=1.0, description="asha: the share 1/f of trials kept at each rung.")
+    perturbation_interval: int | None = Field(
+        default=None, gt=0, description="pbt: steps between exploit/explore decisions; default: checkpoint.every_n_steps.")
+    quantile_fraction: float = Field(default=0.25, gt=0.0, le=0.5, description="pbt: the bottom share that copies the top share.")
+    resample_probability: float = Field(default=0.25, ge=0.0, le=1.0, description="pbt: chance of resampling a value instead of perturbing it.")
+
+    @model_validator(mode="after")
+    def _fields_of_the_scheduler(self) -> TuneSchedulerSpec:
+        owners = {"grace_period": "asha", "reduction_factor": "asha", "perturbation_interval": "pbt",
+                  "quantile_fraction": "pbt", "resample_probability": "pbt"}
+        for field_name, owner in owners.items():
+            if field_name in self.model_fields_set and owner != self.name:
+                raise ValueError(f"{field_name} applies to scheduler {owner} only (this one is {self.name})")
+        return self
+
+
+class TuneSpec(_Strict):
+    search_space: dict[str, Distribution] = Field(
+        min_length=1, description="Dotted path of a spec field (train.learning_rate, train.batch_size, …) → "
+        "its distribution.")
+    num_samples: int = Field(default=1, ge=1, description="Trials to sample (each grid value is run num_samples times).")
+    scheduler: TuneSchedulerSpec = Field(default_factory=TuneSchedulerSpec)
+    search_alg: Literal["random", "optuna"] = Field(default="random", description="optuna needs the optuna package.")
+    seed: int | None = Field(default=None, description="Seed of the search's sampling (PBT's perturbations too): "
+                             "the same trials every time.")
+    metric: Literal["val_loss", "loss", "images_per_s"] = Field(
+        default="val_loss", description="val_loss: the loss on the held-out split, with fixed images, noise and "
+        "timesteps (needs data.validation_fraction > 0).")
+    mode: Literal["min", "max"] = "min"
+    max_concurrent_trials: int | None = Field(
+        default=None, ge=1, description="Default: as many as the cluster's CPUs/GPUs fit (trials beyond that queue).")
+    time_budget_s: float | None = Field(default=None, gt=0, description="Stop the whole search after this long.")
+    scale_lr_with_batch: Literal["none", "linear", "sqrt"] = Field(
+        default="none", description="Rescale each trial's learning rate by its global batch over this document's "
+        "(linear or square root), as practitioners do.")
+
+
 class JobSpec(_Strict):
     stage: Literal["unet", "autoencoder"] = "unet"
     model: ModelSpec
@@ -373,6 +448,9 @@ class JobSpec(_Strict):
     storage: S3Settings = Field(
         default_factory=S3Settings,
         description="S3 settings for every s3:// URI of the job (model, checkpoints, output); data's own win for data.",
+    )
+    tune: TuneSpec | None = Field(
+        default=None, description="Hyperparameter search: `sdray tune` runs one Ray Train run per trial."
     )
 
     @model_validator(mode="after")
@@ -432,6 +510,15 @@ class JobSpec(_Strict):
                              "or 2 for an EMA, or drop train.ema")
         return self
 
+    @model_validator(mode="after")
+    def _search_space_fits_the_spec(self) -> JobSpec:
+        if self.tune is None:
+            return self
+        errors = tune_space_errors(self)
+        if errors:
+            raise ValueError("\n".join(errors))  # one line per problem (see _format_errors)
+        return self
+
     @property
     def data_s3(self) -> S3Settings:
         """The data section's S3 settings, with unset fields taken from spec.storage."""
@@ -441,6 +528,74 @@ class JobSpec(_Strict):
     @property
     def checkpoint_uri(self) -> str:
         return self.checkpoint.uri or self.output.uri.rstrip("/") + "/checkpoints"
+
+
+def _field_at(model: type[BaseModel], path: list[str]):
+    """The pydantic FieldInfo at a dotted path under ``model`` (None if there is none)."""
+    info = None
+    for i, part in enumerate(path):
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        if i < len(path) - 1:
+            nested = [a for a in typing.get_args(info.annotation) or (info.annotation,)
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+            model = nested[0] if nested else None
+    return info
+
+
+def _set_path(doc: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        doc = doc.setdefault(part, {})
+    doc[path[-1]] = value
+
+
+def tune_space_errors(spec: JobSpec) -> list[str]:
+    """Every problem of ``spec.tune``: paths that are not spec fields, distributions of the wrong type, values
+    the field refuses, and scheduler settings that do not fit the job."""
+    tune = spec.tune
+    errors = []
+    base = spec.model_dump(exclude={"tune"}, exclude_unset=True)
+    for key, dist in tune.search_space.items():
+        where = f"spec.tune.search_space.{key}"
+        path = key.split(".")
+        info = _field_at(JobSpec, path)
+        if info is None or path[0] in ("tune", "output", "checkpoint", "storage") or isinstance(info.annotation, type) \
+                and issubclass(info.annotation, BaseModel):
+            errors.append(f"{where}: not a tunable field of the job spec (give a dotted path such as "
+                          "train.learning_rate or train.batch_size)")
+            continue
+        numeric = {int, float} & {info.annotation, *typing.get_args(info.annotation)}
+        if dist.kind in ("loguniform", "uniform") and not numeric:
+            errors.append(f"{where}: {dist.kind} needs a numeric field; use choice or grid")
+            continue
+        if dist.kind in ("loguniform", "uniform") and numeric == {int}:
+            errors.append(f"{where}: an integer field takes choice or grid, not {dist.kind}")
+            continue
+        for value in dist.candidates():
+            trial = json.loads(json.dumps(base))
+            _set_path(trial, path, value)
+            try:
+                JobSpec.model_validate(trial)
+            except ValidationError as exc:
+                first = _format_errors(exc)[0]
+                errors.append(f"{where}: the value {value!r} is refused: {first}")
+                break
+    sched = tune.scheduler
+    every = spec.checkpoint.every_n_steps
+    for name, value in (("grace_period", sched.grace_period), ("perturbation_interval", sched.perturbation_interval)):
+        if value is not None and value % every:
+            errors.append(f"spec.tune.scheduler.{name}: trials report at every checkpoint, so it must be a multiple "
+                          f"of checkpoint.every_n_steps ({every}), got {value}")
+    if sched.name == "pbt" and any(d.kind == "grid" for d in tune.search_space.values()):
+        errors.append("spec.tune.search_space: pbt perturbs values and cannot run a grid; use choice or a range")
+    if tune.search_alg == "optuna" and any(d.kind == "grid" for d in tune.search_space.values()):
+        errors.append("spec.tune.search_space: search_alg optuna samples its own points; grid needs search_alg random")
+    if tune.metric == "val_loss" and spec.data.validation_fraction == 0:
+        errors.append("spec.tune.metric: val_loss needs a held-out split: set spec.data.validation_fraction > 0")
+    if tune.metric in ("val_loss", "loss") and tune.mode != "min":
+        errors.append(f"spec.tune.mode: {tune.metric} is minimised: use mode: min")
+    return errors
 
 
 class DiffusionJob(_Strict):
@@ -461,7 +616,9 @@ def _format_errors(exc: ValidationError) -> list[str]:
             msg = "required field is missing"
         got = err.get("input")
         shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{path or '<document>'}: {msg}{shown}")
+        for part in msg.split("\n"):
+            # A validator that names the full field path itself needs no second prefix.
+            lines.append(part + shown if part.startswith("spec.") else f"{path or '<document>'}: {part}{shown}")
     return lines
 
 

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import psutil
+import yaml
 
 import pytest
 
@@ -35,6 +42,40 @@ def make_job(name: str, output: Path, data_uri: str, **spec) -> dict:
         else:
             doc["spec"][section] = values
     return doc
+
+
+def wait_for(condition, timeout: float, what: str, proc=None):
+    """Poll ``condition`` until it holds (or fail after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before: {what}")
+        time.sleep(0.2)  # polling interval, bounded by the deadline
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_cli(command: str, doc: dict, path: Path) -> subprocess.Popen:
+    """Write ``doc`` to ``path`` and start ``sdray COMMAND path`` as its own process (with its own embedded
+    Ray), for tests that kill it; stop it with ``kill_tree``."""
+    path.write_text(yaml.safe_dump(doc))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen([sys.executable, "-m", "sdray.cli", command, str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started by a test and everything it started (its Ray cluster too), by PID."""
+    victims = [proc, *psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []
+    for p in victims:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs([p for p in victims[1:] if isinstance(p, psutil.Process)], timeout=30)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -156,10 +156,10 @@ def test_pipeline_batches_hold_one_bucket_and_sdxl_gets_the_crop(ray_session, mi
 
     # SDXL's time ids: original size, crop corner, then the bucket as target size
     from sdray.models.build import build_components
-    from sdray.models.conditioning import unet_conditioning
+    from sdray.models.conditioning import encode_prompts, unet_conditioning
 
     comps = build_components(spec.model, seed=0)
-    cond = unet_conditioning(comps, batch)
+    cond = unet_conditioning(encode_prompts(comps, batch), batch, resolution=comps.resolution)
     expected = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
     assert torch.equal(cond["added_cond_kwargs"]["time_ids"], expected.float())
 

@@ -64,7 +64,8 @@ def test_zero2_with_ema_and_accumulation_checkpoints_resumes_and_exports(ray_ses
     run_dir = out / "checkpoints" / "ds-zero2"
     ckpt = ray_checkpoints(run_dir)[-1]
     assert read_manifest(ckpt) | {"job": None} == {"step": 20, "stage": "unet", "job": None, "format": "deepspeed",
-                                                  "zero_stage": 2, "world_size": 2}
+                                                  "zero_stage": 2, "world_size": 2,
+                                                  "weights": {"unet": "full"}}
     engine_files = sorted(p.name for p in (ckpt / "deepspeed" / "engine").iterdir())
     # every rank wrote its own partition of the optimizer state; Ray Train merged them into one checkpoint
     assert [f for f in engine_files if f.endswith("optim_states.pt")] == [
@@ -118,7 +119,9 @@ def test_zero_stage_trains_and_exports_the_trained_weights(ray_session, digits_r
     assert read_manifest(ckpt)["zero_stage"] == deepspeed["zero_stage"]
     # the export holds the trained weights: DeepSpeed's own consolidation of the saved fp32 partitions
     # (bf16 runs export the engine's 16-bit weights: equal to them after rounding)
-    trained = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="engine")
+    # (the engine wraps the conditioned UNet, so its weights are named unet.*)
+    trained = {k.removeprefix("unet."): v for k, v in
+               get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="engine").items()}
     exported = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     assert trained.keys() == exported.keys()
     bf16 = train.get("mixed_precision") == "bf16"

@@ -1,17 +1,13 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-import yaml
-from conftest import make_job
+from conftest import kill_tree, make_job, start_cli, wait_for
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -40,19 +36,6 @@ def registered_steps(run_dir: Path) -> list[int]:
     if not snapshot.exists():
         return []
     return sorted(r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"])
-
-
-def wait_for(condition, timeout: float, what: str, proc=None):
-    """Poll ``condition`` until it holds (or fail after ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) before: {what}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def adam_steps(checkpoint: Path) -> int:
@@ -98,23 +81,12 @@ def test_killed_run_resumes_from_its_checkpoint_with_optimizer_state(ray_session
                    train={"max_steps": 400, "batch_size": 16, "log_every_n_steps": 5},
                    distributed={"num_workers": 2, "resources_per_worker": {"CPU": 1}},
                    checkpoint={"every_n_steps": 10, "keep_last": 2})
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(doc))
     run_dir = out / "checkpoints" / "killed"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "sdray.cli", "train", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = start_cli("train", doc, tmp_path / "job.yaml")
     try:
         wait_for(lambda: registered_steps(run_dir), 240, "the first registered checkpoint", proc)
     finally:  # kill the whole run (driver, its Ray cluster and workers) by PID
-        victims = [proc, *psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []
-        for p in victims:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=30)
-        psutil.wait_procs([p for p in victims[1:] if isinstance(p, psutil.Process)], timeout=30)
+        kill_tree(proc)
     assert not (out / "pipeline").exists()
     registered = max(registered_steps(run_dir))
     # a checkpoint half-written when the process died (newer name, missing files) must not be resumed

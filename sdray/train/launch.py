@@ -149,13 +149,13 @@ def run_name(job: DiffusionJob) -> str:
     return f"{job.metadata.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
-def _prepare_data(job: DiffusionJob) -> JobData:
+def prepare_data(job: DiffusionJob) -> JobData:
     spec = job.spec
     resolution, tokenizers = data_requirements(spec.model, stage=spec.stage, s3=spec.storage)
     return build_datasets(spec, resolution=resolution, tokenizers=tokenizers)
 
 
-def _finish_summary(job: DiffusionJob, data: JobData, extra: dict) -> dict:
+def finish_summary(job: DiffusionJob, data: JobData, extra: dict) -> dict:
     """Rank 0's summary.json plus what only the driver knows (skipped images, checkpoint)."""
     uri = storage.join(job.spec.output.uri, "summary.json")
     summary = json.loads(storage.read_bytes(uri, job.spec.storage))
@@ -164,37 +164,54 @@ def _finish_summary(job: DiffusionJob, data: JobData, extra: dict) -> dict:
     return summary
 
 
-def run_job(job: DiffusionJob, *, address: str | None = None,
-            on_progress: Callable[[dict], None] | None = None, worker_logs: bool = True) -> dict:
-    """Train ``job`` with Ray Train on ``num_workers`` workers; returns the run summary."""
+def torch_trainer(job: DiffusionJob, data: JobData, *, board=None, name: str | None = None,
+                  storage_uri: str | None = None, callbacks=()):
+    """The Ray Train ``TorchTrainer`` of ``job``: its workers run the per-worker loop on ``data``; the run
+    lives at ``<storage_uri>/<name>`` (default: the job's checkpoint URI and run name)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     spec = job.spec
+    storage_uri = storage_uri or spec.checkpoint_uri
+    fs, path = storage.filesystem(storage_uri, spec.storage)
+    if not storage.is_s3(storage_uri):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    datasets = {"train": data.train}
+    if data.validation is not None:
+        datasets["validation"] = data.validation
+    return TorchTrainer(
+        _ray_worker,
+        train_loop_config={"job": job.model_dump(mode="json", exclude_unset=True), "board": board},
+        scaling_config=ScalingConfig(num_workers=spec.distributed.num_workers, use_gpu=spec.distributed.use_gpu,
+                                     resources_per_worker=spec.distributed.resources_per_worker or {"CPU": 1}),
+        run_config=RunConfig(
+            name=name or run_name(job),
+            storage_path=path,
+            storage_filesystem=fs if storage.is_s3(storage_uri) else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
+            failure_config=FailureConfig(max_failures=spec.distributed.max_failures),
+            callbacks=list(callbacks),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def checkpoint_uri_of(checkpoint, job: DiffusionJob) -> str | None:
+    """The URI of a Ray Train checkpoint (Ray gives S3 paths without their scheme)."""
+    if checkpoint is None:
+        return None
+    path = checkpoint.path if hasattr(checkpoint, "path") else str(checkpoint)
+    return "s3://" + path if storage.is_s3(job.spec.checkpoint_uri) and not path.startswith("s3://") else path
+
+
+def run_job(job: DiffusionJob, *, address: str | None = None,
+            on_progress: Callable[[dict], None] | None = None, worker_logs: bool = True) -> dict:
+    """Train ``job`` with Ray Train on ``num_workers`` workers; returns the run summary."""
     with ray_cluster(job, address, log_to_driver=worker_logs):
-        data = _prepare_data(job)
-        fs, path = storage.filesystem(spec.checkpoint_uri, spec.storage)
-        if not storage.is_s3(spec.checkpoint_uri):
-            Path(path).mkdir(parents=True, exist_ok=True)
+        data = prepare_data(job)
         board = ProgressBoard.remote()
-        datasets = {"train": data.train}
-        if data.validation is not None:
-            datasets["validation"] = data.validation
-        trainer = TorchTrainer(
-            _ray_worker,
-            train_loop_config={"job": job.model_dump(mode="json", exclude_unset=True), "board": board},
-            scaling_config=ScalingConfig(num_workers=spec.distributed.num_workers, use_gpu=spec.distributed.use_gpu,
-                                         resources_per_worker=spec.distributed.resources_per_worker or {"CPU": 1}),
-            run_config=RunConfig(
-                name=run_name(job),
-                storage_path=path,
-                storage_filesystem=fs if storage.is_s3(spec.checkpoint_uri) else None,
-                checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
-                failure_config=FailureConfig(max_failures=spec.distributed.max_failures),
-            ),
-            datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"]),
-        )
+        trainer = torch_trainer(job, data, board=board)
         done = threading.Event()
         watcher = None
         if on_progress is not None:
@@ -208,20 +225,18 @@ def run_job(job: DiffusionJob, *, address: str | None = None,
         try:
             result = trainer.fit()
         except Exception as exc:  # Ray Train's TrainingFailedError wraps the worker's exception
-            raise TrainingFailed(_worker_error(exc)) from None
+            raise TrainingFailed(worker_error(exc)) from None
         finally:
             done.set()
             if watcher is not None:
                 watcher.join()
         if on_progress is not None:
             on_progress(ray.get(board.get.remote()))
-        checkpoint = result.checkpoint.path if result.checkpoint else None
-        if checkpoint and storage.is_s3(spec.checkpoint_uri):
-            checkpoint = "s3://" + checkpoint
-        return _finish_summary(job, data, {"checkpoint": checkpoint, "run": run_name(job)})
+        return finish_summary(job, data, {"checkpoint": checkpoint_uri_of(result.checkpoint, job),
+                                           "run": run_name(job)})
 
 
-def _worker_error(exc: BaseException) -> str:
+def worker_error(exc: BaseException) -> str:
     text = str(exc)
     for line in reversed(text.splitlines()):
         if "Error:" in line or "error:" in line:
@@ -236,7 +251,7 @@ def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads:
     if storage.is_s3(spec.checkpoint_uri):
         raise ValueError("spec.checkpoint.uri: a plain-process run keeps checkpoints on a local path")
     with ray_cluster(job):
-        data = _prepare_data(job)
+        data = prepare_data(job)
         ctx = LocalContext(
             train=data.train, validation=data.validation, batch_size=spec.train.batch_size,
             shuffle=spec.data.shuffle, run_dir=Path(spec.checkpoint_uri) / run_name(job),
@@ -245,4 +260,4 @@ def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads:
         )
         start = time.perf_counter()
         train_worker(job, ctx)
-        return _finish_summary(job, data, {"elapsed_s": time.perf_counter() - start, "run": ctx.run_dir.name})
+        return finish_summary(job, data, {"elapsed_s": time.perf_counter() - start, "run": ctx.run_dir.name})

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import random
 import tempfile
 import time
@@ -52,6 +53,8 @@ from sdray.train.trainable import Trainable
 
 log = logging.getLogger("sdray.train")
 
+# Validation-loss batches have a fixed size, so the measurement does not depend on train.batch_size.
+VALIDATION_BATCH = 16
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -134,6 +137,8 @@ class Trainer:
                     if self.cfg.ema else None)
         self.state = TrainState()
         self.resumed_from: int | None = None
+        self._val_set: list[dict] | None = None
+        self._val_measured: tuple[int | None, float | None] = (None, None)
         self._restore()
         self.report = RunReport(spec.output.uri, spec.storage, self.state.step) if self.is_main else None
 
@@ -161,10 +166,30 @@ class Trainer:
                                      ema=self.ema, sharded_root=self.sharded_root, engine=self.engine,
                                      world_size=self.ctx.world_size)
         self.resumed_from = self.state.step
+        self._apply_learning_rate()
         if self.is_main:
             log.info("resumed from step %d (%s)", self.state.step, source)
 
+    def _apply_learning_rate(self) -> None:
+        """Use this job's learning rate when the checkpoint was trained with another (a PBT trial that
+        copied a stronger trial's checkpoint and perturbed its rate): the schedule continues from the
+        restored step, scaled to the new base rate."""
+        lr = self.cfg.learning_rate
+        sched = self.lr_scheduler
+        if all(math.isclose(base, lr, rel_tol=1e-9) for base in sched.base_lrs):
+            return
+        log.info("learning rate %s (checkpoint trained with %s)", lr, sched.base_lrs[0])
+        sched.base_lrs = [lr] * len(sched.base_lrs)
+        for group, factor in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(sched.last_epoch)
+
     def checkpoint(self, metrics: dict) -> None:
+        """Save a checkpoint (every rank); its metrics carry the validation loss when there is a held-out
+        split, so a search (``sdray tune``) and the checkpoint list can rank them."""
+        val_loss = self.measure_validation_loss()
+        if val_loss is not None:
+            metrics = {**metrics, "val_loss": val_loss}
         with tempfile.TemporaryDirectory(prefix="sdray-ckpt-") as tmp:
             save_checkpoint(Path(tmp), rank=self.ctx.rank, trainable=self.trainable, optimizer=self.optimizer,
                             lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema, state=self.state,
@@ -319,38 +344,79 @@ class Trainer:
         plain.load_state_dict({k[len(prefix):]: v for k, v in full.items()})
         return plain.to(self.device)
 
+    def _validation_set(self) -> list[dict]:
+        """The held-out images the validation loss is measured on, read once (rank 0): the
+        ``validation.max_batches × 16`` rows with the smallest keys, in key order, in batches of 16. The
+        same images, in the same batches, every time and in every trial of a search, whatever the
+        training batch size or the order Ray Data delivers them in."""
+        if self._val_set is not None:
+            return self._val_set
+        self._val_set = []
+        batches = self.ctx.validation_batches()
+        limit = self.spec.validation.max_batches * VALIDATION_BATCH
+        if batches is None or limit == 0:
+            return self._val_set
+        kept: list[tuple[str, dict]] = []
+        for batch in batches:
+            for i, key in enumerate(batch["key"]):
+                kept.append((key, {k: v[i] for k, v in batch.items() if k != "key"}))
+            if len(kept) > 2 * limit:
+                kept = sorted(kept, key=lambda r: r[0])[:limit]
+        kept = sorted(kept, key=lambda r: r[0])[:limit]
+        for start in range(0, len(kept), VALIDATION_BATCH):
+            chunk = kept[start:start + VALIDATION_BATCH]
+            out = {"key": [k for k, _ in chunk]}
+            for name in chunk[0][1]:
+                out[name] = torch.stack([row[name] for _, row in chunk])
+            self._val_set.append(out)
+        return self._val_set
+
     @torch.no_grad()
     def validation_loss(self, model) -> float | None:
-        batches = self.ctx.validation_batches()
-        if batches is None or self.spec.validation.max_batches == 0:
+        """Mean loss of ``model`` on the validation set, with the noise and timesteps drawn from
+        ``validation.seed``: comparable across steps, runs and trials."""
+        batches = self._validation_set()
+        if not batches:
             return None
         state = torch.get_rng_state()
         torch.manual_seed(self.spec.validation.seed)  # the same noise every time: comparable numbers
         objective = self.trainable.objective(model).eval()
-        losses = []
+        total, count = 0.0, 0
         try:
-            for i, batch in enumerate(batches):
-                if i >= self.spec.validation.max_batches:
-                    break
-                losses.append(self._loss(batch, objective, training=False)[0].item())
+            for batch in batches:
+                total += self._loss(batch, objective, training=False)[0].item() * len(batch["key"])
+                count += len(batch["key"])
         finally:
             objective.train()
             torch.set_rng_state(state)
-        return float(np.mean(losses)) if losses else None
+        return total / count
+
+    def measure_validation_loss(self) -> float | None:
+        """The validation loss of the current weights (the EMA's when EMA is on) at this step, measured
+        once per step; rank 0 gets it, the others None. Collective when sharded: every rank calls it."""
+        if self.spec.data.validation_fraction == 0 or self.spec.validation.max_batches == 0:
+            return None
+        step = self.state.step
+        if self._val_measured[0] != step:
+            with self._ema_weights():
+                model = self._plain_model()
+                value = self.validation_loss(model) if self.is_main else None
+            self._val_measured = (step, value)
+            if value is not None:
+                self.report.log({"step": step, "val_loss": value})
+        return self._val_measured[1]
 
     @torch.no_grad()
     def validate(self, step: int, metrics: dict, final: bool = False) -> str | None:
         """Validation loss and a sample grid (drawn on rank 0; every rank calls this, since gathering
         sharded weights is collective). Returns the grid's URI, if one was drawn."""
+        self.measure_validation_loss()
         with self._ema_weights():
             model = self._plain_model()
             if not self.is_main:
                 return None
             name = "final" if final else f"step_{step:08d}"
             grid = None
-            val_loss = self.validation_loss(model)
-            if val_loss is not None:
-                self.report.log({"step": step, "val_loss": val_loss})
             objective = self.trainable.objective(model).eval()  # the model and any trained text encoder
             if self.spec.stage == "unet" and self.spec.validation.prompts:
                 v = self.spec.validation
