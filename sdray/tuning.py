@@ -158,11 +158,13 @@ def run_trial(config: dict, *, job_doc: dict) -> None:
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
     restored = ray.tune.get_checkpoint()
-    resume_from, copied_from = None, None
+    resume_from, copied_from, pointer = None, None, None
     if restored is not None:
         with restored.as_directory() as where:
             pointer = json.loads((Path(where) / POINTER).read_text())
-        resume_from, copied_from = pointer["checkpoint"], pointer["trial"]
+        # another trial's checkpoint: PBT copied it here; this trial's own: a restart (keep what it copied)
+        resume_from = pointer["checkpoint"]
+        copied_from = pointer["trial"] if pointer["trial"] != trial_id else pointer.get("copied_from")
     trial = trial_job(job, config, trial_id, resume_from)
     data = prepare_data(trial)
     channel = Queue(actor_options={"num_cpus": 0})
@@ -179,6 +181,7 @@ def run_trial(config: dict, *, job_doc: dict) -> None:
 
     runner = threading.Thread(target=fit, daemon=True)
     runner.start()
+    reported = False
     while True:
         item = channel.get()
         if item is None:
@@ -192,13 +195,19 @@ def run_trial(config: dict, *, job_doc: dict) -> None:
         uri = checkpoint_uri_of(item["checkpoint"], trial) if item["checkpoint"] else None
         if uri:
             folder = Path(tempfile.mkdtemp(prefix="sdray-pointer-"))
-            (folder / POINTER).write_text(json.dumps({"checkpoint": uri, "trial": trial_id,
-                                                      "step": metrics.get("step")}))
+            (folder / POINTER).write_text(json.dumps({"checkpoint": uri, "trial": trial_id, "copied_from": copied_from,
+                                                      "step": metrics.get("step"), "metrics": metrics}))
             checkpoint = Checkpoint.from_directory(str(folder))
         ray.tune.report(metrics, checkpoint=checkpoint)
+        reported = True
     runner.join()
     if "error" in outcome:
         raise TrainingFailed(worker_error(outcome["error"]))
+    if not reported and pointer is not None:
+        # PBT copied a checkpoint at the last step: nothing was left to train, so this trial ends with the
+        # copied checkpoint's metrics (and its own learning rate and origin)
+        ray.tune.report({**pointer.get("metrics", {}), "copied_from": copied_from,
+                         "learning_rate": trial.spec.train.learning_rate})
     finish_summary(trial, data, {"trial": trial_id, "params": config})
 
 
