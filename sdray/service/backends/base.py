@@ -1,0 +1,60 @@
+"""What the service needs from whatever runs its jobs.
+
+A backend runs one job document and answers for it by the handle it returned. The service keeps the
+queue, the quotas and the record; the backend only runs, reports and stops. ``local`` runs jobs as Ray
+jobs on a local or joined Ray cluster; ``kuberay`` creates DiffusionJobs for the controller; ``dry-run``
+accepts and finishes jobs without running them (API load tests, trying the service out).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+FINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class BackendError(RuntimeError):
+    """The backend could not do what was asked (unreachable, refused); the message says why."""
+
+
+@dataclass
+class BackendStatus:
+    """A job as the backend sees it. ``missing``: the backend has no such job (lost with its cluster)."""
+
+    state: str  # one of STATES or "missing"
+    message: str = ""
+    details: dict = field(default_factory=dict)
+
+
+class Backend(ABC):
+    name: str = "backend"
+
+    @abstractmethod
+    def ready(self) -> tuple[bool, str]:
+        """Whether the backend answers now, and why not."""
+
+    def capacity(self) -> dict[str, float] | None:
+        """Total resources jobs may use (``{"CPU": 8, "GPU": 2}``); None when the backend queues jobs
+        itself (Kueue), so the service submits at once."""
+        return None
+
+    @abstractmethod
+    def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str]) -> str:
+        """Start the job; returns the handle the other calls take. ``env`` is set for the job's driver."""
+
+    @abstractmethod
+    def status(self, handle: str) -> BackendStatus:
+        """The job's state now."""
+
+    @abstractmethod
+    def cancel(self, handle: str) -> None:
+        """Stop the job; what it checkpointed stays."""
+
+    @abstractmethod
+    def logs(self, handle: str, tail: int | None = None) -> str:
+        """The driver's log (the last ``tail`` lines)."""
+
+    def close(self) -> None:
+        """Release connections (the jobs keep running)."""
