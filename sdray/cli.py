@@ -119,8 +119,9 @@ def _print_summary(summary: dict, title: str) -> None:
 
 
 def run_training(job_path: Path, *, address: str | None = None, in_process: bool = False,
-                 verbose: bool = False) -> dict:
-    """Train one job document with a progress bar; returns the summary (exits cleanly on errors)."""
+                 verbose: bool = False, on_progress=None) -> dict:
+    """Train one job document with a progress bar; returns the summary (exits cleanly on errors).
+    ``on_progress`` also gets rank 0's progress (the service's job runner posts it)."""
     doc = _load(job_path)
     if verbose:
         os.environ["SDRAY_VERBOSE"] = "1"
@@ -139,6 +140,8 @@ def run_training(job_path: Path, *, address: str | None = None, in_process: bool
     def update(metrics: dict) -> None:
         progress.update(task, completed=metrics.get("step", 0), loss=f"{metrics.get('loss', float('nan')):.4f}",
                         ips=f"{metrics.get('images_per_s', 0):.0f}")
+        if on_progress is not None:
+            on_progress(metrics)
 
     try:
         with progress:
@@ -187,7 +190,14 @@ def tune(
     Writes results.parquet, tune.png (metric against learning rate, coloured by batch size), best.yaml (the
     document with the best values, ready for `sdray train`) and the best trial's pipeline to spec.output.uri.
     """
-    doc = _load(job)
+    run_tuning(job, address=address, resume=resume, verbose=verbose)
+
+
+def run_tuning(job_path: Path, *, address: str | None = None, resume: bool = False, verbose: bool = False,
+               on_progress=None) -> dict:
+    """Run the search of one job document with a progress bar and a results table; returns the summary.
+    ``on_progress`` also gets the search's state (trials ended and planned, the best value, each trial)."""
+    doc = _load(job_path)
     if verbose:
         os.environ["SDRAY_VERBOSE"] = "1"
     else:
@@ -195,14 +205,18 @@ def tune(
     from sdray.tuning import TuneError, planned_trials, run_search
 
     if doc.spec.tune is None:
-        raise _fail(f"{job}: spec.tune is missing: add a search (see README), or run `sdray train`", EXIT_BAD_INPUT)
+        raise _fail(f"{job_path}: spec.tune is missing: add a search (see README), or run `sdray train`", EXIT_BAD_INPUT)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=err)
-    task = progress.add_task(f"{doc.metadata.name}: trials", total=planned_trials(doc.spec.tune), best="-")
+    total = planned_trials(doc.spec.tune)
+    task = progress.add_task(f"{doc.metadata.name}: trials", total=total, best="-")
 
     def update(state: dict) -> None:
         best = state.get("best")
         progress.update(task, completed=state["ended"], best="-" if best is None else f"{best:.4f}")
+        if on_progress is not None:
+            on_progress({"trials_ended": state["ended"], "trials_total": total, "best": best,
+                         "trials": state.get("trials", [])})
 
     try:
         with progress:
@@ -225,6 +239,7 @@ def tune(
     out.print(table)
     for key in ("pipeline", "best_job", "results", "plot"):
         out.print(f"{key}: {summary[key]}", highlight=False)
+    return summary
 
 
 def _short(value) -> str:
@@ -319,6 +334,188 @@ def precompute(
         table.add_row(key, str(manifest[key]))
     table.add_row("columns", ", ".join(manifest["columns"]))
     out.print(table)
+
+
+# -- the service and its client -------------------------------------------------------------------------
+token_app = typer.Typer(help="Bearer tokens of the sdray service.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+DEFAULT_TOKENS = Path.home() / ".config" / "sdray" / "tokens.json"
+
+
+@token_app.command("create")
+def token_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the token acts for (a DNS-1123 label).")],
+    role: Annotated[str, typer.Option(help="user (own jobs only) or admin (sees every tenant's jobs).")] = "user",
+    tokens: Annotated[Path, typer.Option(help="Tokens file the service reads (only the hash is stored).")] = DEFAULT_TOKENS,
+) -> None:
+    """Create a token for a tenant and print it: this is the only time it is shown."""
+    from sdray.service.auth import AuthFileError, create_token
+
+    try:
+        token = create_token(tokens, tenant, role)
+    except AuthFileError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    err.print(f"token for tenant {tenant!r} ({role}) added to {tokens}; it is not shown again:", highlight=False)
+    print(token)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    tokens: Annotated[Path, typer.Option(help="Tokens file (`sdray token create` writes it).")] = DEFAULT_TOKENS,
+    db: Annotated[Path, typer.Option(help="SQLite job store (WAL mode).")] = Path.home() / ".local/share/sdray/jobs.db",
+    backend: Annotated[str, typer.Option(help="local (Ray jobs), kuberay (DiffusionJobs) or dry-run.")] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        help="local backend: a Ray dashboard to join (http://127.0.0.1:8265); default: start one for the service.")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="local backend: CPUs of the Ray cluster it starts.")] = None,
+    namespace: Annotated[str, typer.Option(help="kuberay backend: namespace of the DiffusionJobs.")] = "default",
+    public_url: Annotated[str | None, typer.Option(
+        help="URL the job drivers post progress to (default: http://HOST:PORT).")] = None,
+    poll_interval: Annotated[float, typer.Option(help="Seconds between looks at running jobs.")] = 1.0,
+) -> None:
+    """Run the sdray service: the REST job API (/docs), the job page (/) and Prometheus metrics (/metrics).
+
+    Jobs survive a restart: they live in the SQLite store, and on start the service follows again what
+    still runs and marks failed what the backend lost.
+    """
+    import uvicorn
+
+    from sdray.service.app import Settings, create_app
+    from sdray.service.auth import AuthFileError, load_tokens
+    from sdray.service.backends import BackendError, make_backend
+
+    try:
+        if not load_tokens(tokens).tokens:
+            raise _fail(f"--tokens {tokens}: no tokens yet; create one with `sdray token create --tenant NAME "
+                        f"--tokens {tokens}`", EXIT_BAD_INPUT)
+        runner = make_backend(backend, ray_address=ray_address, data_dir=db.parent, num_cpus=num_cpus,
+                              namespace=namespace)
+    except (AuthFileError, BackendError) as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    url = public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    api = create_app(Settings(tokens=tokens, db=db, public_url=url, poll_interval_s=poll_interval), runner)
+    err.print(f"sdray service on {url} (backend: {runner.name}, store: {db})", highlight=False)
+    uvicorn.run(api, host=host, port=port, log_level="warning", access_log=False)
+
+
+ServerOption = Annotated[str | None, typer.Option("--server", help="Service URL (default: SDRAY_SERVER, the "
+                                                  "config file, or http://127.0.0.1:8000).")]
+
+
+def _client(server: str | None):
+    from sdray.service.client import Client, ClientError
+
+    try:
+        return Client(server)
+    except ClientError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+
+
+def _call(fn, *args):
+    from sdray.service.client import ClientError
+
+    try:
+        return fn(*args)
+    except ClientError as exc:
+        if exc.errors:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            for line in exc.errors:
+                err.print(f"  - {line}", highlight=False, markup=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        raise _fail(str(exc), EXIT_BAD_INPUT if exc.status in (400, 404, 413, 415, 422, 429) else EXIT_FAILED) from None
+
+
+def _job_line(job: dict) -> str:
+    step = f"{job['step']}/{job['max_steps']}" if job.get("step") is not None else "-"
+    loss = f"{job['loss']:.4f}" if isinstance(job.get("loss"), float) else "-"
+    return f"{job['id']}  {job['name']}  {job['state']}  step {step}  loss {loss}"
+
+
+@app.command()
+def submit(
+    job: Annotated[Path, typer.Argument(help="Job document (YAML or JSON).")],
+    server: ServerOption = None,
+) -> None:
+    """Submit a job document to the sdray service; prints the job id."""
+    _load(job)  # the same check the server makes, before any network
+    created = _call(_client(server).submit, job)
+    err.print(f"submitted {created['name']} as job {created['id']} ({created['state']}): {created['links']['self']}",
+              highlight=False)
+    print(created["id"])
+
+
+@app.command()
+def jobs(
+    server: ServerOption = None,
+    state: Annotated[list[str], typer.Option(help="Only jobs in this state (repeatable).")] = [],
+    label: Annotated[list[str], typer.Option(help="Only jobs with this key=value label (repeatable).")] = [],
+) -> None:
+    """List your jobs on the sdray service."""
+    found = _call(_client(server).jobs, state, label)
+    table = Table(title=f"{len(found)} jobs", title_justify="left")
+    for column in ("id", "name", "tenant", "state", "step", "loss", "images/s", "created"):
+        table.add_column(column)
+    for j in found:
+        step = f"{j['step']}/{j['max_steps']}" if j.get("step") is not None else "-"
+        table.add_row(j["id"], j["name"], j["tenant"], j["state"], step, _short(j.get("loss") or "-"),
+                      _short(j.get("images_per_s") or "-"), j["created"])
+    out.print(table)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="Job id (from `sdray submit` or `sdray jobs`).")],
+    server: ServerOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole status as JSON.")] = False,
+) -> None:
+    """Show one job: state, conditions, progress, last checkpoint, output (and trials of a search)."""
+    job = _call(_client(server).status, job_id)
+    if as_json:
+        print(json.dumps(job, indent=2))
+        return
+    out.print(_job_line(job), highlight=False)
+    for c in job["conditions"]:
+        out.print(f"  {c['type']}={c['status']}  {c['reason']}  {c['message']}  ({c['lastTransitionTime']})",
+                  highlight=False, markup=False)
+    for key in ("last_checkpoint", "output_uri", "images_per_s", "attempts"):
+        if job.get(key) is not None:
+            out.print(f"  {key}: {job[key]}", highlight=False, markup=False)
+    for t in job.get("trials") or []:
+        out.print(f"  trial {t.get('trial')}  {t.get('state')}  metric {t.get('metric')}  {t.get('params')}",
+                  highlight=False, markup=False)
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    server: ServerOption = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the job ends.")] = False,
+    tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
+) -> None:
+    """Print a job's driver log."""
+    client = _client(server)
+    if not follow:
+        sys.stdout.write(_call(client.logs, job_id, tail))
+        return
+    from sdray.service.client import ClientError
+
+    try:
+        for chunk in client.follow_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except ClientError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT if exc.status == 404 else EXIT_FAILED) from None
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    server: ServerOption = None,
+) -> None:
+    """Cancel a job: its run stops and its checkpoints stay."""
+    job = _call(_client(server).cancel, job_id)
+    out.print(_job_line(job), highlight=False)
 
 
 @app.command()

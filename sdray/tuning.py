@@ -286,20 +286,29 @@ class TrialProgress(Callback):
     def __getstate__(self):
         return {**self.__dict__, "on_progress": None}
 
-    def _tell(self):
+    def _tell(self, trials=()):
         if self.on_progress is not None:
-            self.on_progress({"ended": len(self.ended), "best": self.best})
+            self.on_progress({"ended": len(self.ended), "best": self.best,
+                              "trials": [self._row(t) for t in trials]})
+
+    def _row(self, trial) -> dict:
+        """One trial as a person reads it: its values, state, metric and step."""
+        last = trial.last_result or {}
+        value = last.get(self.metric)
+        return {"trial": trial.trial_id, "params": {k: v for k, v in (trial.config or {}).items()},
+                "state": str(trial.status).lower(), "metric": value if isinstance(value, (int, float)) else None,
+                "step": last.get("step")}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
             if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
                 self.best = value
-        self._tell()
+        self._tell(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.ended.add(trial.trial_id)
-        self._tell()
+        self._tell(trials)
 
     on_trial_error = on_trial_complete
 

@@ -78,6 +78,10 @@ class Trainer:
         self.cfg = spec.train
         self.device = ctx.device
         self.is_main = ctx.rank == 0
+        self.progress_state: dict = {}
+        # The last logged points, sent with every progress update: the driver polls only the latest update,
+        # and with these it still sees every point of the loss curve.
+        self.recent_curve: deque = deque(maxlen=200)
         torch.set_num_threads(max(1, ctx.num_threads))
         torch.backends.cuda.matmul.allow_tf32 = self.cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.cfg.allow_tf32
@@ -190,12 +194,14 @@ class Trainer:
         val_loss = self.measure_validation_loss()
         if val_loss is not None:
             metrics = {**metrics, "val_loss": val_loss}
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="sdray-ckpt-") as tmp:
             save_checkpoint(Path(tmp), rank=self.ctx.rank, trainable=self.trainable, optimizer=self.optimizer,
                             lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema, state=self.state,
                             stage=self.spec.stage, job_name=self.job.metadata.name,
                             sharded_root=self.sharded_root, engine=self.engine, world_size=self.ctx.world_size)
             self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
+        self._tell(checkpoint_step=self.state.step, checkpoint_s=time.perf_counter() - started)
 
     # -- one step ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -287,6 +293,8 @@ class Trainer:
                             "lr": self.lr_scheduler.get_last_lr()[0],
                             "images_per_s": window["images"] / elapsed,
                             "data_wait_s": window["data_wait"],
+                            "step_s": elapsed / (window["n"] / accum),
+                            "data_wait_share": min(1.0, window["data_wait"] / elapsed),
                             "images_seen": self.state.images_seen,
                             "elapsed_s": time.perf_counter() - started,
                             **{k: v / window["n"] for k, v in window["extra"].items()},
@@ -295,7 +303,8 @@ class Trainer:
                         window_start = time.perf_counter()
                         if self.is_main:
                             self.report.log(metrics)
-                            self.ctx.progress({**metrics, "max_steps": cfg.max_steps})
+                            self.recent_curve.append(("loss", step, metrics["loss"]))
+                        self._tell(**metrics, max_steps=cfg.max_steps)
                     every = self.spec.validation.every_n_steps
                     if every and step % every == 0 and step < cfg.max_steps:
                         self.validate(step, metrics)
@@ -313,6 +322,15 @@ class Trainer:
             if self.state.step < cfg.max_steps:
                 self.state.epoch += 1
         return self.finish(metrics)
+
+    def _tell(self, **update) -> None:
+        """Rank 0 shows its latest progress (metrics, last checkpoint, last sample grid) to the driver."""
+        if not self.is_main:
+            return
+        self.progress_state.update(update, recent_curve=list(self.recent_curve))
+        if self.device.type == "cuda":
+            self.progress_state["gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        self.ctx.progress(dict(self.progress_state))
 
     # -- validation and export (rank 0) ------------------------------------------------------------
     @contextlib.contextmanager
@@ -404,6 +422,8 @@ class Trainer:
             self._val_measured = (step, value)
             if value is not None:
                 self.report.log({"step": step, "val_loss": value})
+                self.recent_curve.append(("val_loss", step, value))
+                self._tell(val_loss=value)
         return self._val_measured[1]
 
     @torch.no_grad()
@@ -431,6 +451,8 @@ class Trainer:
                     [tensor_to_images(pixels), tensor_to_images(recon)], ["input", "reconstruction"]))
             objective.train()
         self.report.flush()
+        if grid is not None:
+            self._tell(sample=grid)
         return grid
 
     def finish(self, metrics: dict) -> dict:

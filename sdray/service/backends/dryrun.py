@@ -1,0 +1,51 @@
+"""A backend that accepts every job and reports it succeeded without running anything.
+
+For trying the API, and for the API load benchmark, where only the service's own work is measured."""
+
+from __future__ import annotations
+
+import itertools
+
+from sdray.service.backends.base import Backend, BackendStatus
+
+
+class DryRunBackend(Backend):
+    name = "dry-run"
+
+    def __init__(self, *, hold: bool = False, capacity: dict[str, float] | None = None):
+        """``hold``: jobs show as running until cancelled (to try queues and quotas); ``capacity``: the
+        resources the pretend cluster has (None: unlimited)."""
+        self.hold = hold
+        self._capacity = capacity
+        self._ids = itertools.count(1)
+        self._jobs: dict[str, str] = {}
+        self.env: dict[str, dict[str, str]] = {}  # what each job's driver would have been given
+
+    def capacity(self) -> dict[str, float] | None:
+        return self._capacity
+
+    def ready(self) -> tuple[bool, str]:
+        return True, "dry run: jobs are accepted, not run"
+
+    def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str]) -> str:
+        handle = f"dry-{next(self._ids)}"
+        self._jobs[handle] = "running" if self.hold else "succeeded"
+        self.env[handle] = dict(env)
+        return handle
+
+    def status(self, handle: str) -> BackendStatus:
+        state = self._jobs.get(handle)
+        if state is None:
+            return BackendStatus("missing", "the dry-run backend forgets its jobs when the service restarts")
+        return BackendStatus(state, "dry run: nothing was trained")
+
+    def cancel(self, handle: str) -> None:
+        if handle in self._jobs:
+            self._jobs[handle] = "cancelled"
+
+    def finish(self, handle: str, state: str = "succeeded") -> None:
+        """End a held job as ``state``."""
+        self._jobs[handle] = state
+
+    def logs(self, handle: str, tail: int | None = None) -> str:
+        return "dry run: the job was accepted and not run\n"

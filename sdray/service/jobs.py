@@ -1,0 +1,278 @@
+"""What the service does with jobs: accept within quota, queue, start when resources allow, follow,
+cancel, take progress from the drivers, and pick up where it left off after a restart.
+
+The queue is the service's own: a job waits until the backend's capacity has room for it, in submission
+order per tenant (a tenant's big job is not overtaken by its own later small one; other tenants' jobs
+that fit go ahead). A backend that queues by itself (Kueue) reports no capacity and gets every job at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from sdray.service.auth import Authenticator, Principal, hash_token
+from sdray.service.backends.base import FINAL, Backend, BackendError
+from sdray.service.store import JobRecord, JobStore
+from sdray.spec import DiffusionJob
+
+log = logging.getLogger("sdray.service")
+
+# Progress fields a driver may send, and the loss-curve points kept from them.
+PROGRESS_FIELDS = {
+    "step": int, "max_steps": int, "epoch": int, "loss": float, "val_loss": float, "lr": float,
+    "images_per_s": float, "step_s": float, "data_wait_s": float, "data_wait_share": float,
+    "checkpoint_step": int, "checkpoint_s": float, "checkpoint": str, "gpu_memory_bytes": int,
+    "skipped_images": int, "images_seen": int, "elapsed_s": float, "sample": str, "output": str,
+    "best": float, "trials_ended": int, "trials_total": int,
+}
+CURVE = ("loss", "val_loss")
+
+
+class QuotaExceeded(Exception):
+    """Submission refused: the tenant is at a quota (HTTP 429); the message says which."""
+
+
+@dataclass
+class Demand:
+    workers: int
+    cpus: float
+    gpus: float
+
+    def as_dict(self) -> dict:
+        return {"workers": self.workers, "CPU": self.cpus, "GPU": self.gpus}
+
+
+def demand_of(job: DiffusionJob) -> Demand:
+    """Resources the job holds while it runs: its workers (times the concurrent trials of a search) plus
+    one CPU for its driver."""
+    d = job.spec.distributed
+    res = d.resources_per_worker or {}
+    gpus = float(res.get("GPU", 1 if d.use_gpu else 0))
+    copies = 1
+    if job.spec.tune is not None:
+        copies = job.spec.tune.max_concurrent_trials or 1
+    workers = d.num_workers * copies
+    return Demand(workers=workers, cpus=workers * float(res.get("CPU", 1)) + 1, gpus=workers * gpus)
+
+
+def condition(rec: JobRecord, type_: str, status: bool, reason: str, message: str = "") -> list[dict]:
+    """``rec.conditions`` with one condition set (its time changes only when its status does)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out = [c for c in rec.conditions if c["type"] != type_]
+    old = next((c for c in rec.conditions if c["type"] == type_), None)
+    changed = old is None or old["status"] != ("True" if status else "False")
+    out.append({"type": type_, "status": "True" if status else "False", "reason": reason, "message": message,
+                "lastTransitionTime": now if changed else old["lastTransitionTime"]})
+    return out
+
+
+class JobManager:
+    def __init__(self, store: JobStore, backend: Backend, auth: Authenticator | None, *, public_url: str,
+                 on_transition=None):
+        self.store = store
+        self.backend = backend
+        self.auth = auth
+        self.public_url = public_url.rstrip("/")
+        self.on_transition = on_transition or (lambda state, tenant: None)
+        # One decision at a time: a quota check and its insert, an admission round, a cancel.
+        self._lock = threading.RLock()
+
+    # -- submission --------------------------------------------------------------------------------
+    def submit(self, principal: Principal, job: DiffusionJob, document: dict) -> JobRecord:
+        need = demand_of(job)
+        with self._lock:
+            self._check_quota(principal.tenant, need)
+            return self._insert(principal, job, document, need)
+
+    def _insert(self, principal: Principal, job: DiffusionJob, document: dict, need: Demand) -> JobRecord:
+        now = time.time()
+        rec = JobRecord(
+            id=uuid.uuid4().hex[:12], seq=0, tenant=principal.tenant, name=job.metadata.name,
+            kind="tune" if job.spec.tune is not None else "train", state="pending",
+            labels=dict(job.metadata.labels), document=document, demand=need.as_dict(),
+            progress_token_hash="", created=now, updated=now,
+        )
+        rec.conditions = condition(rec, "Admitted", False, "Queued", "waiting for resources")
+        self.store.insert(rec)
+        self.on_transition("pending", rec.tenant)
+        return rec
+
+    def _check_quota(self, tenant: str, need: Demand) -> None:
+        if self.auth is None:
+            return
+        quota = self.auth.quota(tenant)
+        active = self.store.list(tenant=tenant, states=["pending", "running"])
+        if quota.max_concurrent_jobs is not None and len(active) + 1 > quota.max_concurrent_jobs:
+            raise QuotaExceeded(f"tenant {tenant!r} has {len(active)} active jobs; its quota is "
+                                f"max_concurrent_jobs={quota.max_concurrent_jobs}: wait for one to finish or cancel one")
+        for key, limit, unit in (("workers", quota.max_workers, "max_workers"), ("GPU", quota.max_gpus, "max_gpus")):
+            used = sum(r.demand.get(key, 0) for r in active)
+            asked = need.workers if key == "workers" else need.gpus
+            if limit is not None and used + asked > limit:
+                raise QuotaExceeded(f"tenant {tenant!r} would use {used + asked:g} {key.lower()} "
+                                    f"({used:g} in active jobs + {asked:g} asked); its quota is {unit}={limit}")
+
+    # -- the queue ---------------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Start pending jobs that fit, in submission order per tenant."""
+        with self._lock:
+            self._admit()
+
+    def _admit(self) -> None:
+        waiting = [r for r in self.store.list(states=["pending"]) if r.handle is None]
+        if not waiting:
+            return
+        try:
+            capacity = self.backend.capacity()
+        except BackendError as exc:
+            log.warning("backend capacity unknown: %s", exc)
+            return
+        used = {"CPU": 0.0, "GPU": 0.0}
+        for r in self.store.list(states=["pending", "running"]):
+            if r.handle is not None:
+                for k in used:
+                    used[k] += r.demand.get(k, 0)
+        blocked: set[str] = set()
+        for rec in waiting:
+            never = [k for k in used if capacity is not None and rec.demand.get(k, 0) > capacity.get(k, 0)]
+            if never:  # waiting would be forever: say so now, wherever the job is in its queue
+                self._finish(rec, "failed", "Unschedulable",
+                             f"the job asks for {rec.demand[never[0]]:g} {never[0]} but the cluster has "
+                             f"{capacity.get(never[0], 0):g} {never[0]} in all")
+                continue
+            if rec.tenant in blocked:
+                continue
+            if capacity is not None:
+                if any(used[k] + rec.demand.get(k, 0) > capacity.get(k, 0) for k in used):
+                    blocked.add(rec.tenant)
+                    continue
+            self._start(rec)
+            for k in used:
+                used[k] += rec.demand.get(k, 0)
+
+    def _start(self, rec: JobRecord) -> None:
+        token = secrets.token_urlsafe(24)
+        env = {
+            "SDRAY_JOB_ID": rec.id, "SDRAY_TENANT": rec.tenant,
+            "SDRAY_PROGRESS_URL": f"{self.public_url}/internal/v1/jobs/{rec.id}",
+            "SDRAY_PROGRESS_TOKEN": token,
+        }
+        self.store.update(rec.id, progress_token_hash=hash_token(token))
+        try:
+            handle = self.backend.submit(rec.id, rec.tenant, rec.document, env)
+        except BackendError as exc:
+            log.warning("job %s: submission failed: %s", rec.id, exc)
+            self.store.update(rec.id, conditions=condition(rec, "Admitted", False, "SubmitFailed", str(exc)))
+            return
+        rec = self.store.update(rec.id, handle=handle, attempts=rec.attempts + 1,
+                                conditions=condition(rec, "Admitted", True, "Submitted",
+                                                     f"submitted to the {self.backend.name} backend as {handle}"))
+        log.info("job %s (%s/%s) submitted as %s", rec.id, rec.tenant, rec.name, handle)
+
+    # -- following ---------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Ask the backend about every submitted, unfinished job and record what changed."""
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        for rec in self.store.list(states=["pending", "running"]):
+            if rec.handle is None:
+                continue
+            try:
+                status = self.backend.status(rec.handle)
+            except BackendError as exc:
+                log.warning("job %s: status unknown: %s", rec.id, exc)
+                continue
+            if status.details:
+                self.record_progress(rec.id, status.details)
+            if status.state == "missing":
+                self._finish(rec, "failed", "BackendLost",
+                             f"the {self.backend.name} backend no longer knows {rec.handle}: {status.message}".rstrip(": "))
+            elif status.state == "running" and rec.state == "pending":
+                rec = self.store.update(rec.id, state="running", started=time.time(),
+                                        conditions=condition(rec, "Running", True, "Started", status.message))
+                self.on_transition("running", rec.tenant)
+            elif status.state in FINAL:
+                reason = {"succeeded": "Completed", "failed": "Failed", "cancelled": "Cancelled"}[status.state]
+                self._finish(rec, status.state, reason, status.message)
+
+    def tick(self) -> None:
+        with self._lock:
+            self._refresh()
+            self._admit()
+
+    def _finish(self, rec: JobRecord, state: str, reason: str, message: str) -> None:
+        conds = condition(rec, "Running", False, reason, message)
+        rec.conditions = conds
+        if state == "succeeded":
+            conds = condition(rec, "Succeeded", True, reason, message)
+        elif state == "failed":
+            conds = condition(rec, "Failed", True, reason, message)
+        rec.conditions = conds
+        if rec.handle is None:
+            conds = condition(rec, "Admitted", False, reason, message)
+        self.store.update(rec.id, state=state, finished=time.time(), conditions=conds)
+        self.on_transition(state, rec.tenant)
+        log.info("job %s: %s (%s) %s", rec.id, state, reason, message)
+
+    def cancel(self, rec: JobRecord) -> JobRecord:
+        """Stop the job (its checkpoints stay); a job still in the queue just leaves it."""
+        with self._lock:
+            rec = self.store.get(rec.id)
+            if rec.state in FINAL:
+                return rec
+            if rec.handle is not None:
+                self.backend.cancel(rec.handle)
+            self._finish(rec, "cancelled", "Cancelled", "cancelled by request; checkpoints are kept")
+            return self.store.get(rec.id)
+
+    def reconcile(self) -> None:
+        """After a restart: follow again what still runs, fail what the backend lost."""
+        self.refresh()
+
+    # -- progress from the drivers -----------------------------------------------------------------
+    def check_progress_token(self, rec: JobRecord, token: str) -> bool:
+        return bool(rec.progress_token_hash) and secrets.compare_digest(hash_token(token), rec.progress_token_hash)
+
+    def record_progress(self, job_id: str, payload: dict) -> JobRecord | None:
+        rec = self.store.get(job_id)
+        if rec is None:
+            return None
+        clean = {}
+        for key, kind in PROGRESS_FIELDS.items():
+            value = payload.get(key)
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                try:
+                    clean[key] = kind(value)
+                except (TypeError, ValueError):
+                    continue
+        trials = payload.get("trials")
+        if isinstance(trials, list):
+            clean["trials"] = [t for t in trials if isinstance(t, dict)][:1000]
+        clean["time"] = time.time()
+        for name, points in self._curve_points(payload.get("curve")).items():
+            for step, value in points:
+                self.store.add_points(job_id, step, {name: value})
+        return self.store.update(job_id, progress={**rec.progress, **clean})
+
+    @staticmethod
+    def _curve_points(curve) -> dict[str, list[tuple[int, float]]]:
+        """``{"loss": [[step, value], …]}`` from a driver, keeping only well-formed points (10,000 at most)."""
+        out: dict[str, list] = {}
+        if not isinstance(curve, dict):
+            return out
+        for name in CURVE:
+            points = curve.get(name)
+            if not isinstance(points, list):
+                continue
+            for p in points[:10_000]:
+                if (isinstance(p, list) and len(p) == 2 and isinstance(p[0], int)
+                        and isinstance(p[1], (int, float)) and not isinstance(p[1], bool)):
+                    out.setdefault(name, []).append((p[0], float(p[1])))
+        return out

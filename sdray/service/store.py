@@ -1,0 +1,186 @@
+"""The job store: SQLite in WAL mode, behind a small repository (plain ``sqlite3``).
+
+One row per job (its document, state, conditions and latest progress) plus the loss curve and the latest
+sample grid. Every write is one transaction, so a killed service leaves the store consistent; on restart
+the service reconciles what the store says is running with the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    document TEXT NOT NULL,
+    demand TEXT NOT NULL,
+    handle TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    progress TEXT NOT NULL DEFAULT '{}',
+    conditions TEXT NOT NULL DEFAULT '[]',
+    progress_token_hash TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    started REAL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant, seq);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS points (
+    job_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (job_id, name, step)
+);
+CREATE TABLE IF NOT EXISTS samples (
+    job_id TEXT PRIMARY KEY,
+    png BLOB NOT NULL,
+    step INTEGER,
+    updated REAL NOT NULL
+);
+"""
+
+_JSON = ("labels", "document", "demand", "progress", "conditions")
+
+
+@dataclass
+class JobRecord:
+    id: str
+    seq: int
+    tenant: str
+    name: str
+    kind: str  # "train" or "tune"
+    state: str
+    labels: dict
+    document: dict
+    demand: dict  # resources the job takes while it runs: {"CPU": 2, "GPU": 0, "workers": 2}
+    progress_token_hash: str
+    created: float
+    updated: float
+    handle: str | None = None
+    attempts: int = 0
+    progress: dict = field(default_factory=dict)
+    conditions: list = field(default_factory=list)
+    started: float | None = None
+    finished: float | None = None
+
+
+class JobStore:
+    """Thread-safe repository of jobs over one SQLite file (``:memory:`` for throwaway stores)."""
+
+    def __init__(self, path: str | Path):
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it consistent
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+
+    def ping(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1").fetchone()[0] == 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def insert(self, rec: JobRecord) -> JobRecord:
+        with self._lock, self._db:
+            rec.seq = (self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0])
+            row = self._row_of(rec)
+            self._db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                             list(row.values()))
+        return rec
+
+    def update(self, job_id: str, **fields) -> JobRecord | None:
+        fields["updated"] = time.time()
+        row = {k: json.dumps(v) if k in _JSON else v for k, v in fields.items()}
+        with self._lock, self._db:
+            self._db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
+                             [*row.values(), job_id])
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._record(row) if row else None
+
+    def list(self, *, tenant: str | None = None, states: list[str] | None = None, labels: dict | None = None,
+             after_seq: int = 0, limit: int | None = None) -> list[JobRecord]:
+        """Jobs in submission order, filtered; labels are matched in Python (a handful per job)."""
+        sql, args = "SELECT * FROM jobs WHERE seq > ?", [after_seq]
+        if tenant is not None:
+            sql += " AND tenant = ?"
+            args.append(tenant)
+        if states:
+            sql += f" AND state IN ({', '.join('?' * len(states))})"
+            args.extend(states)
+        sql += " ORDER BY seq"
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        out = []
+        for row in rows:
+            rec = self._record(row)
+            if labels and any(rec.labels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(rec)
+            if limit is not None and len(out) > limit:  # one more than asked: tells the caller a next page exists
+                break
+        return out
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Jobs by (state, tenant)."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, tenant, COUNT(*) FROM jobs GROUP BY state, tenant").fetchall()
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    # -- loss curve and samples --------------------------------------------------------------------
+    def add_points(self, job_id: str, step: int, values: dict[str, float]) -> None:
+        now = time.time()
+        with self._lock, self._db:
+            self._db.executemany("INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?)",
+                                 [(job_id, step, k, v, now) for k, v in values.items()])
+
+    def points(self, job_id: str) -> dict[str, list[tuple[int, float]]]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, step, value FROM points WHERE job_id = ? ORDER BY step",
+                                    (job_id,)).fetchall()
+        out: dict[str, list] = {}
+        for name, step, value in rows:
+            out.setdefault(name, []).append((step, value))
+        return out
+
+    def put_sample(self, job_id: str, png: bytes, step: int | None) -> None:
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?)", (job_id, png, step, time.time()))
+
+    def sample(self, job_id: str) -> tuple[bytes, int | None] | None:
+        with self._lock:
+            row = self._db.execute("SELECT png, step FROM samples WHERE job_id = ?", (job_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    # -- rows --------------------------------------------------------------------------------------
+    @staticmethod
+    def _row_of(rec: JobRecord) -> dict:
+        return {k: json.dumps(v) if k in _JSON else v for k, v in rec.__dict__.items()}
+
+    @staticmethod
+    def _record(row: sqlite3.Row) -> JobRecord:
+        return JobRecord(**{k: json.loads(row[k]) if k in _JSON else row[k] for k in row.keys()})

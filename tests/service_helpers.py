@@ -1,0 +1,83 @@
+"""Running the sdray service for tests: in a thread of the test process (real HTTP on 127.0.0.1) or as
+its own ``sdray serve`` process (for tests that restart it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from conftest import wait_for
+from sdray.service.app import Settings, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadedService:
+    """``create_app`` served by uvicorn in a thread; ``stop()`` shuts it down (its background loop too)."""
+
+    def __init__(self, tmp: Path, backend, tokens: Path, poll_interval_s: float = 0.2, db: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.backend = backend
+        settings = Settings(tokens=tokens, db=db or tmp / "jobs.db", public_url=self.url,
+                            poll_interval_s=poll_interval_s)
+        self.app = create_app(settings, backend)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, 30, "the service to start")
+
+    @property
+    def manager(self):
+        return self.app.state.manager
+
+    def client(self, token: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+class ServiceProcess:
+    """``sdray serve`` as its own process (stopped with SIGTERM, by PID)."""
+
+    def __init__(self, tmp: Path, tokens: Path, *args: str, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"serve-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sdray.cli", "serve", "--port", str(self.port), "--tokens", str(tokens),
+             "--db", str(tmp / "jobs.db"), "--poll-interval", "0.5", *args],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"), env=env, start_new_session=True)
+        wait_for(self._up, 60, f"sdray serve on {self.url} (log: {self.log})", proc=self.proc)
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)

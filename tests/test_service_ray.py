@@ -1,0 +1,85 @@
+"""The service running real jobs: the local backend on the session's Ray cluster (Ray's job submission
+API, one driver per job), a real Prometheus scraping the service, a service restart mid-job, a cancel."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from conftest import make_job, wait_for
+from service_helpers import ServiceProcess
+from sdray.service.auth import create_token
+from tools import require_binary, start_prometheus
+
+
+def _dashboard(ray) -> str:
+    return "http://" + ray._private.worker._global_node.webui_url
+
+
+def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray_session, digits_s3, tmp_path):
+    require_binary("prometheus")
+    tokens = tmp_path / "tokens.json"
+    token = create_token(tokens, "alice")
+    args = ("--backend", "local", "--ray-address", _dashboard(ray_session))
+    svc = ServiceProcess(tmp_path, tokens, *args)
+    prom = start_prometheus(tmp_path, [f"127.0.0.1:{svc.port}"])
+    http = httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    data = f"{digits_s3}/imagefolder"
+    short = make_job("svc-short", tmp_path / "short", data, train={"max_steps": 30, "log_every_n_steps": 5},
+                     validation={"prompts": ["a handwritten digit 1"], "num_inference_steps": 2})
+    long = make_job("svc-long", tmp_path / "long", data, train={"max_steps": 100_000, "log_every_n_steps": 5})
+    ids = {}
+    try:
+        for doc in (short, long):
+            r = http.post("/v1/jobs", json=doc)
+            assert r.status_code == 201, r.text
+            ids[doc["metadata"]["name"]] = r.json()["id"]
+
+        def job(name: str) -> dict:
+            found = http.get(f"/v1/jobs/{ids[name]}").json()
+            if found["state"] == "failed":
+                raise AssertionError(f"{name} failed: {found['conditions']}")
+            return found
+
+        wait_for(lambda: (job("svc-short").get("step") or 0) >= 5, 240, "the short job to report steps")
+
+        # The service goes away mid-job and comes back on the same store and address.
+        svc.stop()
+        svc = ServiceProcess(tmp_path, tokens, *args, port=svc.port)
+        done = wait_for(lambda: (j := job("svc-short"))["state"] == "succeeded" and j, 300, "the short job to end")
+        assert done["step"] == 30 and done["attempts"] == 1
+        assert [c["type"] for c in done["conditions"] if c["status"] == "True"] == ["Admitted", "Succeeded"]
+        curve = http.get(f"/v1/jobs/{ids['svc-short']}/metrics").json()["curves"]["loss"]
+        assert [s for s, _ in curve] == [5, 10, 15, 20, 25, 30]  # every logged step, across the restart
+        png = http.get(f"/v1/jobs/{ids['svc-short']}/samples/latest.png")
+        assert png.status_code == 200
+        assert Image.open(io.BytesIO(png.content)).size[0] > 16
+        assert "svc-short" in http.get(f"/v1/jobs/{ids['svc-short']}/logs").text
+        assert (tmp_path / "short" / "pipeline" / "model_index.json").exists()
+
+        # Prometheus scraped the training metrics with the job's own labels.
+        got = prom.wait_for(f'sdray_train_step{{job_id="{ids["svc-short"]}"}} == 30', timeout=60)
+        assert got[0]["metric"]["tenant"] == "alice" and got[0]["metric"]["job_name"] == "svc-short"
+        assert got[0]["metric"]["job"] == "sdray"  # Prometheus's own target label, untouched
+
+        # Cancel the long job once it has a checkpoint: the Ray job stops, the checkpoint stays.
+        wait_for(lambda: (job("svc-long").get("last_checkpoint") or {}).get("step"), 300, "a checkpoint of the long job")
+        cancelled = http.delete(f"/v1/jobs/{ids['svc-long']}").json()
+        assert cancelled["state"] == "cancelled"
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        ray_jobs = JobSubmissionClient(_dashboard(ray_session))
+        wait_for(lambda: ray_jobs.get_job_status(cancelled["backend_handle"]) == JobStatus.STOPPED, 60,
+                 "Ray to stop the cancelled job")
+        saved = list((tmp_path / "long" / "checkpoints" / "svc-long").glob("checkpoint_*/sdray_checkpoint.json"))
+        assert saved, "the cancelled job's checkpoints are kept"
+        assert all((p.parent / "model" / "unet.safetensors").exists() for p in saved)
+        assert prom.wait_for(f'sdray_jobs{{state="cancelled",tenant="alice"}} == 1', timeout=60)
+    finally:
+        for job_id in ids.values():
+            http.delete(f"/v1/jobs/{job_id}")
+        svc.stop()
+        prom.stop()
