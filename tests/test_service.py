@@ -330,3 +330,28 @@ def test_openapi_holds_the_job_schema_and_schemathesis_finds_no_server_errors(se
         call()
     assert len(calls) >= 5 * len(operations)
     assert not server_errors, "\n".join(server_errors[:10])
+
+
+def test_logs_tail_and_follow_until_the_job_ends(service, tokens, tmp_path):
+    import threading
+
+    alice = service.client(tokens[1]["alice"])
+    job_id = alice.post("/v1/jobs", json=job_doc(tmp_path)).json()["id"]
+    running = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and j, 30,
+                       "the job to run")
+    assert alice.get(f"/v1/jobs/{job_id}/logs", params={"tail": 0}).text == ""
+    assert "accepted" in alice.get(f"/v1/jobs/{job_id}/logs").text
+    chunks: list[str] = []
+
+    def follow():
+        with alice.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}) as r:
+            chunks.extend(r.iter_text())
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    wait_for(lambda: chunks, 30, "the first chunk of the followed log")
+    assert reader.is_alive()  # still following: the job runs
+    service.backend.finish(running["backend_handle"])
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the stream ends when the job does"
+    assert "accepted" in "".join(chunks)

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 from conftest import make_job, wait_for
@@ -83,3 +84,52 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
             http.delete(f"/v1/jobs/{job_id}")
         svc.stop()
         prom.stop()
+
+
+@pytest.mark.slow
+def test_a_search_submitted_to_the_service_lists_its_trials(ray_session, digits_s3, tmp_path):
+    tokens = tmp_path / "tokens.json"
+    token = create_token(tokens, "alice")
+    svc = ServiceProcess(tmp_path, tokens, "--backend", "local", "--ray-address", _dashboard(ray_session))
+    http = httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    doc = make_job("svc-search", tmp_path / "search", f"{digits_s3}/imagefolder",
+                   data={"validation_fraction": 0.1}, validation={"max_batches": 2},
+                   train={"max_steps": 20, "batch_size": 16, "learning_rate": 1e-3, "log_every_n_steps": 10})
+    doc["spec"]["tune"] = {"search_space": {"train.learning_rate": {"grid": [1e-3, 3e-3]}},
+                           "scheduler": {"name": "fifo"}, "max_concurrent_trials": 1}
+    try:
+        r = http.post("/v1/jobs", json=doc)
+        assert r.status_code == 201, r.text
+        assert r.json()["kind"] == "tune"
+        job_id = r.json()["id"]
+        done = wait_for(lambda: (j := http.get(f"/v1/jobs/{job_id}").json())["state"] in ("succeeded", "failed")
+                        and j, 600, "the search to end")
+        assert done["state"] == "succeeded", done["conditions"]
+        trials = done["trials"]
+        assert sorted(t["params"]["train.learning_rate"] for t in trials) == [1e-3, 3e-3]
+        assert all(t["state"] == "finished" and isinstance(t["metric"], float) for t in trials), trials
+        assert done["best"] == min(t["metric"] for t in trials)
+        assert (tmp_path / "search" / "best.yaml").exists()
+    finally:
+        svc.stop()
+
+
+def test_the_local_backend_starts_its_own_ray_head_once_and_finds_it_again(tmp_path):
+    """`sdray serve` without --ray-address: a head in its own session, recorded next to the store, reused by
+    the next service on the same data dir; its capacity is what it was started with."""
+    import psutil
+
+    from sdray.service.backends.local import LocalRayBackend, stop_head
+
+    first = LocalRayBackend(address=None, data_dir=tmp_path, num_cpus=3)
+    head = first.head
+    try:
+        assert head["dashboard_url"].startswith("http://127.0.0.1:")
+        wait_for(lambda: first.ready()[0], 90, "the new head's dashboard to answer")
+        assert first.capacity() == {"CPU": 3.0, "GPU": 0.0}
+        again = LocalRayBackend(address=None, data_dir=tmp_path)
+        assert again.head == head and again.address == first.address
+        assert again.status("sdray-nosuchjob").state == "missing"
+    finally:
+        stop_head(head)
+    assert not psutil.pid_exists(head["pid"])

@@ -216,6 +216,7 @@ def test_fsdp_on_two_workers_checkpoints_resumes_and_exports(ray_session, digits
         run_in_process(parse_job(doc))
 
 
+@pytest.mark.slow  # the default run keeps FSDP's full sharding (test_fsdp_on_two_workers_…); test-time budget
 @pytest.mark.parametrize("fsdp", [{"sharding": "grad_op"}, {"sharding": "hybrid", "shard_group_size": 1}],
                          ids=["grad_op", "hybrid"])
 def test_fsdp_sharding_modes_train_and_export(ray_session, digits_root, tmp_path, fsdp):

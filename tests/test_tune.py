@@ -109,6 +109,7 @@ def test_asha_search_ranks_a_diverging_rate_last_and_exports_the_best(ray_sessio
     assert pipe("a handwritten digit 1", num_inference_steps=2).images[0].size == (16, 16)
 
 
+@pytest.mark.slow  # ~90 s; the default run keeps the ASHA search (test-time budget)
 def test_pbt_trials_copy_a_stronger_trial_and_perturb_its_rate(ray_session, digits_root, tmp_path):
     doc = tune_job("pbt", tmp_path, str(digits_root / "imagefolder"), {
         "search_space": {"train.learning_rate": {"loguniform": [1e-5, 1e-1]}},
@@ -131,6 +132,7 @@ def test_pbt_trials_copy_a_stronger_trial_and_perturb_its_rate(ray_session, digi
     assert (tmp_path / "out" / "pipeline" / "model_index.json").exists()
 
 
+@pytest.mark.slow  # ~2 min: two searches and a kill (test-time budget)
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_session, digits_root, tmp_path):
     doc = tune_job("resumed", tmp_path, str(digits_root / "imagefolder"), {
         "search_space": {"train.learning_rate": {"grid": [1e-3, 3e-3]}}, "max_concurrent_trials": 1,

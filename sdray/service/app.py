@@ -34,6 +34,8 @@ log = logging.getLogger("sdray.service")
 MAX_BODY = 1 << 20  # a job document is a few KiB; anything near this is a mistake or an attack
 MAX_SAMPLE = 16 << 20
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+# libyaml's parser when PyYAML has it: the same safe loading, about 5x faster than the pure-Python one.
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass
@@ -47,6 +49,16 @@ class Settings:
 def _error(status: int, detail: str, **extra) -> JSONResponse:
     return JSONResponse({"detail": detail, **extra}, status_code=status,
                         headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
+
+class _Middleware:
+    """An ASGI middleware calling ``handler(scope, receive, send, app)``."""
+
+    def __init__(self, app, handler):
+        self.app, self.handler = app, handler
+
+    async def __call__(self, scope, receive, send):
+        await self.handler(scope, receive, send, self.app)
 
 
 class _Refused(Exception):
@@ -177,19 +189,36 @@ def create_app(settings: Settings, backend: Backend, *, store: JobStore | None =
     async def refused(request: Request, exc: _Refused):
         return _error(exc.status, exc.detail, **exc.extra)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
+    async def count(scope, receive, send, app):
+        """Requests and latency (to the response's start) by route; an unhandled error becomes a logged 500.
+        Plain ASGI: Starlette's ``@app.middleware("http")`` costs a task and a stream per request."""
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
         start = time.perf_counter()
+        status = None
+
+        def record(code: int) -> None:
+            route = scope.get("route")
+            name = route.path if route is not None else "<unmatched>"
+            metrics.requests.labels(name, scope["method"], str(code)).inc()
+            metrics.latency.labels(name, scope["method"]).observe(time.perf_counter() - start)
+
+        async def counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                record(status)
+            await send(message)
+
         try:
-            response = await call_next(request)
+            await app(scope, receive, counted)
         except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.url.path)
-            response = _error(500, "internal error: see the service log")
-        route = request.scope.get("route")
-        name = route.path if route is not None else "<unmatched>"
-        metrics.requests.labels(name, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(name, request.method).observe(time.perf_counter() - start)
-        return response
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if status is not None:  # the response has begun: too late for another one
+                raise
+            await _error(500, "internal error: see the service log")(scope, receive, counted)
+
+    app.add_middleware(_Middleware, handler=count)
 
     # -- identity --------------------------------------------------------------------------------
     def principal(request: Request) -> Principal:
@@ -221,7 +250,7 @@ def create_app(settings: Settings, backend: Backend, *, store: JobStore | None =
             raise _Refused(400, "the body is not UTF-8 text") from None
         try:
             if ctype in YAML_TYPES:
-                doc = yaml.safe_load(text)
+                doc = yaml.load(text, Loader=YAML_LOADER)
             elif ctype in ("application/json", "text/json") or ctype.endswith("+json"):
                 doc = json.loads(text)
             else:

@@ -15,6 +15,13 @@ STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
+def tail_lines(text: str, tail: int | None) -> str:
+    """The last ``tail`` lines of ``text`` (all of it when ``tail`` is None)."""
+    if tail is None:
+        return text
+    return "".join(text.splitlines(keepends=True)[-tail:]) if tail > 0 else ""
+
+
 class BackendError(RuntimeError):
     """The backend could not do what was asked (unreachable, refused); the message says why."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 
-from sdray.service.backends.base import Backend, BackendStatus
+from sdray.service.backends.base import Backend, BackendStatus, tail_lines
 
 
 class DryRunBackend(Backend):
@@ -48,4 +48,4 @@ class DryRunBackend(Backend):
         self._jobs[handle] = state
 
     def logs(self, handle: str, tail: int | None = None) -> str:
-        return "dry run: the job was accepted and not run\n"
+        return tail_lines("dry run: the job was accepted and not run\n", tail)

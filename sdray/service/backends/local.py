@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from sdray.service.backends.base import Backend, BackendError, BackendStatus
+from sdray.service.backends.base import Backend, BackendError, BackendStatus, tail_lines
 
 _STATES = {"PENDING": "pending", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
            "STOPPED": "cancelled"}
@@ -52,6 +53,25 @@ def start_head(data_dir: Path, num_cpus: int | None = None) -> dict:
     record = {"pid": proc.pid, "gcs_address": f"127.0.0.1:{gcs}", "dashboard_url": f"http://127.0.0.1:{dash}"}
     (data_dir / "ray-cluster.json").write_text(json.dumps(record))
     return record
+
+
+def stop_head(record: dict, timeout: float = 30.0) -> None:
+    """Stop a head that ``start_head`` started: its whole process group (SIGTERM, then SIGKILL)."""
+    import psutil
+
+    pid = record["pid"]
+    try:
+        group = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        _, alive = psutil.wait_procs(group, timeout=timeout)
+        if not alive:
+            return
 
 
 def _alive(pid: int) -> bool:
@@ -160,6 +180,4 @@ class LocalRayBackend(Backend):
             raise
         except Exception as exc:
             raise BackendError(f"cannot read the logs of Ray job {handle}: {exc}") from None
-        if tail is not None:
-            text = "".join(text.splitlines(keepends=True)[-tail:]) if tail > 0 else ""
-        return text
+        return tail_lines(text, tail)
