@@ -560,6 +560,46 @@ def demo(
     print(f"digit_accuracy={accuracy:.2f}")
 
 
+# -- Kubernetes: the CRD, rendering a document as a RayJob, the controller (sdray/k8s/) -------------------
+k8s_app = typer.Typer(help="Kubernetes: the DiffusionJob CRD.", no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("crd")
+def k8s_crd() -> None:
+    """Print the DiffusionJob CustomResourceDefinition (generated from the job model) as YAML."""
+    from sdray.k8s.crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+
+
+def _render_settings(image: str | None, job_service_account: str | None):
+    from sdray.k8s.render import RenderSettings
+
+    given = {"image": image, "job_service_account": job_service_account}
+    return RenderSettings(**{k: v for k, v in given.items() if v})
+
+
+@app.command()
+def render(
+    job: Annotated[Path, typer.Argument(help="Job document (YAML or JSON).")],
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Namespace; default: the document's.")] = None,
+    image: Annotated[str | None, typer.Option(envvar="SDRAY_IMAGE", help="Image of the Ray pods (unless "
+                                              "spec.cluster.image).")] = None,
+    job_service_account: Annotated[str | None, typer.Option(
+        envvar="SDRAY_JOB_SERVICE_ACCOUNT", help="ServiceAccount of the Ray pods (unless spec.cluster.service_account).")] = None,
+) -> None:
+    """Print the ConfigMap and KubeRay RayJob the controller makes of a document (YAML, for kubectl apply -f -)."""
+    from sdray.k8s.render import RenderError, render as render_objects, render_yaml
+
+    doc = _load(job)
+    try:
+        objects = render_objects(doc, _render_settings(image, job_service_account), namespace=namespace)
+    except RenderError as exc:
+        raise _fail(f"{job}: {exc}", EXIT_BAD_INPUT) from None
+    sys.stdout.write(render_yaml(objects))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
