@@ -600,6 +600,43 @@ def render(
     sys.stdout.write(render_yaml(objects))
 
 
+@app.command()
+def controller(
+    namespace: Annotated[list[str] | None, typer.Option(
+        "--namespace", "-n", help="Namespace to watch; repeat for several; none: every namespace.")] = None,
+    lease_namespace: Annotated[str | None, typer.Option(
+        envvar="POD_NAMESPACE", help="Namespace of the leader-election Lease; default: the first --namespace.")] = None,
+    image: Annotated[str | None, typer.Option(envvar="SDRAY_IMAGE", help="Image of the Ray pods.")] = None,
+    job_service_account: Annotated[str | None, typer.Option(
+        envvar="SDRAY_JOB_SERVICE_ACCOUNT", help="ServiceAccount of the Ray pods (lets the driver report progress).")] = None,
+    kubeconfig: Annotated[Path | None, typer.Option(help="Kubeconfig; default: in-cluster, else ~/.kube/config.")] = None,
+    health_port: Annotated[int, typer.Option(help="Port of /healthz, /readyz and /metrics; 0: none.")] = 8081,
+) -> None:
+    """Run the DiffusionJob controller: each DiffusionJob becomes a KubeRay RayJob, whose progress is mirrored
+    into the DiffusionJob's status. Replicas elect a leader through a Lease; only the leader acts."""
+    import signal
+
+    from sdray.k8s.controller import Controller, ControllerConfig, serve_health
+    from sdray.k8s.kube import Clients
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lease_ns = lease_namespace or (namespace[0] if namespace else "default")
+    config = ControllerConfig(namespaces=namespace or None, lease_namespace=lease_ns,
+                              render=_render_settings(image, job_service_account))
+    try:
+        clients = Clients.connect(kubeconfig=str(kubeconfig) if kubeconfig else None, user_agent="sdray-controller")
+    except Exception as exc:
+        raise _fail(f"cannot reach the Kubernetes API: {exc}") from None
+    ctl = Controller(clients, config)
+    # Kubernetes stops a pod with SIGTERM: give the Lease up at once, so that another replica takes over.
+    signal.signal(signal.SIGTERM, lambda *_: ctl.request_stop())
+    if health_port:
+        serve_health(ctl, health_port)
+    err.print(f"sdray controller {config.identity}: watching {', '.join(namespace or ['every namespace'])}; "
+              f"lease {lease_ns}/{config.lease_name}", highlight=False)
+    ctl.run_forever()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
