@@ -606,6 +606,7 @@ def controller(
         "--namespace", "-n", help="Namespace to watch; repeat for several; none: every namespace.")] = None,
     lease_namespace: Annotated[str | None, typer.Option(
         envvar="POD_NAMESPACE", help="Namespace of the leader-election Lease; default: the first --namespace.")] = None,
+    lease_name: Annotated[str, typer.Option(help="Name of the Lease (one per installation).")] = "sdray-controller",
     image: Annotated[str | None, typer.Option(envvar="SDRAY_IMAGE", help="Image of the Ray pods.")] = None,
     job_service_account: Annotated[str | None, typer.Option(
         envvar="SDRAY_JOB_SERVICE_ACCOUNT", help="ServiceAccount of the Ray pods (lets the driver report progress).")] = None,
@@ -621,7 +622,7 @@ def controller(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lease_ns = lease_namespace or (namespace[0] if namespace else "default")
-    config = ControllerConfig(namespaces=namespace or None, lease_namespace=lease_ns,
+    config = ControllerConfig(namespaces=namespace or None, lease_namespace=lease_ns, lease_name=lease_name,
                               render=_render_settings(image, job_service_account))
     try:
         clients = Clients.connect(kubeconfig=str(kubeconfig) if kubeconfig else None, user_agent="sdray-controller")
