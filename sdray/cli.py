@@ -171,7 +171,16 @@ def train(
     workers, and the exported diffusers pipeline, sample grids, metrics.jsonl and loss.png land under
     spec.output.uri. Rerunning a job with checkpoint.resume: auto continues from its latest checkpoint.
     """
-    run_training(job, address=address, in_process=in_process, verbose=verbose)
+    from sdray.k8s.progress import StatusReporter
+
+    reporter = StatusReporter.from_env()  # in a RayJob's head: step and loss into the DiffusionJob's status
+    try:
+        summary = run_training(job, address=address, in_process=in_process, verbose=verbose, on_progress=reporter)
+        if reporter is not None:
+            reporter(summary, final=True)
+    finally:
+        if reporter is not None:
+            reporter.close()
 
 
 @app.command()

@@ -6,79 +6,17 @@ What the controller stores is checked against the real schemas at the end of eac
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import yaml
 from conftest import make_job
-from fake_kube import FakeKube
-from k8s_checks import check
+from k8s_cluster import (NS, check_store, conditions, events, kube, running, status_of, submit, user,  # noqa: F401
+                         wait_state, write_kubeconfig)
 from kubernetes.client import ApiException
 
-from sdray.k8s.controller import Controller, ControllerConfig, WorkQueue, changed_paths
-from sdray.k8s.kube import Clients, create_diffusionjob, delete_diffusionjob
+from sdray.k8s.controller import WorkQueue, changed_paths
+from sdray.k8s.kube import Clients, delete_diffusionjob
 from sdray.k8s.progress import StatusReporter
-from sdray.k8s.render import SPEC_HASH, RenderSettings
-from sdray.spec import parse_job
-
-NS = "ml"
-SETTINGS = RenderSettings(image="registry.example/sdray:0.1.0", job_service_account="sdray-job")
-# Short lease and watch times, so that a test sees a takeover or a re-watch within a second or two.
-FAST = dict(lease_duration=1.0, renew_every=0.2, retry_every=0.1, watch_timeout=1, backoff_base=0.05, backoff_cap=0.5)
-
-
-@pytest.fixture
-def kube():
-    server = FakeKube().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def user(kube):
-    clients = Clients.connect(host=kube.url, user_agent="kubectl")
-    yield clients
-    clients.close()
-
-
-@contextlib.contextmanager
-def running(kube, identity="a", **config):
-    clients = Clients.connect(host=kube.url, user_agent=f"controller/{identity}")
-    ctl = Controller(clients, ControllerConfig(namespaces=[NS], lease_namespace=NS, identity=identity,
-                                               render=SETTINGS, **{**FAST, **config})).start()
-    try:
-        yield ctl
-    finally:
-        ctl.stop(timeout=10)
-        clients.close()
-
-
-def submit(user, name, **spec) -> dict:
-    return create_diffusionjob(user, parse_job(make_job(name, "s3://models/out", "s3://datasets/digits", **spec)), NS)
-
-
-def status_of(kube, name) -> dict:
-    return (kube.get("diffusionjobs", NS, name) or {}).get("status") or {}
-
-
-def wait_state(kube, name, state, timeout=10.0) -> dict:
-    return kube.wait(lambda: status_of(kube, name).get("state") == state and status_of(kube, name),
-                     timeout, f"{name} to be {state} (now {status_of(kube, name)})")
-
-
-def conditions(status) -> dict:
-    return {c["type"]: (c["status"], c["reason"]) for c in status.get("conditions", [])}
-
-
-def events(kube, name) -> list[tuple[str, str, str]]:
-    stored = sorted(kube.objects("events", NS), key=lambda e: int(e["metadata"]["resourceVersion"]))
-    return [(e["type"], e["reason"], e["message"]) for e in stored if e["involvedObject"]["name"] == name]
-
-
-def check_store(kube):
-    """Everything stored (what the controller wrote included) passes the real schemas."""
-    check([o for plural in ("diffusionjobs", "rayjobs", "configmaps", "events", "leases") for o in kube.objects(plural)])
-
+from sdray.k8s.render import SPEC_HASH
 
 def test_create_makes_an_owned_configmap_and_rayjob(kube, user):
     with running(kube):
@@ -294,6 +232,20 @@ def test_the_driver_reports_step_and_loss_beside_the_controller(kube, user):
     assert missing._disabled
 
 
+def test_the_reporter_is_configured_by_the_rendered_environment(kube, user, tmp_path, monkeypatch):
+    submit(user, "env-job")
+    for name in ("SDRAY_DIFFUSIONJOB", "SDRAY_NAMESPACE", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    assert StatusReporter.from_env() is None  # not in a RayJob: nothing to report to
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kubeconfig", kube.url)))
+    monkeypatch.setenv("SDRAY_DIFFUSIONJOB", "env-job")  # what the head pod gets (sdray/k8s/render.py)
+    monkeypatch.setenv("SDRAY_NAMESPACE", NS)
+    reporter = StatusReporter.from_env()
+    reporter({"step": 7, "loss": 1.5, "images_per_s": 12.0})
+    reporter.close()
+    assert (status_of(kube, "env-job")["step"], status_of(kube, "env-job")["loss"]) == (7, 1.5)
+
+
 def test_work_queue_holds_each_key_once_and_backs_off():
     import threading
 
@@ -331,12 +283,7 @@ def test_controller_command_runs_until_sigterm_and_gives_the_lease_up(kube, user
     import sys
     import urllib.request
 
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
-        "users": [{"name": "nobody", "user": {}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "nobody"}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", kube.url)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -15,6 +15,10 @@ RAY_GROUP = "ray.io"
 RAY_VERSION = "v1"
 RAYJOB_PLURAL = "rayjobs"
 
+# On a DiffusionJob named apart from its document (the service names them after its job ids): the document's
+# own name, which its run and checkpoints go by.
+DOCUMENT_NAME = "sdray.io/document-name"
+
 # Labels the controller puts on everything it creates, and selects by.
 JOB_LABEL = "sdray.io/job"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "sdray-controller", "app.kubernetes.io/name": "sdray"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from sdray.k8s import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from sdray.k8s import API_VERSION, DOCUMENT_NAME, GROUP, KIND, PLURAL, VERSION
 from sdray.k8s.render import check_name, job_document
 from sdray.spec import DiffusionJob
 
@@ -37,7 +37,9 @@ class Clients:
         elif "KUBERNETES_SERVICE_HOST" in os.environ and kubeconfig is None:
             config.load_incluster_config(client_configuration=configuration)
         else:
-            config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+            # $KUBECONFIG read now: the client reads it once, when it is imported.
+            config.load_kube_config(config_file=kubeconfig or os.environ.get("KUBECONFIG"), context=context,
+                                    client_configuration=configuration)
         api_client = client.ApiClient(configuration)
         if user_agent:
             api_client.user_agent = user_agent
@@ -53,21 +55,23 @@ class Clients:
 
 
 def diffusionjob_object(job: DiffusionJob, namespace: str, labels: dict[str, str] | None = None,
-                        owner_references: list[dict] | None = None) -> dict:
-    """The DiffusionJob resource for a validated document, in ``namespace``, with extra ``labels``."""
-    check_name(job)
+                        name: str | None = None) -> dict:
+    """The DiffusionJob resource for a validated document, in ``namespace``, with extra ``labels``; named
+    ``name`` (default: the document's), the document's own name then kept in an annotation."""
+    name = name or job.metadata.name
+    check_name(name)
     doc = job_document(job)
-    meta = {"name": job.metadata.name, "namespace": namespace, "labels": {**job.metadata.labels, **(labels or {})}}
-    if owner_references:
-        meta["ownerReferences"] = owner_references
+    meta = {"name": name, "namespace": namespace, "labels": {**job.metadata.labels, **(labels or {})}}
+    if name != job.metadata.name:
+        meta["annotations"] = {DOCUMENT_NAME: job.metadata.name}
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": doc["spec"]}
 
 
 def create_diffusionjob(clients: Clients, job: DiffusionJob, namespace: str,
-                        labels: dict[str, str] | None = None) -> dict:
+                        labels: dict[str, str] | None = None, name: str | None = None) -> dict:
     """Create the DiffusionJob for ``job`` (already validated by ``parse_job``); returns the stored object.
     Raises the client's ApiException (409 when the name is taken)."""
-    body = diffusionjob_object(job, namespace, labels)
+    body = diffusionjob_object(job, namespace, labels, name)
     return clients.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
 
 
@@ -102,7 +106,8 @@ def document_of(obj: dict) -> dict:
     """The sdray document inside a DiffusionJob resource (what ``parse_job`` takes): the resource's
     server-side metadata (uid, resourceVersion, …) is not part of it."""
     meta = obj.get("metadata") or {}
-    doc_meta = {"name": meta.get("name"), "namespace": meta.get("namespace")}
+    name = (meta.get("annotations") or {}).get(DOCUMENT_NAME) or meta.get("name")
+    doc_meta = {"name": name, "namespace": meta.get("namespace")}
     if meta.get("labels"):
         doc_meta["labels"] = meta["labels"]
     return {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": doc_meta,

@@ -78,8 +78,8 @@ def spec_hash(doc: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc["spec"], sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _labels(job: DiffusionJob, component: str) -> dict[str, str]:
-    return {**MANAGED_BY, "app.kubernetes.io/component": component, JOB_LABEL: job.metadata.name}
+def _labels(name: str, component: str) -> dict[str, str]:
+    return {**MANAGED_BY, "app.kubernetes.io/component": component, JOB_LABEL: name}
 
 
 def _owner_references(owner: dict | None) -> list[dict]:
@@ -125,7 +125,8 @@ def _credential_secrets(job: DiffusionJob) -> list[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
-def _pod(job: DiffusionJob, settings: RenderSettings, container: str, resources: dict, *, head: bool) -> dict:
+def _pod(job: DiffusionJob, settings: RenderSettings, name: str, container: str, resources: dict, *,
+         head: bool) -> dict:
     cluster = job.spec.cluster
     secrets = _credential_secrets(job)
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]  # Ray's object store lives in shared memory
@@ -136,8 +137,8 @@ def _pod(job: DiffusionJob, settings: RenderSettings, container: str, resources:
     env = [{"name": k, "value": v} for k, v in sorted(cluster.env.items())]
     if head:
         mounts.append({"name": "job", "mountPath": JOB_MOUNT, "readOnly": True})
-        volumes.append({"name": "job", "configMap": {"name": configmap_name(job.metadata.name)}})
-        env.append({"name": JOB_ENV, "value": job.metadata.name})
+        volumes.append({"name": "job", "configMap": {"name": configmap_name(name)}})
+        env.append({"name": JOB_ENV, "value": name})
         env.append({"name": NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}})
     main = {
         "name": container,
@@ -152,7 +153,7 @@ def _pod(job: DiffusionJob, settings: RenderSettings, container: str, resources:
     if cluster.env_secrets:
         main["envFrom"] = [{"secretRef": {"name": name}} for name in cluster.env_secrets]
     return {
-        "metadata": {"labels": _labels(job, "ray-head" if head else "ray-worker")},
+        "metadata": {"labels": _labels(name, "ray-head" if head else "ray-worker")},
         "spec": {**_placement(job, settings), "containers": [main], "volumes": volumes},
     }
 
@@ -182,7 +183,7 @@ def _placement(job: DiffusionJob, settings: RenderSettings) -> dict:
     return spec
 
 
-def _submitter(job: DiffusionJob, settings: RenderSettings) -> dict:
+def _submitter(job: DiffusionJob, settings: RenderSettings, name: str) -> dict:
     """The pod that runs ``ray job submit`` (KubeRay fills in its command): small, and as locked down as
     the others."""
     container = {"name": "ray-job-submitter", "image": job.spec.cluster.image or settings.image,
@@ -190,13 +191,12 @@ def _submitter(job: DiffusionJob, settings: RenderSettings) -> dict:
                  "resources": _resources("500m", "1Gi"), "securityContext": _container_security()}
     placement = _placement(job, settings)
     placement.pop("serviceAccountName", None)  # it only talks to the Ray dashboard
-    return {"metadata": {"labels": _labels(job, "ray-submitter")},
+    return {"metadata": {"labels": _labels(name, "ray-submitter")},
             "spec": {**placement, "restartPolicy": "Never", "containers": [container]}}
 
 
-def check_name(job: DiffusionJob) -> None:
+def check_name(name: str) -> None:
     """Refuse a name KubeRay would refuse for the RayJob (which takes the DiffusionJob's name)."""
-    name = job.metadata.name
     if len(name) > MAX_RAYJOB_NAME or not name[0].isalpha():
         raise RenderError(f"metadata.name: {name!r} cannot name a RayJob: KubeRay needs at most {MAX_RAYJOB_NAME} "
                           "characters, starting with a letter")
@@ -205,23 +205,25 @@ def check_name(job: DiffusionJob) -> None:
 def render(job: DiffusionJob, settings: RenderSettings | None = None, *, namespace: str | None = None,
            owner: dict | None = None) -> list[dict]:
     """[ConfigMap, RayJob] for ``job`` in ``namespace`` (default: the document's), owned by ``owner`` (the
-    DiffusionJob object, with its uid) when given."""
+    DiffusionJob object, with its uid) when given. The objects take the owner's name (the document's
+    without one): a job submitted through the service runs under its own DiffusionJob name, while its
+    document keeps the name its run and checkpoints go by."""
     settings = settings or RenderSettings()
-    check_name(job)
+    name = owner["metadata"]["name"] if owner is not None else job.metadata.name
+    check_name(name)
     namespace = namespace or job.metadata.namespace
-    name = job.metadata.name
     cluster = job.spec.cluster
     doc = job_document(job, namespace)
     configmap = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(configmap_name(name), namespace, _labels(job, "job-document"), owner),
+        "metadata": _metadata(configmap_name(name), namespace, _labels(name, "job-document"), owner),
         "data": {JOB_FILE: yaml.safe_dump(doc, sort_keys=False)},
     }
     head_size = HEAD_DEFAULT.model_copy(update=cluster.head.model_dump(exclude_none=True))
     replicas, cpu, memory, gpu = worker_pod_size(job)
     command = "tune" if job.spec.tune is not None else "train"
-    labels = _labels(job, "training")
+    labels = _labels(name, "training")
     if cluster.queue:
         labels[QUEUE_LABEL] = cluster.queue
     spec: dict[str, Any] = {
@@ -230,19 +232,19 @@ def render(job: DiffusionJob, settings: RenderSettings | None = None, *, namespa
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": cluster.ttl_seconds_after_finished,
         "backoffLimit": cluster.backoff_limit,
-        "submitterPodTemplate": _submitter(job, settings),
+        "submitterPodTemplate": _submitter(job, settings, name),
         "rayClusterSpec": {
             "rayVersion": settings.ray_version,
             "headGroupSpec": {
                 "rayStartParams": {"dashboard-host": "0.0.0.0"},
-                "template": _pod(job, settings, "ray-head", _resources(str(head_size.cpu), str(head_size.memory)),
-                                 head=True),
+                "template": _pod(job, settings, name, "ray-head",
+                                 _resources(str(head_size.cpu), str(head_size.memory)), head=True),
             },
             "workerGroupSpecs": [{
                 "groupName": "workers",
                 "replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas,
                 "rayStartParams": {},
-                "template": _pod(job, settings, "ray-worker", _resources(cpu, memory, gpu), head=False),
+                "template": _pod(job, settings, name, "ray-worker", _resources(cpu, memory, gpu), head=False),
             }],
         },
     }
