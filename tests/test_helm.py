@@ -60,7 +60,8 @@ def test_default_install():
     service = named(objects, "Deployment", "sdray-service")["spec"]["template"]["spec"]
     assert service["containers"][0]["args"] == [
         "serve", "--host", "0.0.0.0", "--port", "8000", "--tokens", "/etc/sdray/tokens/tokens.json",
-        "--db", "/var/lib/sdray/jobs.db", "--backend", "kuberay"]
+        "--db", "/var/lib/sdray/jobs.db", "--backend", "kuberay", "--namespace", NAMESPACE,
+        "--public-url", f"http://sdray.{NAMESPACE}.svc:80"]
     volumes = {v["name"]: v for v in service["volumes"]}
     assert volumes["tokens"]["secret"]["secretName"] == "sdray-tokens"
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "sdray-data"
@@ -107,7 +108,7 @@ def test_rbac_is_least_privilege():
         (("coordination.k8s.io",), ("leases",), ("sdray-controller",)): {"get", "update"}}
     assert _rules(objects, "Role", "sdray-service", "team-a") == {
         (("sdray.io",), ("diffusionjobs",), ()): {"get", "list", "create", "delete"},
-        (("",), ("secrets",), ()): {"create", "delete"},
+        (("",), ("secrets",), ()): {"create"},
         (("",), ("pods",), ()): {"list"}, (("",), ("pods/log",), ()): {"get"}}
 
 
@@ -136,6 +137,12 @@ def test_full_install():
     assert rule["spec"]["groups"] == shipped[0] + shipped[1]
     assert named(objects, "LocalQueue", "team-a")["spec"] == {"clusterQueue": "shared-gpus"}
     assert named(objects, "LocalQueue", "team-a")["metadata"]["namespace"] == "team-a"
+
+
+def test_the_charts_alert_rules_are_the_repositorys():
+    # helm reads files inside the chart only: files/alerts.yml is a copy of examples/alerts.yml (promtool-tested).
+    assert (CHART / "files" / "alerts.yml").read_text() == (REPO / "examples" / "alerts.yml").read_text(), (
+        "helm/sdray/files/alerts.yml is stale: cp examples/alerts.yml helm/sdray/files/alerts.yml")
 
 
 def test_controller_only_install():
