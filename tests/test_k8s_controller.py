@@ -204,6 +204,20 @@ def test_an_invalid_document_fails_without_a_rayjob(kube, user):
     assert kube.objects("rayjobs") == []
 
 
+def test_a_refused_document_runs_once_it_is_fixed(kube, user):
+    doc = make_job("fixed", "s3://o/x", "s3://d/x", train={"learning_rate": -1})
+    with running(kube):
+        user.custom.create_namespaced_custom_object("sdray.io", "v1alpha1", NS, "diffusionjobs",
+                                                    {**doc, "metadata": {"name": "fixed", "namespace": NS}})
+        wait_state(kube, "fixed", "Failed")
+        user.custom.patch_namespaced_custom_object("sdray.io", "v1alpha1", NS, "diffusionjobs", "fixed",
+                                                   {"spec": {"train": {"learning_rate": 1e-4}}})
+        kube.wait(lambda: kube.get("rayjobs", NS, "fixed"), 10, "the RayJob of the fixed document")
+        status = wait_state(kube, "fixed", "Pending")
+    assert "completionTime" not in status and status["observedGeneration"] == 2
+    assert conditions(status)["Failed"][0] == "False"
+
+
 def test_a_foreign_rayjob_of_the_same_name_is_not_taken(kube, user):
     foreign = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "taken", "namespace": NS},
                "spec": {"entrypoint": "python other.py"}}

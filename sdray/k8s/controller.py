@@ -291,8 +291,12 @@ class Controller:
             return None
         desired["metadata"]["annotations"][GENERATION] = str(dj["metadata"].get("generation", 1))
         if rayjob is None:
-            if status.get("state") in TERMINAL:
-                return None  # a finished job is never started again (its RayJob was deleted by hand)
+            generation = dj["metadata"].get("generation")
+            refused_before = not status.get("rayJobName") and status.get("observedGeneration") != generation
+            if status.get("state") in TERMINAL and not refused_before:
+                # A finished job is never started again (its RayJob was deleted by hand); one whose document
+                # was refused before it ran starts once its spec changes.
+                return None
             self._apply_configmap(configmap, dj)
             rayjob = self._create_rayjob(desired, dj)
         elif rayjob["metadata"].get("annotations", {}).get(SPEC_HASH) != desired["metadata"]["annotations"][SPEC_HASH]:

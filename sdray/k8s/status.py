@@ -78,8 +78,9 @@ def rayjob_status(rayjob: dict, queue: str | None, current: dict, generation: in
     }
     if ray.get("startTime"):
         status["startTime"] = ray["startTime"]
-    if state in TERMINAL:
-        status["completionTime"] = ray.get("endTime") or current.get("completionTime") or now_iso()
+    # None removes the field in a merge patch: a job refused before it ran, then fixed, runs again.
+    status["completionTime"] = (ray.get("endTime") or current.get("completionTime") or now_iso()) if state in TERMINAL \
+        else None
     return status
 
 
