@@ -43,7 +43,7 @@ def running(kube, identity="a", **config):
     try:
         yield ctl
     finally:
-        ctl.stop(timeout=10)
+        ctl.stop(timeout=10, watches=False)  # a watch in flight ends at its 1 s timeout by itself
         clients.close()
 
 
