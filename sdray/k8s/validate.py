@@ -46,6 +46,7 @@ class CRDSchemas:
 
     def __init__(self, crds: Iterable[dict]):
         self._schemas: dict[tuple[str, str], dict] = {}
+        self._validators: dict[tuple[str, str], object] = {}
         for crd in crds:
             spec = crd["spec"]
             for version in spec["versions"]:
@@ -64,11 +65,14 @@ class CRDSchemas:
     def knows(self, api_version: str, kind: str) -> bool:
         return (api_version, kind) in self._schemas
 
-    @functools.cache
     def validator(self, api_version: str, kind: str):
+        """The jsonschema validator of a kind (made once: the RayJob's schema is large)."""
         from jsonschema import Draft4Validator  # OpenAPI v3.0 schema objects follow draft 4 (boolean exclusiveMinimum)
 
-        return Draft4Validator(openapi_to_jsonschema(self._schemas[(api_version, kind)]))
+        key = (api_version, kind)
+        if key not in self._validators:
+            self._validators[key] = Draft4Validator(openapi_to_jsonschema(self._schemas[key]))
+        return self._validators[key]
 
 
 def openapi_to_jsonschema(node: dict[str, Any], strict: bool = True) -> dict[str, Any]:
