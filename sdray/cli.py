@@ -171,7 +171,16 @@ def train(
     workers, and the exported diffusers pipeline, sample grids, metrics.jsonl and loss.png land under
     spec.output.uri. Rerunning a job with checkpoint.resume: auto continues from its latest checkpoint.
     """
-    run_training(job, address=address, in_process=in_process, verbose=verbose)
+    from sdray.k8s.progress import StatusReporter
+
+    reporter = StatusReporter.from_env()  # in a RayJob's head: step and loss into the DiffusionJob's status
+    try:
+        summary = run_training(job, address=address, in_process=in_process, verbose=verbose, on_progress=reporter)
+        if reporter is not None:
+            reporter(summary, final=True)
+    finally:
+        if reporter is not None:
+            reporter.close()
 
 
 @app.command()
@@ -558,6 +567,84 @@ def demo(
     out.print(f"grid: {grid_path}   loss curve: {out_dir / 'unet' / 'loss.png'}   "
               f"total {time.perf_counter() - start:.0f} s", highlight=False)
     print(f"digit_accuracy={accuracy:.2f}")
+
+
+# -- Kubernetes: the CRD, rendering a document as a RayJob, the controller (sdray/k8s/) -------------------
+k8s_app = typer.Typer(help="Kubernetes: the DiffusionJob CRD.", no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("crd")
+def k8s_crd() -> None:
+    """Print the DiffusionJob CustomResourceDefinition (generated from the job model) as YAML."""
+    from sdray.k8s.crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+
+
+def _render_settings(image: str | None, job_service_account: str | None):
+    from sdray.k8s.render import RenderSettings
+
+    given = {"image": image, "job_service_account": job_service_account}
+    return RenderSettings(**{k: v for k, v in given.items() if v})
+
+
+@app.command()
+def render(
+    job: Annotated[Path, typer.Argument(help="Job document (YAML or JSON).")],
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Namespace; default: the document's.")] = None,
+    image: Annotated[str | None, typer.Option(envvar="SDRAY_IMAGE", help="Image of the Ray pods (unless "
+                                              "spec.cluster.image).")] = None,
+    job_service_account: Annotated[str | None, typer.Option(
+        envvar="SDRAY_JOB_SERVICE_ACCOUNT", help="ServiceAccount of the Ray pods (unless spec.cluster.service_account).")] = None,
+) -> None:
+    """Print the ConfigMap and KubeRay RayJob the controller makes of a document (YAML, for kubectl apply -f -)."""
+    from sdray.k8s.render import RenderError, render as render_objects, render_yaml
+
+    doc = _load(job)
+    try:
+        objects = render_objects(doc, _render_settings(image, job_service_account), namespace=namespace)
+    except RenderError as exc:
+        raise _fail(f"{job}: {exc}", EXIT_BAD_INPUT) from None
+    sys.stdout.write(render_yaml(objects))
+
+
+@app.command()
+def controller(
+    namespace: Annotated[list[str] | None, typer.Option(
+        "--namespace", "-n", help="Namespace to watch; repeat for several; none: every namespace.")] = None,
+    lease_namespace: Annotated[str | None, typer.Option(
+        envvar="POD_NAMESPACE", help="Namespace of the leader-election Lease; default: the first --namespace.")] = None,
+    lease_name: Annotated[str, typer.Option(help="Name of the Lease (one per installation).")] = "sdray-controller",
+    image: Annotated[str | None, typer.Option(envvar="SDRAY_IMAGE", help="Image of the Ray pods.")] = None,
+    job_service_account: Annotated[str | None, typer.Option(
+        envvar="SDRAY_JOB_SERVICE_ACCOUNT", help="ServiceAccount of the Ray pods (lets the driver report progress).")] = None,
+    kubeconfig: Annotated[Path | None, typer.Option(help="Kubeconfig; default: in-cluster, else ~/.kube/config.")] = None,
+    health_port: Annotated[int, typer.Option(help="Port of /healthz, /readyz and /metrics; 0: none.")] = 8081,
+) -> None:
+    """Run the DiffusionJob controller: each DiffusionJob becomes a KubeRay RayJob, whose progress is mirrored
+    into the DiffusionJob's status. Replicas elect a leader through a Lease; only the leader acts."""
+    import signal
+
+    from sdray.k8s.controller import Controller, ControllerConfig, serve_health
+    from sdray.k8s.kube import Clients
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lease_ns = lease_namespace or (namespace[0] if namespace else "default")
+    config = ControllerConfig(namespaces=namespace or None, lease_namespace=lease_ns, lease_name=lease_name,
+                              render=_render_settings(image, job_service_account))
+    try:
+        clients = Clients.connect(kubeconfig=str(kubeconfig) if kubeconfig else None, user_agent="sdray-controller")
+    except Exception as exc:
+        raise _fail(f"cannot reach the Kubernetes API: {exc}") from None
+    ctl = Controller(clients, config)
+    # Kubernetes stops a pod with SIGTERM: give the Lease up at once, so that another replica takes over.
+    signal.signal(signal.SIGTERM, lambda *_: ctl.request_stop())
+    if health_port:
+        serve_health(ctl, health_port)
+    err.print(f"sdray controller {config.identity}: watching {', '.join(namespace or ['every namespace'])}; "
+              f"lease {lease_ns}/{config.lease_name}", highlight=False)
+    ctl.run_forever()
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -8,12 +8,13 @@ Unknown fields are refused, and every error names the field path it concerns
 from __future__ import annotations
 
 import json
+import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 API_VERSION = "sdray.io/v1alpha1"
 KIND = "DiffusionJob"
@@ -308,6 +309,17 @@ class DistributedSpec(_Strict):
         default=2, ge=0, description="Worker failures to recover from (restart from the latest checkpoint)."
     )
 
+    @property
+    def cpus_per_worker(self) -> float:
+        return float((self.resources_per_worker or {}).get("CPU", 1))
+
+    @property
+    def gpus_per_worker(self) -> float:
+        """GPUs each Ray Train worker takes: resources_per_worker.GPU, else one with use_gpu (as Ray Train)."""
+        if not self.use_gpu:
+            return 0.0
+        return float((self.resources_per_worker or {}).get("GPU", 1))
+
     @model_validator(mode="after")
     def _fsdp_settings(self) -> DistributedSpec:
         if self.fsdp is not None and self.strategy != "fsdp":
@@ -436,6 +448,117 @@ class TuneSpec(_Strict):
         "(linear or square root), as practitioners do.")
 
 
+# Kubernetes names and values, as the API server checks them (apimachinery's validation).
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+_QUANTITY = re.compile(r"^\+?(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>[KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$")
+_SUFFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+# Keys that must never be written into a document (the README: credentials come from secrets).
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def quantity_value(text: str) -> float:
+    """The number a Kubernetes quantity stands for ("500m" → 0.5, "2Gi" → 2147483648.0)."""
+    match = _QUANTITY.match(text)
+    if match is None:
+        raise ValueError(f"expected a Kubernetes quantity such as 8, 500m or 32Gi, got {text!r}")
+    suffix = match["suffix"] or ""
+    scale = 10.0 ** int(suffix[1:]) if suffix[:1] in ("e", "E") else _SUFFIX[suffix]
+    return float(match["num"]) * scale
+
+
+def _quantity(value: int | str) -> str:
+    if _QUANTITY.match(str(value)) is None:
+        raise ValueError("expected a Kubernetes quantity such as 8, 500m or 32Gi")  # the input is appended
+    return str(value)
+
+
+# An int or a string, as Kubernetes writes resources (x-kubernetes-int-or-string in the CRD).
+Quantity = Annotated[int | str, AfterValidator(_quantity)]
+
+
+class Toleration(_Strict):
+    """A Kubernetes toleration of the Ray pods (for tainted GPU nodes)."""
+
+    key: str | None = Field(default=None, description="Taint key; empty with operator Exists matches every taint.")
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(default=None, description="Taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty: every effect.")
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="How long a NoExecute taint is tolerated before eviction.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError("value must be empty with operator: Exists")
+        if self.operator == "Equal" and self.key is None:
+            raise ValueError("key is required with operator: Equal")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("toleration_seconds applies to effect: NoExecute only")
+        return self
+
+
+class PodResources(_Strict):
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit of the pod (8, 500m).")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit of the pod (32Gi).")
+
+
+class WorkerPodResources(PodResources):
+    gpu: int | None = Field(
+        default=None, ge=0, description="nvidia.com/gpu of each worker pod; default: the GPUs its Ray Train "
+        "workers take (spec.distributed.use_gpu / resources_per_worker.GPU).")
+
+
+class ClusterSpec(_Strict):
+    """How the job runs on Kubernetes (a KubeRay RayJob); ignored by `sdray train` on a machine."""
+
+    image: str | None = Field(
+        default=None, description="Container image of the Ray pods; default: the controller's --image.")
+    queue: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="Kueue LocalQueue: the RayJob is created suspended and Kueue admits it whole (gang admission).")
+    priority_class: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253, description="PriorityClass of the Ray pods.")
+    service_account: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="ServiceAccount of the Ray pods (e.g. one bound to an S3 role); default: the controller's "
+        "--job-service-account.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the Ray pods need.")
+    tolerations: list[Toleration] = Field(default_factory=list)
+    head: PodResources = Field(
+        default_factory=PodResources, description="Ray head pod (runs the driver and Ray Data); default 2 CPUs, 8Gi.")
+    worker: WorkerPodResources = Field(
+        default_factory=WorkerPodResources,
+        description="Each worker pod; default: the CPUs its Ray Train workers take plus one for Ray Data, "
+        "8Gi per Ray Train worker (32Gi with GPUs).")
+    workers_per_pod: int = Field(
+        default=1, ge=1, description="Ray Train workers per worker pod (8 for one pod per 8-GPU node); must "
+        "divide the job's Ray Train workers.")
+    env_secrets: list[Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=253)]] = Field(
+        default_factory=list,
+        description="Secrets whose keys become environment variables of the Ray containers (envFrom), e.g. "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for a document that names no credentials_secret.")
+    env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = Field(
+        default_factory=dict, description="Plain environment variables of the Ray containers (no credentials).")
+    ttl_seconds_after_finished: int = Field(
+        default=600, ge=0, description="Seconds the finished RayJob (and its cluster's logs) are kept.")
+    active_deadline_seconds: int | None = Field(
+        default=None, gt=0, description="The job fails once it has run this long.")
+    backoff_limit: int = Field(
+        default=0, ge=0, description="Retries of the whole RayJob on a fresh cluster (it resumes from the latest "
+        "checkpoint with checkpoint.resume: auto).")
+
+    @field_validator("env")
+    @classmethod
+    def _no_credentials(cls, env: dict[str, str]) -> dict[str, str]:
+        leaked = [k for k in env if k in _CREDENTIAL_ENV]
+        if leaked:
+            raise ValueError(f"{leaked[0]} is a credential: put it in a Secret and name it in env_secrets")
+        return env
+
+
 class JobSpec(_Strict):
     stage: Literal["unet", "autoencoder"] = "unet"
     model: ModelSpec
@@ -451,6 +574,9 @@ class JobSpec(_Strict):
     )
     tune: TuneSpec | None = Field(
         default=None, description="Hyperparameter search: `sdray tune` runs one Ray Train run per trial."
+    )
+    cluster: ClusterSpec = Field(
+        default_factory=ClusterSpec, description="Kubernetes settings: image, Kueue queue, pod resources, placement."
     )
 
     @model_validator(mode="after")
@@ -518,6 +644,31 @@ class JobSpec(_Strict):
         if errors:
             raise ValueError("\n".join(errors))  # one line per problem (see _format_errors)
         return self
+
+    @model_validator(mode="after")
+    def _fits_the_cluster(self) -> JobSpec:
+        cluster, per_pod = self.cluster, self.cluster.workers_per_pod
+        if self.ray_train_workers % per_pod:
+            raise ValueError(f"spec.cluster.workers_per_pod ({per_pod}) must divide the job's Ray Train workers "
+                             f"({self.ray_train_workers}: distributed.num_workers × tune.max_concurrent_trials)")
+        gpus = self.distributed.gpus_per_worker * per_pod
+        if cluster.worker.gpu is not None:
+            if cluster.worker.gpu and not self.distributed.use_gpu:
+                raise ValueError("spec.cluster.worker.gpu: the workers use no GPU (spec.distributed.use_gpu is false)")
+            if cluster.worker.gpu < gpus:
+                raise ValueError(f"spec.cluster.worker.gpu ({cluster.worker.gpu}) is less than the {gpus:g} GPUs "
+                                 "the pod's Ray Train workers take")
+        cpus = self.distributed.cpus_per_worker * per_pod
+        if cluster.worker.cpu is not None and quantity_value(str(cluster.worker.cpu)) < cpus:
+            raise ValueError(f"spec.cluster.worker.cpu ({cluster.worker.cpu}) is less than the {cpus:g} CPUs the "
+                             "pod's Ray Train workers take (distributed.resources_per_worker.CPU × workers_per_pod)")
+        return self
+
+    @property
+    def ray_train_workers(self) -> int:
+        """Ray Train workers running at once: one search's trials run side by side."""
+        trials = self.tune.max_concurrent_trials if self.tune is not None else None
+        return self.distributed.num_workers * (trials or 1)
 
     @property
     def data_s3(self) -> S3Settings:

@@ -1,11 +1,12 @@
 import copy
 import json
+import re
 
 import pytest
 import yaml
 from conftest import make_job
 
-from sdray.spec import SpecError, json_schema, load_job, parse_job
+from sdray.spec import SpecError, json_schema, load_job, parse_job, quantity_value
 
 
 def valid_doc():
@@ -230,3 +231,48 @@ def test_train_text_encoder_refusals_name_the_field(spec, expected):
     doc["spec"].update(spec)
     with pytest.raises(SpecError, match=expected):
         parse_job(doc)
+
+
+@pytest.mark.parametrize("cluster, distributed, expected", [
+    ({"queue": "Team_A"}, {}, "spec.cluster.queue: String should match pattern"),
+    ({"worker": {"memory": "32GB"}}, {}, "spec.cluster.worker.memory: expected a Kubernetes quantity"),
+    ({"worker": {"gpu": -1}}, {}, "spec.cluster.worker.gpu: Input should be greater than or equal to 0"),
+    ({"worker": {"gpu": 1}}, {}, "spec.cluster.worker.gpu: the workers use no GPU"),
+    ({"worker": {"gpu": 1}}, {"use_gpu": True, "num_workers": 2, "resources_per_worker": {"GPU": 2}},
+     r"spec.cluster.worker.gpu \(1\) is less than the 2 GPUs"),
+    ({"worker": {"cpu": "500m"}}, {"resources_per_worker": {"CPU": 1}}, r"spec.cluster.worker.cpu \(500m\) is less"),
+    ({"workers_per_pod": 3}, {"num_workers": 4}, r"spec.cluster.workers_per_pod \(3\) must divide"),
+    ({"tolerations": [{"operator": "Exists", "value": "x"}]}, {}, "spec.cluster.tolerations.0: value must be empty"),
+    ({"tolerations": [{"key": "k", "toleration_seconds": 5}]}, {}, "toleration_seconds applies to effect: NoExecute"),
+    ({"env": {"AWS_SECRET_ACCESS_KEY": "x"}}, {}, "spec.cluster.env: AWS_SECRET_ACCESS_KEY is a credential"),
+    ({"env_secrets": ["Not A Name"]}, {}, "spec.cluster.env_secrets.0: String should match pattern"),
+    ({"ttl_seconds_after_finished": -1}, {}, "spec.cluster.ttl_seconds_after_finished"),
+    ({"active_deadline_seconds": 0}, {}, "spec.cluster.active_deadline_seconds: Input should be greater than 0"),
+    ({"node_pool": "gpu"}, {}, "spec.cluster.node_pool: unknown field"),
+])
+def test_cluster_settings_are_checked(cluster, distributed, expected):
+    doc = valid_doc()
+    doc["spec"]["cluster"] = cluster
+    doc["spec"]["distributed"].update(distributed)
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    assert any(re.search(expected, line) for line in err.value.errors), err.value.errors
+
+
+def test_cluster_settings_accepted_with_defaults():
+    assert parse_job(valid_doc()).spec.cluster.queue is None  # optional: a document without it still runs
+    doc = valid_doc()
+    doc["spec"]["distributed"] = {"num_workers": 16, "use_gpu": True, "resources_per_worker": {"CPU": 8}}
+    doc["spec"]["cluster"] = {"queue": "team-a", "workers_per_pod": 8, "worker": {"cpu": 64, "memory": "512Gi", "gpu": 8},
+                              "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+    cluster = parse_job(doc).spec.cluster
+    assert cluster.worker.cpu == "64"  # an int quantity is kept as Kubernetes writes it
+    assert parse_job(doc).spec.ray_train_workers == 16
+
+
+def test_quantity_values():
+    assert quantity_value("500m") == 0.5
+    assert quantity_value("2Gi") == 2 * 2**30
+    assert quantity_value("1e3") == 1000.0
+    with pytest.raises(ValueError, match="Kubernetes quantity"):
+        quantity_value("2 GB")

@@ -1,0 +1,272 @@
+"""A DiffusionJob as Kubernetes objects: a ConfigMap holding the document and a KubeRay ``ray.io/v1`` RayJob.
+
+The RayJob's head runs the driver, ``sdray train /etc/sdray/job.yaml --address auto`` (``sdray tune`` for a
+document with ``spec.tune``), reading the document from the ConfigMap mounted at ``/etc/sdray``: the
+entrypoint is fixed text, nothing of the document is pasted into a shell. One worker group holds the Ray
+Train workers, ``spec.cluster.workers_per_pod`` to a pod. With ``spec.cluster.queue`` the RayJob is created
+suspended with Kueue's queue label, and Kueue admits the whole cluster at once.
+
+The same function serves ``sdray render`` (no owner) and the controller (owned by the DiffusionJob).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import yaml
+
+from sdray.k8s import API_VERSION, JOB_LABEL, KIND, MANAGED_BY, RAY_GROUP, RAY_VERSION
+from sdray.spec import DiffusionJob, PodResources
+
+JOB_MOUNT = "/etc/sdray"
+JOB_FILE = "job.yaml"
+SECRETS_MOUNT = "/var/run/secrets/sdray"  # storage.DEFAULT_SECRETS_DIR: where credentials_secret is read
+SPEC_HASH = "sdray.io/spec-hash"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The driver reports step and loss into the DiffusionJob's status (sdray.k8s.progress): its name, and the
+# pod's namespace from the downward API (a rendered RayJob may be applied to any namespace).
+JOB_ENV = "SDRAY_DIFFUSIONJOB"
+NAMESPACE_ENV = "SDRAY_NAMESPACE"
+# KubeRay names the RayCluster "<rayjob>-<5 chars>" and refuses longer RayJob names (MaxRayJobNameLength).
+MAX_RAYJOB_NAME = 47
+RUN_AS = 1000  # the Dockerfile's sdray user
+HEAD_DEFAULT = PodResources(cpu="2", memory="8Gi")
+MEMORY_PER_WORKER = {False: 8, True: 32}  # Gi per Ray Train worker, without and with GPUs
+
+
+class RenderError(ValueError):
+    """A document that cannot run on Kubernetes as it is; the message names the field."""
+
+
+def _ray_version() -> str:
+    try:
+        return metadata.version("ray")
+    except metadata.PackageNotFoundError:  # rendering only needs the number
+        return "2.60.0"
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What the cluster decides rather than the document: the image, the pods' default ServiceAccount."""
+
+    image: str = "sdray:" + metadata.version("sdray")
+    image_pull_policy: str = "IfNotPresent"
+    job_service_account: str | None = None
+    ray_version: str = field(default_factory=_ray_version)
+
+
+def configmap_name(job_name: str) -> str:
+    return f"{job_name}-job"
+
+
+def job_document(job: DiffusionJob, namespace: str | None = None) -> dict[str, Any]:
+    """The document the driver reads: as written (fields left out stay out, so the stage checks that tell
+    a default from a set value see the same document), in ``namespace``."""
+    doc = job.model_dump(mode="json", exclude_unset=True)
+    if namespace:
+        doc["metadata"]["namespace"] = namespace
+    return doc
+
+
+def spec_hash(doc: dict[str, Any]) -> str:
+    """A fingerprint of a document's spec: the controller compares it to tell a changed spec."""
+    return hashlib.sha256(json.dumps(doc["spec"], sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _labels(name: str, component: str) -> dict[str, str]:
+    return {**MANAGED_BY, "app.kubernetes.io/component": component, JOB_LABEL: name}
+
+
+def _owner_references(owner: dict | None) -> list[dict]:
+    if owner is None:
+        return []
+    return [{"apiVersion": API_VERSION, "kind": KIND, "name": owner["metadata"]["name"],
+             "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+
+
+def _metadata(name: str, namespace: str | None, labels: dict, owner: dict | None, **extra) -> dict:
+    meta = {"name": name, **({"namespace": namespace} if namespace else {}), "labels": labels, **extra}
+    if owner is not None:
+        meta["ownerReferences"] = _owner_references(owner)
+    return meta
+
+
+def _resources(cpu: str, memory: str, gpu: int = 0) -> dict:
+    # Requests equal to limits: a training pod is Guaranteed and is not evicted first under pressure.
+    amounts = {"cpu": cpu, "memory": memory, **({"nvidia.com/gpu": str(gpu)} if gpu else {})}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def worker_pod_size(job: DiffusionJob) -> tuple[int, str, str, int]:
+    """(replicas, cpu, memory, gpus) of the worker group.
+
+    Defaults: the CPUs the pod's Ray Train workers take plus one (Ray Data's readers need a CPU beside the
+    workers, or a streaming run waits forever), 8Gi per Ray Train worker (32Gi with GPUs), and the GPUs
+    they take.
+    """
+    spec = job.spec
+    per_pod = spec.cluster.workers_per_pod
+    worker = spec.cluster.worker
+    dist = spec.distributed
+    cpu = worker.cpu or str(math.ceil(dist.cpus_per_worker * per_pod) + 1)
+    memory = worker.memory or f"{MEMORY_PER_WORKER[dist.use_gpu] * per_pod}Gi"
+    gpu = worker.gpu if worker.gpu is not None else math.ceil(dist.gpus_per_worker * per_pod)
+    return spec.ray_train_workers // per_pod, str(cpu), str(memory), gpu
+
+
+def _credential_secrets(job: DiffusionJob) -> list[str]:
+    """The secrets the document names as credentials_secret, in order, once each."""
+    names = [job.spec.data.credentials_secret, job.spec.storage.credentials_secret]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _pod(job: DiffusionJob, settings: RenderSettings, name: str, container: str, resources: dict, *,
+         head: bool) -> dict:
+    cluster = job.spec.cluster
+    secrets = _credential_secrets(job)
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]  # Ray's object store lives in shared memory
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    for i, name in enumerate(secrets):
+        mounts.append({"name": f"credentials-{i}", "mountPath": f"{SECRETS_MOUNT}/{name}", "readOnly": True})
+        volumes.append({"name": f"credentials-{i}", "secret": {"secretName": name}})
+    env = [{"name": k, "value": v} for k, v in sorted(cluster.env.items())]
+    if head:
+        mounts.append({"name": "job", "mountPath": JOB_MOUNT, "readOnly": True})
+        volumes.append({"name": "job", "configMap": {"name": configmap_name(name)}})
+        env.append({"name": JOB_ENV, "value": name})
+        env.append({"name": NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}})
+    main = {
+        "name": container,
+        "image": cluster.image or settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "resources": resources,
+        "volumeMounts": mounts,
+        "securityContext": _container_security(),
+    }
+    if env:
+        main["env"] = env
+    if cluster.env_secrets:
+        main["envFrom"] = [{"secretRef": {"name": name}} for name in cluster.env_secrets]
+    return {
+        "metadata": {"labels": _labels(name, "ray-head" if head else "ray-worker")},
+        "spec": {**_placement(job, settings), "containers": [main], "volumes": volumes},
+    }
+
+
+def _container_security() -> dict:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _placement(job: DiffusionJob, settings: RenderSettings) -> dict:
+    cluster = job.spec.cluster
+    spec: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    account = cluster.service_account or settings.job_service_account
+    if account:
+        spec["serviceAccountName"] = account
+    if cluster.priority_class:
+        spec["priorityClassName"] = cluster.priority_class
+    if cluster.node_selector:
+        spec["nodeSelector"] = dict(cluster.node_selector)
+    if cluster.tolerations:
+        spec["tolerations"] = [
+            {k: v for k, v in {"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect,
+                               "tolerationSeconds": t.toleration_seconds}.items() if v is not None}
+            for t in cluster.tolerations]
+    return spec
+
+
+def _submitter(job: DiffusionJob, settings: RenderSettings, name: str) -> dict:
+    """The pod that runs ``ray job submit`` (KubeRay fills in its command): small, and as locked down as
+    the others."""
+    container = {"name": "ray-job-submitter", "image": job.spec.cluster.image or settings.image,
+                 "imagePullPolicy": settings.image_pull_policy,
+                 "resources": _resources("500m", "1Gi"), "securityContext": _container_security()}
+    placement = _placement(job, settings)
+    placement.pop("serviceAccountName", None)  # it only talks to the Ray dashboard
+    return {"metadata": {"labels": _labels(name, "ray-submitter")},
+            "spec": {**placement, "restartPolicy": "Never", "containers": [container]}}
+
+
+def check_name(name: str) -> None:
+    """Refuse a name KubeRay would refuse for the RayJob (which takes the DiffusionJob's name)."""
+    if len(name) > MAX_RAYJOB_NAME or not name[0].isalpha():
+        raise RenderError(f"metadata.name: {name!r} cannot name a RayJob: KubeRay needs at most {MAX_RAYJOB_NAME} "
+                          "characters, starting with a letter")
+
+
+def render(job: DiffusionJob, settings: RenderSettings | None = None, *, namespace: str | None = None,
+           owner: dict | None = None) -> list[dict]:
+    """[ConfigMap, RayJob] for ``job`` in ``namespace`` (default: the document's), owned by ``owner`` (the
+    DiffusionJob object, with its uid) when given. The objects take the owner's name (the document's
+    without one): a job submitted through the service runs under its own DiffusionJob name, while its
+    document keeps the name its run and checkpoints go by."""
+    settings = settings or RenderSettings()
+    name = owner["metadata"]["name"] if owner is not None else job.metadata.name
+    check_name(name)
+    namespace = namespace or job.metadata.namespace
+    cluster = job.spec.cluster
+    doc = job_document(job, namespace)
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(configmap_name(name), namespace, _labels(name, "job-document"), owner),
+        "data": {JOB_FILE: yaml.safe_dump(doc, sort_keys=False)},
+    }
+    head_size = HEAD_DEFAULT.model_copy(update=cluster.head.model_dump(exclude_none=True))
+    replicas, cpu, memory, gpu = worker_pod_size(job)
+    command = "tune" if job.spec.tune is not None else "train"
+    labels = _labels(name, "training")
+    if cluster.queue:
+        labels[QUEUE_LABEL] = cluster.queue
+    spec: dict[str, Any] = {
+        **({"suspend": True} if cluster.queue else {}),  # Kueue unsuspends it once the whole cluster fits its quota
+        "entrypoint": f"sdray {command} {JOB_MOUNT}/{JOB_FILE} --address auto",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": cluster.ttl_seconds_after_finished,
+        "backoffLimit": cluster.backoff_limit,
+        "submitterPodTemplate": _submitter(job, settings, name),
+        "rayClusterSpec": {
+            "rayVersion": settings.ray_version,
+            "headGroupSpec": {
+                "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                "template": _pod(job, settings, name, "ray-head",
+                                 _resources(str(head_size.cpu), str(head_size.memory)), head=True),
+            },
+            "workerGroupSpecs": [{
+                "groupName": "workers",
+                "replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas,
+                "rayStartParams": {},
+                "template": _pod(job, settings, name, "ray-worker", _resources(cpu, memory, gpu), head=False),
+            }],
+        },
+    }
+    if cluster.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = cluster.active_deadline_seconds
+    rayjob = {
+        "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",
+        "kind": "RayJob",
+        "metadata": _metadata(name, namespace, labels, owner, annotations={SPEC_HASH: spec_hash(doc)}),
+        "spec": spec,
+    }
+    return [configmap, rayjob]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (the job document in the ConfigMap) as literal blocks, readable as YAML."""
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
+def render_yaml(objects: list[dict]) -> str:
+    """A YAML multi-document, as ``kubectl apply -f -`` takes it."""
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, width=120)

@@ -1,0 +1,168 @@
+"""The helm chart, rendered and linted with the Helm v4 SDK (helm-python-sdk: no helm binary here), every
+object it renders checked against the real schemas."""
+
+from __future__ import annotations
+
+import functools
+
+import helm_python
+import pytest
+import yaml
+from k8s_checks import REPO, check, load_all
+
+CHART = REPO / "helm" / "sdray"
+VALUES = {"default": {}, **{p.name.removesuffix("-values.yaml"): yaml.safe_load(p.read_text())
+                            for p in sorted((CHART / "ci").glob("*-values.yaml"))}}
+RELEASE, NAMESPACE = "sdray", "ml-platform"
+
+
+@functools.cache
+def rendered(values_name: str) -> tuple[dict, ...]:
+    with helm_python.Chart.load(CHART) as chart:
+        files = chart.render(VALUES[values_name], name=RELEASE, namespace=NAMESPACE)
+        crds = [yaml.safe_load(c["data"]) for c in chart.crds]
+    objects = [o for path, text in sorted(files.items()) if not path.endswith("NOTES.txt") for o in load_all(text)]
+    return tuple(crds + objects)
+
+
+def of_kind(objects, kind) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def named(objects, kind, name) -> dict:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def test_lint_strict_finds_nothing():
+    report = helm_python.lint(CHART, strict=True, kube_version="v1.33.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values_name", sorted(VALUES))
+def test_every_rendered_object_is_valid(values_name):
+    objects = check(rendered(values_name))
+    assert of_kind(objects, "CustomResourceDefinition")[0]["metadata"]["name"] == "diffusionjobs.sdray.io"
+    for deployment in of_kind(objects, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"] == {"drop": ["ALL"]}
+            assert container["resources"]["limits"] and container["resources"]["requests"]
+            assert container["livenessProbe"] and container["readinessProbe"]
+            assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]  # writable under a read-only root
+
+
+def test_default_install():
+    objects = rendered("default")
+    service = named(objects, "Deployment", "sdray-service")["spec"]["template"]["spec"]
+    assert service["containers"][0]["args"] == [
+        "serve", "--host", "0.0.0.0", "--port", "8000", "--tokens", "/etc/sdray/tokens/tokens.json",
+        "--db", "/var/lib/sdray/jobs.db", "--backend", "kuberay", "--namespace", NAMESPACE,
+        "--public-url", f"http://sdray.{NAMESPACE}.svc:80"]
+    volumes = {v["name"]: v for v in service["volumes"]}
+    assert volumes["tokens"]["secret"]["secretName"] == "sdray-tokens"
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "sdray-data"
+    assert named(objects, "Deployment", "sdray-service")["spec"]["strategy"] == {"type": "Recreate"}  # one SQLite writer
+    controller = named(objects, "Deployment", "sdray-controller")["spec"]["template"]["spec"]["containers"][0]
+    assert controller["args"] == ["controller", "--lease-name=sdray-controller", "--health-port=8081",
+                                  f"--namespace={NAMESPACE}"]
+    env = {e["name"]: e.get("value") for e in controller["env"]}
+    assert (env["SDRAY_IMAGE"], env["SDRAY_JOB_SERVICE_ACCOUNT"]) == ("sdray:0.1.0", "sdray-job")
+    # No Prometheus operator API in a plain `helm template`: "auto" renders no ServiceMonitor/PrometheusRule.
+    assert not of_kind(objects, "ServiceMonitor") and not of_kind(objects, "PrometheusRule")
+    assert not of_kind(objects, "Ingress") and not of_kind(objects, "LocalQueue")
+
+
+def _rules(objects, kind, name, namespace=None) -> dict[tuple, set]:
+    role = next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name
+                and o["metadata"].get("namespace") == namespace)
+    return {(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r.get("resourceNames", ()))): set(r["verbs"])
+            for r in role["rules"]}
+
+
+CONTROLLER_RULES = {
+    (("sdray.io",), ("diffusionjobs",), ()): {"get", "list", "watch"},
+    (("sdray.io",), ("diffusionjobs/status",), ()): {"patch"},
+    (("ray.io",), ("rayjobs",), ()): {"get", "list", "watch", "create", "delete"},
+    (("",), ("configmaps",), ()): {"get", "create", "update"},
+    (("",), ("events",), ()): {"create"},
+}
+
+
+def test_rbac_is_least_privilege():
+    objects = rendered("full")
+    for role in of_kind(objects, "Role") + of_kind(objects, "ClusterRole"):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], role["metadata"]["name"]
+    assert not of_kind(objects, "ClusterRole")  # the namespaces are known: Roles only
+    for ns in ("team-a", "team-b"):
+        assert _rules(objects, "Role", "sdray-controller", ns) == CONTROLLER_RULES
+        assert _rules(objects, "Role", "sdray-job", ns) == {(("sdray.io",), ("diffusionjobs/status",), ()): {"patch"}}
+        binding = named([o for o in objects if o["metadata"].get("namespace") == ns], "RoleBinding", "sdray-controller")
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "sdray-controller", "namespace": NAMESPACE}]
+    assert _rules(objects, "Role", "sdray-controller-lease", NAMESPACE) == {
+        (("coordination.k8s.io",), ("leases",), ()): {"create"},
+        (("coordination.k8s.io",), ("leases",), ("sdray-controller",)): {"get", "update"}}
+    assert _rules(objects, "Role", "sdray-service", "team-a") == {
+        (("sdray.io",), ("diffusionjobs",), ()): {"get", "list", "create", "delete"},
+        (("",), ("secrets",), ()): {"create"},
+        (("",), ("pods",), ()): {"list"}, (("",), ("pods/log",), ()): {"get"}}
+
+
+def test_every_namespace_needs_a_cluster_role():
+    objects = rendered("cluster-wide")
+    assert _rules(objects, "ClusterRole", "sdray-controller") == CONTROLLER_RULES
+    args = named(objects, "Deployment", "sdray-controller")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not any(a.startswith("--namespace") for a in args)
+    assert named(objects, "LocalQueue", "sdray")["apiVersion"] == "kueue.x-k8s.io/v1beta1"
+
+
+def test_full_install():
+    objects = rendered("full")
+    controller = named(objects, "Deployment", "sdray-controller")
+    assert controller["spec"]["replicas"] == 2  # the Lease picks the one that acts
+    args = controller["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
+    ingress = named(objects, "Ingress", "sdray")
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] == {"name": "sdray",
+                                                                                       "port": {"name": "http"}}
+    monitor = named(objects, "ServiceMonitor", "sdray")
+    assert [(e["port"], e["relabelings"][0]["replacement"]) for e in monitor["spec"]["endpoints"]] == [
+        ("http", "sdray"), ("metrics", "sdray-controller")]  # job="sdray", as examples/alerts.yml selects
+    rule = named(objects, "PrometheusRule", "sdray")
+    shipped = [yaml.safe_load((CHART / "files" / f).read_text())["groups"] for f in ("alerts.yml", "controller-alerts.yml")]
+    assert rule["spec"]["groups"] == shipped[0] + shipped[1]
+    assert named(objects, "LocalQueue", "team-a")["spec"] == {"clusterQueue": "shared-gpus"}
+    assert named(objects, "LocalQueue", "team-a")["metadata"]["namespace"] == "team-a"
+
+
+def test_the_charts_alert_rules_are_the_repositorys():
+    # helm reads files inside the chart only: files/alerts.yml is a copy of examples/alerts.yml (promtool-tested).
+    assert (CHART / "files" / "alerts.yml").read_text() == (REPO / "examples" / "alerts.yml").read_text(), (
+        "helm/sdray/files/alerts.yml is stale: cp examples/alerts.yml helm/sdray/files/alerts.yml")
+
+
+def test_controller_only_install():
+    objects = rendered("controller-only")
+    assert [d["metadata"]["name"] for d in of_kind(objects, "Deployment")] == ["sdray-controller"]
+    env = named(objects, "Deployment", "sdray-controller")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "SDRAY_JOB_SERVICE_ACCOUNT" not in {e["name"] for e in env}
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-job")]
+
+
+@pytest.mark.parametrize("values, where", [
+    ({"controller": {"replicas": "two"}}, "/controller/replicas"),
+    ({"image": {"repository": "sdray", "pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"servce": {"enabled": True}}, "additional properties 'servce' not allowed"),
+    ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
+    ({"controller": {"watchNamespaces": ["Team_A"]}}, "/controller/watchNamespaces/0"),
+    ({"service": {"resources": {"limits": {"memory": "2 GB"}}}}, "/service/resources/limits/memory"),
+])
+def test_values_schema_refuses_bad_values(values, where):
+    with helm_python.Chart.load(CHART) as chart:
+        chart.validate_schema(VALUES["full"])
+        with pytest.raises(helm_python.HelmValuesError, match=where):
+            chart.validate_schema(values)

@@ -1,0 +1,152 @@
+"""Rendering a document as a ConfigMap + KubeRay RayJob: one test per shape of job, every object checked
+against the real schemas (Kubernetes 1.33 for core kinds, KubeRay v1.7.0's RayJob CRD)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import make_job
+from k8s_checks import check, load_all
+
+from sdray.k8s.render import RenderError, RenderSettings, render, render_yaml
+from sdray.spec import parse_job
+
+SETTINGS = RenderSettings(image="registry.example/sdray:0.1.0", job_service_account="sdray-job")
+
+
+def _render(name="shape", namespace="ml", **spec):
+    job = parse_job(make_job(name, "s3://models/out", "s3://datasets/digits", **spec))
+    configmap, rayjob = check(render(job, SETTINGS, namespace=namespace))
+    return job, configmap, rayjob
+
+
+def _head(rayjob):
+    return rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+
+
+def _workers(rayjob):
+    return rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+
+
+def test_cpu_job():
+    job, configmap, rayjob = _render(distributed={"num_workers": 2, "resources_per_worker": {"CPU": 2}})
+    spec = rayjob["spec"]
+    assert spec["entrypoint"] == "sdray train /etc/sdray/job.yaml --address auto"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert (spec["ttlSecondsAfterFinished"], spec["backoffLimit"]) == (600, 0)
+    assert "suspend" not in spec and "activeDeadlineSeconds" not in spec
+    # The document travels as a file from the ConfigMap, read back exactly as written.
+    assert yaml.safe_load(configmap["data"]["job.yaml"])["spec"] == job.model_dump(mode="json", exclude_unset=True)["spec"]
+    head = _head(rayjob)
+    mount = next(m for m in head["containers"][0]["volumeMounts"] if m["name"] == "job")
+    assert mount == {"name": "job", "mountPath": "/etc/sdray", "readOnly": True}
+    assert next(v for v in head["volumes"] if v["name"] == "job")["configMap"]["name"] == configmap["metadata"]["name"]
+    [group] = _workers(rayjob)
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    worker = group["template"]["spec"]["containers"][0]
+    # Two CPUs per Ray Train worker plus one for Ray Data's readers; requests equal limits.
+    assert worker["resources"]["limits"] == worker["resources"]["requests"] == {"cpu": "3", "memory": "8Gi"}
+    assert worker["image"] == head["containers"][0]["image"] == "registry.example/sdray:0.1.0"
+    for pod in (head, group["template"]["spec"], rayjob["spec"]["submitterPodTemplate"]["spec"]):
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert head["serviceAccountName"] == "sdray-job"
+    env = {e["name"]: e for e in head["containers"][0]["env"]}
+    assert env["SDRAY_DIFFUSIONJOB"]["value"] == "shape"
+    assert env["SDRAY_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_eight_gpu_job_on_one_node():
+    _, _, rayjob = _render(
+        distributed={"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 6, "GPU": 1},
+                     "strategy": "fsdp"},
+        train={"mixed_precision": "bf16"},
+        cluster={"workers_per_pod": 8, "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                 "priority_class": "training-high", "head": {"cpu": 4, "memory": "16Gi"}})
+    [group] = _workers(rayjob)
+    assert group["replicas"] == 1
+    pod = group["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"] == {"cpu": "49", "memory": "256Gi", "nvidia.com/gpu": "8"}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["priorityClassName"] == _head(rayjob)["priorityClassName"] == "training-high"
+    assert _head(rayjob)["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "16Gi"}  # no GPU on the head
+
+
+def test_gpu_job_one_pod_per_worker():
+    _, _, rayjob = _render(distributed={"num_workers": 4, "use_gpu": True},
+                           cluster={"worker": {"cpu": 8, "memory": "64Gi"}})
+    [group] = _workers(rayjob)
+    assert group["replicas"] == 4
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"}
+
+
+def test_queued_kueue_job():
+    _, _, rayjob = _render(cluster={"queue": "team-a", "active_deadline_seconds": 86400, "backoff_limit": 2,
+                                    "ttl_seconds_after_finished": 60})
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    spec = rayjob["spec"]
+    assert spec["suspend"] is True  # Kueue admits the whole cluster at once, then unsuspends it
+    assert (spec["activeDeadlineSeconds"], spec["backoffLimit"], spec["ttlSecondsAfterFinished"]) == (86400, 2, 60)
+
+
+def test_job_with_credentials_secrets():
+    _, configmap, rayjob = _render(data={"uri": "s3://datasets/digits", "credentials_secret": "data-reader"},
+                                   storage={"credentials_secret": "model-writer", "endpoint": "http://minio:9000"},
+                                   cluster={"env_secrets": ["aws-keys"], "env": {"AWS_REGION": "eu-west-1"}})
+    for pod in (_head(rayjob), _workers(rayjob)[0]["template"]["spec"]):
+        container = pod["containers"][0]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        # Mounted where storage.py reads credentials_secret files: $SDRAY_SECRETS_DIR/<name>/.
+        assert {path: secrets[vol] for path, vol in mounts.items() if vol in secrets} == {
+            "/var/run/secrets/sdray/data-reader": "data-reader", "/var/run/secrets/sdray/model-writer": "model-writer"}
+        assert container["envFrom"] == [{"secretRef": {"name": "aws-keys"}}]
+        assert {"name": "AWS_REGION", "value": "eu-west-1"} in container["env"]
+    assert "AWS_SECRET_ACCESS_KEY" not in render_yaml([configmap, rayjob])  # no key is ever written out
+
+
+def test_tune_job_runs_sdray_tune_on_a_cluster_for_its_trials():
+    _, _, rayjob = _render(data={"uri": "s3://datasets/digits", "validation_fraction": 0.1},
+                           distributed={"num_workers": 2},
+                           tune={"search_space": {"train.learning_rate": {"loguniform": [1e-4, 1e-2]}},
+                                 "num_samples": 8, "max_concurrent_trials": 3})
+    assert rayjob["spec"]["entrypoint"] == "sdray tune /etc/sdray/job.yaml --address auto"
+    assert _workers(rayjob)[0]["replicas"] == 6  # 3 trials side by side × 2 workers each
+
+
+def test_owned_objects_point_at_their_diffusionjob():
+    job = parse_job(make_job("owned", "s3://o/x", "s3://d/x"))
+    owner = {"metadata": {"name": "owned", "uid": "6f1c8a52-0d7e-4a3b-9f3c-2d1e0b9a7c55"}}
+    for obj in check(render(job, SETTINGS, namespace="ml", owner=owner)):
+        assert obj["metadata"]["ownerReferences"] == [{
+            "apiVersion": "sdray.io/v1alpha1", "kind": "DiffusionJob", "name": "owned", "uid": owner["metadata"]["uid"],
+            "controller": True, "blockOwnerDeletion": True}]
+
+
+@pytest.mark.parametrize("name", ["a" * 48, "9lives"])
+def test_names_kuberay_refuses_are_refused_naming_the_field(name):
+    job = parse_job(make_job(name, "s3://o/x", "s3://d/x"))
+    with pytest.raises(RenderError, match=r"metadata.name: .*at most 47 characters, starting with a letter"):
+        render(job, SETTINGS)
+
+
+def test_render_command_prints_objects_kubectl_applies(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(make_job("cli-render", "s3://o/x", "s3://d/x", cluster={"queue": "team-a"})))
+    result = subprocess.run([sys.executable, "-m", "sdray.cli", "render", str(path), "-n", "ml", "--image", "img:1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    configmap, rayjob = check(load_all(result.stdout))
+    assert (configmap["kind"], rayjob["kind"], rayjob["metadata"]["namespace"]) == ("ConfigMap", "RayJob", "ml")
+    assert _head(rayjob)["containers"][0]["image"] == "img:1"
+    long = tmp_path / "long.yaml"
+    long.write_text(yaml.safe_dump(make_job("x" * 50, "s3://o/x", "s3://d/x")))
+    refused = subprocess.run([sys.executable, "-m", "sdray.cli", "render", str(long)], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "metadata.name" in refused.stderr and "Traceback" not in refused.stderr
