@@ -171,15 +171,36 @@ def train(
     workers, and the exported diffusers pipeline, sample grids, metrics.jsonl and loss.png land under
     spec.output.uri. Rerunning a job with checkpoint.resume: auto continues from its latest checkpoint.
     """
-    from sdray.k8s.progress import StatusReporter
+    with _Reporters(job) as report:
+        summary = run_training(job, address=address, in_process=in_process, verbose=verbose, on_progress=report)
+        final = {k: summary.get(k) for k in ("step", "loss", "checkpoint", "skipped_images")}
+        report({k: v for k, v in final.items() if v is not None}, final=True)
 
-    reporter = StatusReporter.from_env()  # in a RayJob's head: step and loss into the DiffusionJob's status
-    try:
-        summary = run_training(job, address=address, in_process=in_process, verbose=verbose, on_progress=reporter)
-        if reporter is not None:
-            reporter(summary, final=True)
-    finally:
-        if reporter is not None:
+
+class _Reporters:
+    """Where a driver reports progress besides the terminal, each when its environment says so: the
+    DiffusionJob's status (``SDRAY_DIFFUSIONJOB``, in a RayJob's head) and the sdray service that started the
+    job (``SDRAY_PROGRESS_URL``). Reporting never fails the run."""
+
+    def __init__(self, job_path: Path):
+        from sdray.k8s.progress import StatusReporter
+        from sdray.service.progress import ProgressReporter
+
+        try:
+            s3 = load_job(job_path).spec.storage
+        except SpecError:
+            s3 = None  # the run itself reports the document's errors
+        self.reporters = [r for r in (StatusReporter.from_env(), ProgressReporter.from_env(s3)) if r is not None]
+
+    def __call__(self, metrics: dict, final: bool = False) -> None:
+        for reporter in self.reporters:
+            reporter(metrics, final=final)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for reporter in self.reporters:
             reporter.close()
 
 
@@ -199,7 +220,11 @@ def tune(
     Writes results.parquet, tune.png (metric against learning rate, coloured by batch size), best.yaml (the
     document with the best values, ready for `sdray train`) and the best trial's pipeline to spec.output.uri.
     """
-    run_tuning(job, address=address, resume=resume, verbose=verbose)
+    with _Reporters(job) as report:
+        summary = run_tuning(job, address=address, resume=resume, verbose=verbose, on_progress=report)
+        report({"best": summary["best"].get("metric"),
+                "trials": [{"trial": t["trial"], "params": t["params"], "state": t["status"], "metric": t["metric"],
+                            "step": t["step"]} for t in summary["trials"]]}, final=True)
 
 
 def run_tuning(job_path: Path, *, address: str | None = None, resume: bool = False, verbose: bool = False,

@@ -221,7 +221,7 @@ def create_app(settings: Settings, backend: Backend, *, store: JobStore | None =
     app.add_middleware(_Middleware, handler=count)
 
     # -- identity --------------------------------------------------------------------------------
-    def principal(request: Request) -> Principal:
+    async def principal(request: Request) -> Principal:
         who = auth.principal(request.headers.get("authorization"))
         if who is None:
             raise _Refused(401, "a valid bearer token is required (Authorization: Bearer <token>; "

@@ -21,10 +21,12 @@ log = logging.getLogger("sdray.progress")
 
 
 class ProgressReporter:
-    def __init__(self, url: str, token: str, s3: S3Settings | None = None, min_interval_s: float = 1.0):
+    def __init__(self, url: str, token: str, s3: S3Settings | None = None, min_interval_s: float = 1.0,
+                 final_patience_s: float = 120.0):
         self.url = url.rstrip("/")
         self.s3 = s3
         self.min_interval_s = min_interval_s
+        self.final_patience_s = final_patience_s
         self._client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=10.0)
         self._last_post = 0.0
         self._sample: str | None = None
@@ -46,7 +48,7 @@ class ProgressReporter:
         self._last_post = now
         body = json.loads(json.dumps({k: v for k, v in metrics.items() if k != "recent_curve"}, default=str))
         body["curve"] = {k: sorted(v.items()) for k, v in self._curve.items()}
-        if self._post("POST", "/progress", json=body):
+        if self._post("POST", "/progress", json=body, retry_for_s=self.final_patience_s if final else 0.0):
             self._curve.clear()
         sample = metrics.get("sample")
         if isinstance(sample, str) and sample != self._sample:
@@ -55,18 +57,30 @@ class ProgressReporter:
             except Exception as exc:  # a sample the service misses is not worth failing the run for
                 log.warning("cannot read sample grid %s: %s", sample, exc)
                 return
-            if self._post("PUT", "/samples/latest.png", content=png, headers={"Content-Type": "image/png"}):
+            if self._post("PUT", "/samples/latest.png", content=png, headers={"Content-Type": "image/png"},
+                          retry_for_s=self.final_patience_s if final else 0.0):
                 self._sample = sample
 
-    def _post(self, method: str, path: str, **kwargs) -> bool:
-        try:
-            response = self._client.request(method, self.url + path, **kwargs)
-        except httpx.HTTPError as exc:
-            log.warning("progress report to %s failed: %s", self.url, exc)
-            return False
-        if response.status_code >= 300:
-            log.warning("progress report to %s refused: %s %s", self.url, response.status_code, response.text[:200])
-        return response.status_code < 300
+    def _post(self, method: str, path: str, retry_for_s: float = 0.0, **kwargs) -> bool:
+        """One request; the last report of a run is retried with backoff for ``retry_for_s`` seconds, so
+        a service that is restarting when the run ends still learns how it ended."""
+        deadline, pause = time.monotonic() + retry_for_s, 0.5
+        while True:
+            try:
+                response = self._client.request(method, self.url + path, **kwargs)
+            except httpx.HTTPError as exc:
+                log.warning("progress report to %s failed: %s", self.url, exc)
+            else:
+                if response.status_code < 300:
+                    return True
+                log.warning("progress report to %s refused: %s %s", self.url, response.status_code,
+                            response.text[:200])
+                if response.status_code < 500:
+                    return False  # refused for good (a wrong token): retrying changes nothing
+            if time.monotonic() + pause > deadline:
+                return False
+            time.sleep(pause)  # backoff between retries of a report, not synchronisation
+            pause = min(pause * 2, 8.0)
 
     def close(self) -> None:
         self._client.close()

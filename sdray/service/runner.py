@@ -1,8 +1,8 @@
 """The fixed entrypoint of every job the service runs: ``python -m sdray.service.runner``.
 
 The document arrives as JSON in ``SDRAY_JOB_DOCUMENT`` (never on a command line), is validated again, and
-runs as ``sdray train`` (``sdray tune`` with ``spec.tune``) on the cluster the driver was started in,
-posting progress to the service when ``SDRAY_PROGRESS_URL`` is set.
+runs as ``sdray train --address auto`` (``sdray tune`` with ``spec.tune``) on the cluster the driver was
+started in; the command posts progress to the service (``SDRAY_PROGRESS_URL``).
 """
 
 from __future__ import annotations
@@ -21,44 +21,27 @@ def main() -> int:
     if not raw:
         print("error: SDRAY_JOB_DOCUMENT is not set: this entrypoint runs jobs for the sdray service", file=sys.stderr)
         return 2
-    doc = json.loads(raw)
     import typer
 
-    from sdray.service.progress import ProgressReporter
+    from sdray.cli import train, tune
     from sdray.spec import SpecError, parse_job
 
+    doc = json.loads(raw)
     try:
         job = parse_job(doc, "SDRAY_JOB_DOCUMENT")
     except SpecError as exc:
         print(f"error: invalid job document: {exc}", file=sys.stderr)
         return 2
-    reporter = ProgressReporter.from_env(job.spec.storage)
-    try:
-        return _run(job, doc, reporter)
-    except typer.Exit as exc:  # the CLI has printed why
-        return exc.exit_code
-    finally:
-        if reporter is not None:
-            reporter.close()
-
-
-def _run(job, doc: dict, reporter) -> int:
-    from sdray.cli import run_training, run_tuning
-
     with tempfile.TemporaryDirectory(prefix="sdray-job-") as tmp:
         path = Path(tmp) / "job.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        if job.spec.tune is not None:
-            summary = run_tuning(path, address="auto", on_progress=reporter)
-            final = {"best": summary["best"].get("metric"), "output": job.spec.output.uri,
-                     "trials": [{"trial": t["trial"], "params": t["params"], "state": t["status"],
-                                 "metric": t["metric"], "step": t["step"]} for t in summary["trials"]]}
-        else:
-            summary = run_training(path, address="auto", on_progress=reporter)
-            final = {k: summary.get(k) for k in ("step", "loss", "checkpoint", "skipped_images")}
-            final["output"] = job.spec.output.uri
-        if reporter is not None:
-            reporter({k: v for k, v in final.items() if v is not None}, final=True)
+        try:
+            if job.spec.tune is not None:
+                tune(path, address="auto", resume=False, verbose=False)
+            else:
+                train(path, address="auto", in_process=False, verbose=False)
+        except typer.Exit as exc:  # the command has printed why
+            return exc.exit_code
     return 0
 
 

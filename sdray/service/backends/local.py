@@ -30,6 +30,10 @@ JOB_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PA
            "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
 
 
+# Ray 2.60 heads require a token (kept in ~/.ray/auth_token); a client process must be told to send it.
+AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,13 +53,13 @@ def start_head(data_dir: Path, num_cpus: int | None = None) -> dict:
         cmd.append(f"--num-cpus={num_cpus}")
     log = open(data_dir / "ray-head.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **JOB_ENV})
+                            env={**os.environ, **JOB_ENV, **AUTH_ENV})
     record = {"pid": proc.pid, "gcs_address": f"127.0.0.1:{gcs}", "dashboard_url": f"http://127.0.0.1:{dash}"}
     (data_dir / "ray-cluster.json").write_text(json.dumps(record))
     return record
 
 
-def stop_head(record: dict, timeout: float = 30.0) -> None:
+def stop_head(record: dict, timeout: float = 5.0) -> None:
     """Stop a head that ``start_head`` started: its whole process group (SIGTERM, then SIGKILL)."""
     import psutil
 
@@ -89,6 +93,8 @@ class LocalRayBackend(Backend):
 
     def __init__(self, address: str | None, data_dir: Path, num_cpus: int | None = None,
                  python: str = sys.executable):
+        for key, value in AUTH_ENV.items():  # before Ray is imported: it reads the mode once
+            os.environ.setdefault(key, value)
         self.python = python
         self.head: dict | None = None
         if address is None:
