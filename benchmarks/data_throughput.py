@@ -140,7 +140,7 @@ def main() -> None:
         server.create_bucket(BUCKET)
         uri = f"s3://{BUCKET}/digits"
         import_digits(uri, "imagefolder", args.source_px, limit=args.images)
-        ray.init(num_cpus=4, _node_ip_address="127.0.0.1", runtime_env={"env_vars": RAY_ENV},
+        ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", runtime_env={"env_vars": RAY_ENV},
                  logging_level="WARNING", log_to_driver=False)
         quiet_ray_data()
         job = parse_job(job_doc("bench", uri, root / "out", args.resolution))

@@ -114,7 +114,7 @@ def ray_session(seaweed):
     from sdray.data.pipeline import quiet_ray_data
     from sdray.train.launch import RAY_ENV
 
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", runtime_env={"env_vars": RAY_ENV},
+    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", runtime_env={"env_vars": RAY_ENV},
              logging_level="WARNING", log_to_driver=False)
     quiet_ray_data()
     yield ray

@@ -66,7 +66,9 @@ def ray_cluster(job: DiffusionJob, address: str | None = None, log_to_driver: bo
         need = job.spec.distributed.num_workers * cpus_per_worker(job)
         # The dashboard serves the state API that Ray Train V2 uses to clean up after a run.
         # Loopback only: an embedded cluster serves this process alone.
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 2), runtime_env={"env_vars": RAY_ENV},
+        # address="local": a new cluster even when `ray start` left one to auto-detect on this machine.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 2),
+                 runtime_env={"env_vars": RAY_ENV},
                  logging_level="WARNING", log_to_driver=log_to_driver, _node_ip_address="127.0.0.1")
     try:
         yield

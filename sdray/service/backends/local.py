@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from sdray.service.backends.base import Backend, BackendError, BackendStatus, tail_lines
@@ -72,10 +73,15 @@ def stop_head(record: dict, timeout: float = 5.0) -> None:
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
-            return
+            break
         _, alive = psutil.wait_procs(group, timeout=timeout)
         if not alive:
-            return
+            break
+    # `ray start` told every later ray.init() on this machine to join it; it is gone now.
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    port = record["gcs_address"].rsplit(":", 1)[-1]
+    if current.exists() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
