@@ -4,6 +4,8 @@ API, one driver per job), a real Prometheus scraping the service, a service rest
 from __future__ import annotations
 
 import io
+import json
+import os
 from pathlib import Path
 
 import httpx
@@ -60,7 +62,13 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
         png = http.get(f"/v1/jobs/{ids['svc-short']}/samples/latest.png")
         assert png.status_code == 200
         assert Image.open(io.BytesIO(png.content)).size[0] > 16
-        assert "svc-short" in http.get(f"/v1/jobs/{ids['svc-short']}/logs").text
+        log = http.get(f"/v1/jobs/{ids['svc-short']}/logs").text
+        assert "svc-short" in log
+        # The S3 keys reached the job (it read s3://digits) but neither its record nor its log holds them.
+        secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+        assert secret not in log
+        assert all(secret.encode() not in p.read_bytes() for p in tmp_path.glob("jobs.db*"))
+        assert secret not in json.dumps(http.get(f"/v1/jobs/{ids['svc-short']}").json())
         assert (tmp_path / "short" / "pipeline" / "model_index.json").exists()
 
         # Prometheus scraped the training metrics with the job's own labels.
