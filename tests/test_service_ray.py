@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from pathlib import Path
 
 import httpx
 import pytest
@@ -88,7 +87,7 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
         saved = list((tmp_path / "long" / "checkpoints" / "svc-long").glob("checkpoint_*/sdray_checkpoint.json"))
         assert saved, "the cancelled job's checkpoints are kept"
         assert all((p.parent / "model" / "unet.safetensors").exists() for p in saved)
-        assert prom.wait_for(f'sdray_jobs{{state="cancelled",tenant="alice"}} == 1', timeout=60)
+        assert prom.wait_for('sdray_jobs{state="cancelled",tenant="alice"} == 1', timeout=60)
     finally:
         for job_id in ids.values():
             http.delete(f"/v1/jobs/{job_id}")

@@ -18,7 +18,8 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -287,7 +288,9 @@ def create_app(settings: Settings, backend: Backend, *, store: JobStore | None =
         """Submit a DiffusionJob; it waits in the queue until the cluster has room for it."""
         job, doc = await document(request)
         try:
-            rec = manager.submit(who, job, doc)
+            # In a thread: the submission waits for the manager's lock, which the following loop holds
+            # while it talks to the backend; the event loop must keep serving meanwhile.
+            rec = await run_in_threadpool(manager.submit, who, job, doc)
         except QuotaExceeded as exc:
             raise _Refused(429, str(exc)) from None
         wake.set()
