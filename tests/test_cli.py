@@ -111,6 +111,7 @@ def test_shipped_examples_validate(example):
     assert result.exit_code == 0 and result.stdout.startswith("ok"), result.stdout
 
 
+@pytest.mark.slow  # the service's Ray test runs every job driver with address "auto" too (test-time budget)
 def test_train_joins_a_running_cluster_with_address_auto(ray_session, digits_root, tmp_path):
     """`--address auto` submits to the Ray cluster already running here (the test session's)."""
     doc = make_job("joins", tmp_path / "out", str(digits_root / "imagefolder"),

@@ -30,7 +30,7 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
     prom = start_prometheus(tmp_path, [f"127.0.0.1:{svc.port}"])
     http = httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     data = f"{digits_s3}/imagefolder"
-    short = make_job("svc-short", tmp_path / "short", data, train={"max_steps": 60, "log_every_n_steps": 5},
+    short = make_job("svc-short", tmp_path / "short", data, train={"max_steps": 40, "log_every_n_steps": 5},
                      validation={"prompts": ["a handwritten digit 1"], "num_inference_steps": 2})
     long = make_job("svc-long", tmp_path / "long", data, train={"max_steps": 100_000, "log_every_n_steps": 5})
     ids = {}
@@ -54,10 +54,10 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
         svc = ServiceProcess(tmp_path, tokens, *args, port=svc.port)
         wait_for(lambda: job("svc-short")["step"] > before, 120, "progress to reach the restarted service")
         done = wait_for(lambda: (j := job("svc-short"))["state"] == "succeeded" and j, 300, "the short job to end")
-        assert done["step"] == 60 and done["attempts"] == 1
+        assert done["step"] == 40 and done["attempts"] == 1
         assert [c["type"] for c in done["conditions"] if c["status"] == "True"] == ["Admitted", "Succeeded"]
         curve = http.get(f"/v1/jobs/{ids['svc-short']}/metrics").json()["curves"]["loss"]
-        assert [s for s, _ in curve] == list(range(5, 61, 5))  # every logged step, across the restart
+        assert [s for s, _ in curve] == list(range(5, 41, 5))  # every logged step, across the restart
         png = http.get(f"/v1/jobs/{ids['svc-short']}/samples/latest.png")
         assert png.status_code == 200
         assert Image.open(io.BytesIO(png.content)).size[0] > 16
@@ -71,7 +71,7 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
         assert (tmp_path / "short" / "pipeline" / "model_index.json").exists()
 
         # Prometheus scraped the training metrics with the job's own labels.
-        got = prom.wait_for(f'sdray_train_step{{job_id="{ids["svc-short"]}"}} == 60', timeout=60)
+        got = prom.wait_for(f'sdray_train_step{{job_id="{ids["svc-short"]}"}} == 40', timeout=60)
         assert got[0]["metric"]["tenant"] == "alice" and got[0]["metric"]["job_name"] == "svc-short"
         assert got[0]["metric"]["job"] == "sdray"  # Prometheus's own target label, untouched
 

@@ -129,6 +129,7 @@ def test_worker_failure_is_recovered_from_the_latest_checkpoint(ray_session, dig
     assert result["resumed_from"] is not None and 10 <= result["resumed_from"] < 60
 
 
+@pytest.mark.slow  # ~1 min; S3 reads stay in the default run (data, latents, LoRA from S3); test-time budget
 def test_checkpoints_and_outputs_on_s3_resume(ray_session, digits_s3, seaweed, tmp_path):
     seaweed.create_bucket("runs")
     doc = make_job("on-s3", "s3://runs/on-s3/out", f"{digits_s3}/imagefolder",
