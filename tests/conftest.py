@@ -118,7 +118,26 @@ def ray_session(seaweed):
              logging_level="WARNING", log_to_driver=False)
     quiet_ray_data()
     yield ray
+    _stop_ray_data_executors()
     ray.shutdown()
+
+
+def _stop_ray_data_executors() -> None:
+    """Shut down the streaming executors of datasets the tests left half-read. Their threads keep
+    reporting to Ray; one that does so after ``ray.shutdown()`` makes Ray's core worker end this process
+    at once ("The core worker has already been shutdown ... The process will exit"), before pytest has
+    written its summary or its exit status."""
+    import gc
+    import threading
+
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    gc.collect()  # iterators that are garbage shut their executors down as they are collected
+    executors = [t for t in threading.enumerate() if isinstance(t, StreamingExecutor)]
+    for executor in executors:
+        executor.shutdown(force=True)
+    for executor in executors:
+        executor.join(timeout=30)
 
 
 @pytest.fixture(scope="session")
