@@ -184,7 +184,8 @@ class DataSpec(S3Settings):
     bucketing: BucketingSpec | None = Field(
         default=None,
         description="Aspect-ratio bucketing: batches of one bucket shape each instead of square crops "
-        "(validation stays square).",
+        "(validation stays square, except on a bucketed latent cache). With format: latents, the cache must "
+        "have been made with the same settings.",
     )
 
     @property
@@ -209,9 +210,6 @@ class DataSpec(S3Settings):
         if self.crop == "random":
             raise ValueError("spec.data.crop: a latent cache holds center crops only (a random crop cannot be "
                              "precomputed); use crop: center or train on the images")
-        if self.bucketed:
-            raise ValueError("spec.data.bucketing: a latent cache holds square crops only in this release; "
-                             "train bucketed on the images (format: imagefolder, webdataset or parquet)")
         return self
 
 

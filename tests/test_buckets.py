@@ -1,5 +1,6 @@
 """Aspect-ratio bucketing: the buckets, the pipeline's one-shape batches, SDXL's size/crop conditioning,
-and a 2-worker DDP run whose workers get different numbers of bucket batches (and must not hang)."""
+a 2-worker DDP run whose workers get different numbers of bucket batches (and must not hang), and the
+same on a bucketed latent cache (its rows, its validation batches by shape, staleness)."""
 
 import io
 import json
@@ -7,11 +8,13 @@ import math
 
 import numpy as np
 import pytest
+import ray.data
 import torch
 from conftest import make_job
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 
+from sdray import storage
 from sdray.data.buckets import bucket_batches, buckets_for, compute_buckets, nearest_bucket
 from sdray.data.digits import digit_images
 from sdray.data.pipeline import build_datasets
@@ -223,3 +226,129 @@ def test_two_ddp_workers_train_on_buckets_without_hanging(ray_session, mixed_asp
     image = pipe("a handwritten digit 3", num_inference_steps=2, height=24, width=40,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (40, 24)
+
+
+# -- bucketing with a latent cache -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bucketed_cache(ray_session, mixed_aspect_root, tmp_path_factory):
+    """The 120 mixed-aspect digits precomputed with bucketing and random_flip (tiny-xl, 32 px)."""
+    from sdray.data.precompute import precompute
+
+    root = tmp_path_factory.mktemp("bucketed-cache")
+    job = parse_job(bucketed_job("bucket-pre", root / "out", mixed_aspect_root, data={"random_flip": True}))
+    manifest = precompute(job, str(root / "cache"), batch_size=40, concurrency=1)
+    return root / "cache", manifest
+
+
+def _cached_job(name, out, cache, bucketing=SETTINGS, **spec):
+    data = {"uri": str(cache), "format": "latents", "random_flip": True, "bucketing": bucketing,
+            **spec.pop("data", {})}
+    return make_job(name, out, str(cache), model={"preset": "tiny-xl", "resolution": 32}, data=data, **spec)
+
+
+def test_a_bucketed_cache_holds_each_image_at_its_bucket_as_online_encoding_does(bucketed_cache, mixed_aspect_root):
+    from sdray.data.augment import BucketPreprocess
+    from sdray.models.build import build_components
+    from sdray.models.encoding import latent_distribution
+
+    cache, manifest = bucketed_cache
+    assert manifest["rows"] == 120 and "target_size" in manifest["columns"]
+    assert manifest["transform"]["bucketing"] == {"min_size": 16, "max_size": 48, "step": 8, "max_aspect": 3}
+    fs, path = storage.filesystem(str(cache))
+    rows = {str(r["key"]): r for r in ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).take_all()}
+    assert len(rows) == 120
+    for key, row in rows.items():
+        original, bucket, corner = KINDS[_kind(key)]
+        assert tuple(row["target_size"].tolist()) == bucket and tuple(row["original_size"].tolist()) == original
+        assert tuple(row["crop_top_left"].tolist()) == corner
+        for column in ("latent_dist", "latent_dist_flipped"):  # the tiny VAE halves each side; mean + logvar
+            assert row[column].shape == (8, bucket[0] // 2, bucket[1] // 2), (key, column)
+
+    # one image of each kind, encoded online through the same transform, gives the cached distribution
+    spec = parse_job(bucketed_job("online", "unused", mixed_aspect_root)).spec
+    comps = build_components(spec.model, seed=0)
+    buckets = buckets_for(spec.data.bucketing, 32)
+    step = BucketPreprocess(resolution=32, resize=None, crop="center", random_flip=False,
+                            tokenizers=comps.tokenizers, buckets=buckets)
+    for name in ("images/square_000.png", "images/wide_050.png", "images/tall_090.png"):
+        key = next(k for k in rows if k.endswith(name))
+        raw = {"key": np.array([key], dtype=object), "image": np.array([(mixed_aspect_root / name).read_bytes()], dtype=object),
+               "caption": np.array(["-"], dtype=object)}
+        pixels = torch.from_numpy(step(raw)["pixel_values"][0][None])
+        expected = latent_distribution(comps.vae, pixels)[0].numpy()
+        np.testing.assert_allclose(rows[key]["latent_dist"], expected, atol=1e-4, rtol=1e-4)
+        mirrored = latent_distribution(comps.vae, pixels.flip(-1))[0].numpy()
+        np.testing.assert_allclose(rows[key]["latent_dist_flipped"], mirrored, atol=1e-4, rtol=1e-4)
+
+
+def test_training_on_a_bucketed_cache_batches_by_bucket_and_validates_by_shape(bucketed_cache, tmp_path):
+    from sdray.train.context import LocalContext
+    from sdray.train.loop import Trainer
+
+    cache, _ = bucketed_cache
+    out = tmp_path / "out"
+    job = parse_job(_cached_job("cache-buckets", out, cache, data={"validation_fraction": 0.25},
+                                train={"max_steps": 9, "batch_size": 8, "log_every_n_steps": 3},
+                                validation={"every_n_steps": 3, "max_batches": 4},
+                                checkpoint={"every_n_steps": 9}))
+    data = build_datasets(job.spec, resolution=32)
+    ctx = LocalContext(train=data.train, validation=data.validation, batch_size=8, shuffle=True,
+                       run_dir=tmp_path / "ckpt", keep_last=1, bucketed=True)
+    trainer = Trainer(job, ctx)
+    assert trainer.comps.vae is None  # training reads the cache: no encoder was built
+    # the held-out rows of all three buckets, grouped into batches of one shape, in key order within each
+    val = trainer._validation_set()
+    shapes = [tuple(b["latent_dist"].shape[2:]) for b in val]
+    assert {(s[0] * 2, s[1] * 2) for s in shapes} == {bucket for _, bucket, _ in KINDS.values()}
+    for batch in val:
+        assert batch["key"] == sorted(batch["key"]) and len({_kind(k) for k in batch["key"]}) == 1
+        assert all(tuple(t.tolist()) == tuple(batch["target_size"][0].tolist()) for t in batch["target_size"])
+
+    calls = []
+
+    def record(module, args, kwargs, _):
+        if isinstance(module, UNet2DConditionModel) and module.training:
+            calls.append((args[0].shape, kwargs["added_cond_kwargs"]["time_ids"].clone()))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record, with_kwargs=True)
+    try:
+        summary = trainer.run()
+    finally:
+        hook.remove()
+    assert summary["step"] == 9 and sum(summary["batch_shapes"].values()) == 9
+    assert len(calls) == 9 and len({shape for shape, _ in calls}) > 1
+    for latent_shape, time_ids in calls:  # SDXL conditioning: the cached original size and crop, the bucket
+        bucket = (latent_shape[2] * 2, latent_shape[3] * 2)
+        for row in time_ids.long().tolist():
+            assert (tuple(row[:2]), tuple(row[4:]), tuple(row[2:4])) in KINDS.values() and tuple(row[4:]) == bucket
+    val_losses = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                  if "val_loss" in line]
+    assert len(val_losses) >= 3 and all(math.isfinite(v) for v in val_losses)
+    pipe = StableDiffusionXLPipeline.from_pretrained(out / "pipeline")
+    assert pipe("a handwritten digit 3", num_inference_steps=2, height=24, width=40).images[0].size == (40, 24)
+
+
+@pytest.mark.timeout(300)
+def test_two_ray_train_workers_train_on_a_bucketed_cache_without_hanging(bucketed_cache, tmp_path):
+    cache, _ = bucketed_cache
+    summary = run_job(parse_job(_cached_job(
+        "cache-ddp", tmp_path / "out", cache, train={"max_steps": 12, "batch_size": 8, "log_every_n_steps": 4},
+        distributed={"num_workers": 2, "resources_per_worker": {"CPU": 1}},
+        checkpoint={"every_n_steps": 12, "keep_last": 1})))
+    assert summary["step"] == 12 and len(summary["batch_shapes"]) > 1
+    assert sum(summary["batch_shapes"].values()) == 2 * 12
+
+
+def test_a_cache_made_with_other_bucket_settings_or_none_is_stale(bucketed_cache, tmp_path):
+    from sdray.data.latents import StaleCacheError, check_cache
+
+    cache, _ = bucketed_cache
+    check_cache(parse_job(_cached_job("same", tmp_path, cache)).spec)  # the same settings: accepted
+    other = parse_job(_cached_job("other", tmp_path, cache, bucketing={**SETTINGS, "max_aspect": 2})).spec
+    with pytest.raises(StaleCacheError, match=r'spec\.data\.bucketing is \{"min_size": 16, "max_size": 48, '
+                                              r'"step": 8, "max_aspect": 2.0\} here, .*"max_aspect": 3.0\} in the cache'):
+        check_cache(other)
+    square = parse_job(_cached_job("square", tmp_path, cache, bucketing=None)).spec
+    with pytest.raises(StaleCacheError, match=r"spec\.data\.bucketing is null here"):
+        check_cache(square)

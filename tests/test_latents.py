@@ -74,7 +74,8 @@ def s3_cache(ray_session, seaweed, digits_s3, tmp_path_factory):
 def test_precompute_writes_a_manifest_and_the_latents_online_encoding_computes(s3_cache):
     manifest = json.loads(storage.read_bytes(storage.join(s3_cache, "manifest.json")))
     assert manifest["rows"] == 400 and manifest["skipped_images"] == 0
-    assert manifest["transform"] == {"resolution": 16, "resize": 16, "crop": "center", "random_flip": True}
+    assert manifest["transform"] == {"resolution": 16, "resize": 16, "crop": "center", "random_flip": True,
+                                     "bucketing": None}
     assert manifest["model"]["preset"] == "tiny" and manifest["scaling_factor"] == 1.0
     assert set(manifest["fingerprints"]) == {"vae", "tokenizer", "text_encoder"}
     assert manifest["source"]["format"] == "webdataset" and manifest["dtype"] == "float32"

@@ -4,14 +4,17 @@ A cache (written by ``sdray data precompute``, ``sdray.data.precompute``) is a f
 
 - ``*.parquet``: one row per readable image: ``key``, ``latent_dist`` (and ``latent_dist_flipped`` when
   made with ``random_flip``), ``prompt_embeds`` (and SDXL's ``pooled_prompt_embeds``), ``original_size``,
-  ``crop_top_left``; fixed-shape tensor columns (``sdray.models.encoding`` says what they hold);
+  ``crop_top_left``; fixed-shape tensor columns (``sdray.models.encoding`` says what they hold). A cache
+  made with ``data.bucketing`` holds each image at its own bucket's shape: its latent columns are
+  variable-shaped tensors and each row carries the bucket as ``target_size`` (height, width) in pixels;
 - ``unconditional.safetensors``: the embeddings a dropped caption is replaced by (classifier-free guidance);
 - ``manifest.json``, written last: the encoders (source and content fingerprints), the transforms, the
   VAE's scaling factor, dtype, row and skipped-image counts, sdray version and creation time.
 
 A job with ``data.format: latents`` is checked against the manifest on the driver, before any worker
-starts: another VAE, text encoder or tokenizer, another resolution, resize or flip setting makes the cache
-stale, and the job is refused with the fields that differ.
+starts: another VAE, text encoder or tokenizer, another resolution, resize, flip or bucketing setting makes
+the cache stale, and the job is refused with the fields that differ. (A manifest written before bucketing
+existed has no ``bucketing`` entry and reads as an unbucketed cache.)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from sdray import storage
+from sdray.data.buckets import bucket_bounds
 from sdray.data.formats import DataError
 from sdray.models.build import data_requirements, frozen_fingerprints
 from sdray.models.encoding import CachedEncoder
@@ -38,10 +42,16 @@ class StaleCacheError(DataError):
 
 
 def transform_settings(spec: JobSpec, resolution: int) -> dict:
-    """The image transforms a job's data settings apply before encoding (resolved defaults)."""
+    """The image transforms a job's data settings apply before encoding (resolved defaults). With
+    bucketing, the settings that make the bucket list (``resize`` does not apply there)."""
     data = spec.data
-    return {"resolution": resolution, "resize": data.resize or resolution, "crop": data.crop,
-            "random_flip": data.random_flip}
+    bucketing = None
+    if data.bucketed:
+        low, high = bucket_bounds(data.bucketing, resolution)
+        bucketing = {"min_size": low, "max_size": high, "step": data.bucketing.step,
+                     "max_aspect": data.bucketing.max_aspect}
+    return {"resolution": resolution, "resize": None if data.bucketed else data.resize or resolution,
+            "crop": data.crop, "random_flip": data.random_flip, "bucketing": bucketing}
 
 
 def read_manifest(uri: str, settings) -> dict:
@@ -60,7 +70,7 @@ def read_manifest(uri: str, settings) -> dict:
 
 
 _FIELDS = {"resolution": "spec.model.resolution", "resize": "spec.data.resize", "crop": "spec.data.crop",
-           "random_flip": "spec.data.random_flip"}
+           "random_flip": "spec.data.random_flip", "bucketing": "spec.data.bucketing"}
 
 
 def check_cache(spec: JobSpec) -> dict:

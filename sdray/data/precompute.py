@@ -9,6 +9,10 @@ known to be incomplete.
 
 Random crops are refused: a crop baked into a cache would be the same every epoch. A random flip is
 kept whole instead: the mirrored image is encoded too, and training picks one of the two per step.
+
+With ``data.bucketing`` each image is resized and center-cropped to its aspect-ratio bucket
+(``BucketPreprocess``, as in training); each ``Encode`` call groups its rows by bucket and runs the VAE once
+per group, and the rows keep their bucket as ``target_size``, which training regroups batches by.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from sdray import storage
-from sdray.data.augment import Preprocess, SkipCounter
+from sdray.data.augment import BucketPreprocess, Preprocess, SkipCounter
+from sdray.data.buckets import buckets_for
 from sdray.data.formats import DataError, read_dataset
 from sdray.data.latents import KIND, MANIFEST, UNCONDITIONAL, VERSION, transform_settings
 from sdray.data.pipeline import quiet_ray_data
@@ -56,17 +61,54 @@ class Encode:
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(batch["key"]) == 0:  # every image of the block was unreadable: keep the columns' shapes
-            one = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in batch.items() if k != "key"}
+            one = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in batch.items() if k not in ("key", "pixel_values")}
+            one["pixel_values"] = _empty_pixels(batch["pixel_values"], "target_size" in batch)
             return {k: v[:0] for k, v in self({"key": np.array(["-"], dtype=object), **one}).items()}
-        pixels = torch.from_numpy(batch["pixel_values"]).to(self.device)
+        out = {"key": batch["key"], **self.latents(batch)}
+        ids = {k: torch.from_numpy(batch[k]) for k in ("input_ids", "input_ids_2") if k in batch}
+        out.update({k: self.to_numpy(v) for k, v in encode_prompts(self.comps, ids, device=self.device).items()})
+        out.update({k: batch[k] for k in ("original_size", "crop_top_left", "target_size") if k in batch})
+        return out
+
+    def to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
+        return tensor.float().cpu().numpy().astype(self.dtype)
+
+    def latents(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The latent columns: one tensor of the batch when its rows share a shape; with bucketing, each
+        bucket's rows encoded as one group and returned as a variable-shaped column in row order."""
+        pixels = batch["pixel_values"]
+        if "target_size" not in batch:
+            return {k: self.to_numpy(v) for k, v in self.encode(torch.from_numpy(pixels)).items()}
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(batch["target_size"]):
+            groups.setdefault(tuple(int(v) for v in size), []).append(i)
+        columns = {k: np.empty(len(pixels), dtype=object) for k in self.columns}
+        for rows in groups.values():
+            encoded = self.encode(torch.from_numpy(np.stack([pixels[i] for i in rows])))
+            for name, tensor in encoded.items():
+                for i, array in zip(rows, self.to_numpy(tensor)):
+                    columns[name][i] = array  # one by one: numpy would stack equal shapes
+        return columns
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (LATENT_DIST, LATENT_DIST_FLIPPED) if self.flip else (LATENT_DIST,)
+
+    def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        pixels = pixels.to(self.device)
         encoded = {LATENT_DIST: latent_distribution(self.comps.vae, pixels)}
         if self.flip:
             encoded[LATENT_DIST_FLIPPED] = latent_distribution(self.comps.vae, pixels.flip(-1))
-        ids = {k: torch.from_numpy(batch[k]) for k in ("input_ids", "input_ids_2") if k in batch}
-        encoded.update(encode_prompts(self.comps, ids, device=self.device))
-        out = {k: v.float().cpu().numpy().astype(self.dtype) for k, v in encoded.items()}
-        return {"key": batch["key"], **out, "original_size": batch["original_size"],
-                "crop_top_left": batch["crop_top_left"]}
+        return encoded
+
+
+def _empty_pixels(pixels: np.ndarray, bucketed: bool) -> np.ndarray:
+    """One black image standing in for an empty block's pixels (its shape only matters unbucketed)."""
+    if not bucketed:
+        return np.zeros((1, *pixels.shape[1:]), pixels.dtype)
+    column = np.empty(1, dtype=object)
+    column[0] = np.zeros((3, 8, 8), np.float32)
+    return column
 
 
 def default_destination(spec: JobSpec) -> str:
@@ -118,10 +160,17 @@ def precompute(job: DiffusionJob, out: str | None = None, *, batch_size: int = 6
     quiet_ray_data()
     ray.data.DataContext.get_current().enable_progress_bars = progress
     counter = SkipCounter.remote()
-    rows = read_dataset(spec.data, settings).map_batches(
-        Preprocess(resolution=resolution, resize=spec.data.resize, crop="center", random_flip=False,
-                   tokenizers=tokenizers, skip_counter=counter),
-        batch_format="numpy", batch_size=64)
+    transform = dict(resolution=resolution, resize=spec.data.resize, crop="center", random_flip=False,
+                     tokenizers=tokenizers, skip_counter=counter)
+    if spec.data.bucketed:  # each image at its bucket's shape; the manifest records the bucket settings
+        try:
+            buckets = buckets_for(spec.data.bucketing, resolution)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        step = BucketPreprocess(**transform, buckets=buckets)
+    else:
+        step = Preprocess(**transform)
+    rows = read_dataset(spec.data, settings).map_batches(step, batch_format="numpy", batch_size=64)
     use_gpu = spec.distributed.use_gpu
     encoded = rows.map_batches(
         Encode, batch_format="numpy", batch_size=batch_size,

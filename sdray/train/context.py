@@ -19,15 +19,21 @@ from sdray.data.buckets import bucket_batches
 from sdray.train.checkpoint import read_manifest
 
 
+def _tensor(array: np.ndarray, copy: bool = False) -> torch.Tensor:
+    dtype = np.float32 if array.dtype.kind == "f" else np.int64
+    return torch.from_numpy(np.array(array, dtype=dtype) if copy else np.ascontiguousarray(array, dtype=dtype))
+
+
 def to_torch(batch: dict[str, np.ndarray]) -> dict:
     """A numpy batch from Ray Data as tensors: float columns (pixels, or a latent cache's latents and
     embeddings, whatever their stored precision) as float32, integer columns as int64; ``key`` stays a
-    list of strings."""
+    list of strings. A variable-shaped column (rows of several aspect-ratio buckets, not regrouped by
+    ``bucket_batches``) becomes a list of tensors, one per row (copies: Ray hands out read-only views)."""
     out: dict = {"key": [str(k) for k in batch["key"]]}
     for name, column in batch.items():
         if name != "key":
-            dtype = np.float32 if np.asarray(column).dtype.kind == "f" else np.int64
-            out[name] = torch.from_numpy(np.ascontiguousarray(column, dtype=dtype))
+            column = np.asarray(column)
+            out[name] = [_tensor(np.asarray(row), copy=True) for row in column] if column.dtype == object else _tensor(column)
     return out
 
 

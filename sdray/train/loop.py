@@ -364,7 +364,8 @@ class Trainer:
 
     def _validation_set(self) -> list[dict]:
         """The held-out images the validation loss is measured on, read once (rank 0): the
-        ``validation.max_batches × 16`` rows with the smallest keys, in key order, in batches of 16. The
+        ``validation.max_batches × 16`` rows with the smallest keys, in key order, in batches of up to 16 rows
+        of one shape (a bucketed latent cache's rows keep their buckets' shapes). The
         same images, in the same batches, every time and in every trial of a search, whatever the
         training batch size or the order Ray Data delivers them in."""
         if self._val_set is not None:
@@ -381,12 +382,18 @@ class Trainer:
             if len(kept) > 2 * limit:
                 kept = sorted(kept, key=lambda r: r[0])[:limit]
         kept = sorted(kept, key=lambda r: r[0])[:limit]
-        for start in range(0, len(kept), VALIDATION_BATCH):
-            chunk = kept[start:start + VALIDATION_BATCH]
-            out = {"key": [k for k, _ in chunk]}
-            for name in chunk[0][1]:
-                out[name] = torch.stack([row[name] for _, row in chunk])
-            self._val_set.append(out)
+        # Rows of a bucketed latent cache have their bucket's shape: batches group rows of one shape (in
+        # key order within each), so the set stays the same whatever order the rows arrive in.
+        by_shape: dict[tuple, list[tuple[str, dict]]] = {}
+        for key, row in kept:
+            by_shape.setdefault(tuple(tuple(v.shape) for v in row.values()), []).append((key, row))
+        for rows in by_shape.values():
+            for start in range(0, len(rows), VALIDATION_BATCH):
+                chunk = rows[start:start + VALIDATION_BATCH]
+                out = {"key": [k for k, _ in chunk]}
+                for name in chunk[0][1]:
+                    out[name] = torch.stack([row[name] for _, row in chunk])
+                self._val_set.append(out)
         return self._val_set
 
     @torch.no_grad()
