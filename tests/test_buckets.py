@@ -237,7 +237,8 @@ def bucketed_cache(ray_session, mixed_aspect_root, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bucketed-cache")
     job = parse_job(bucketed_job("bucket-pre", root / "out", mixed_aspect_root, data={"random_flip": True}))
-    manifest = precompute(job, str(root / "cache"), batch_size=40, concurrency=1)
+    # 10-row encoder batches: most hold one bucket only (the rows come square, wide, then tall)
+    manifest = precompute(job, str(root / "cache"), batch_size=10, concurrency=1)
     return root / "cache", manifest
 
 
@@ -248,7 +249,10 @@ def _cached_job(name, out, cache, bucketing=SETTINGS, **spec):
 
 
 def test_a_bucketed_cache_holds_each_image_at_its_bucket_as_online_encoding_does(bucketed_cache, mixed_aspect_root):
+    from ray.data.extensions import ArrowVariableShapedTensorType
+
     from sdray.data.augment import BucketPreprocess
+    from sdray.data.precompute import Encode
     from sdray.models.build import build_components
     from sdray.models.encoding import latent_distribution
 
@@ -265,21 +269,35 @@ def test_a_bucketed_cache_holds_each_image_at_its_bucket_as_online_encoding_does
         for column in ("latent_dist", "latent_dist_flipped"):  # the tiny VAE halves each side; mean + logvar
             assert row[column].shape == (8, bucket[0] // 2, bucket[1] // 2), (key, column)
 
-    # one image of each kind, encoded online through the same transform, gives the cached distribution
+    # every file has the same schema, latents variable-shaped even in one-bucket batches: plain pyarrow
+    # reads the folder as one table
+    import pyarrow.parquet as pq
+
+    files = [f for f in storage.list_files(str(cache)) if f.endswith(".parquet")]
+    assert len(files) > 1 and pq.read_table(files, filesystem=fs).num_rows == 120
+
+    # every image, encoded online through the same transform, gives the cached distributions
     spec = parse_job(bucketed_job("online", "unused", mixed_aspect_root)).spec
     comps = build_components(spec.model, seed=0)
-    buckets = buckets_for(spec.data.bucketing, 32)
     step = BucketPreprocess(resolution=32, resize=None, crop="center", random_flip=False,
-                            tokenizers=comps.tokenizers, buckets=buckets)
-    for name in ("images/square_000.png", "images/wide_050.png", "images/tall_090.png"):
-        key = next(k for k in rows if k.endswith(name))
-        raw = {"key": np.array([key], dtype=object), "image": np.array([(mixed_aspect_root / name).read_bytes()], dtype=object),
-               "caption": np.array(["-"], dtype=object)}
-        pixels = torch.from_numpy(step(raw)["pixel_values"][0][None])
-        expected = latent_distribution(comps.vae, pixels)[0].numpy()
-        np.testing.assert_allclose(rows[key]["latent_dist"], expected, atol=1e-4, rtol=1e-4)
-        mirrored = latent_distribution(comps.vae, pixels.flip(-1))[0].numpy()
-        np.testing.assert_allclose(rows[key]["latent_dist_flipped"], mirrored, atol=1e-4, rtol=1e-4)
+                            tokenizers=comps.tokenizers, buckets=buckets_for(spec.data.bucketing, 32))
+    encode = Encode(model=spec.model, s3=spec.storage, seed=0, flip=True, dtype="float32", use_gpu=False, threads=1)
+    for kind in KINDS:
+        names = sorted(k for k in rows if _kind(k) == kind)
+        raw = {"key": np.array(names, dtype=object), "caption": np.array(["-"] * len(names), dtype=object),
+               "image": np.array([(mixed_aspect_root / "images" / k.rsplit("/", 1)[-1]).read_bytes() for k in names],
+                                 dtype=object)}
+        preprocessed = step(raw)
+        pixels = torch.from_numpy(np.stack(list(preprocessed["pixel_values"])))
+        with torch.no_grad():
+            expected, mirrored = latent_distribution(comps.vae, pixels), latent_distribution(comps.vae, pixels.flip(-1))
+        for i, key in enumerate(names):
+            np.testing.assert_allclose(rows[key]["latent_dist"], expected[i].numpy(), atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(rows[key]["latent_dist_flipped"], mirrored[i].numpy(), atol=1e-4, rtol=1e-4)
+        # an encoder batch of one bucket still writes variable-shaped latents (files of a cache agree)
+        table = encode(preprocessed)
+        for column in ("latent_dist", "latent_dist_flipped"):
+            assert isinstance(table.schema.field(column).type, ArrowVariableShapedTensorType), column
 
 
 def test_training_on_a_bucketed_cache_batches_by_bucket_and_validates_by_shape(bucketed_cache, tmp_path):
@@ -350,5 +368,15 @@ def test_a_cache_made_with_other_bucket_settings_or_none_is_stale(bucketed_cache
                                               r'"step": 8, "max_aspect": 2.0\} here, .*"max_aspect": 3.0\} in the cache'):
         check_cache(other)
     square = parse_job(_cached_job("square", tmp_path, cache, bucketing=None)).spec
-    with pytest.raises(StaleCacheError, match=r"spec\.data\.bucketing is null here"):
-        check_cache(square)
+    with pytest.raises(StaleCacheError, match=r"stale: spec\.data\.bucketing is null here, \{.*\} in the cache\. "):
+        check_cache(square)  # one line about bucketing, none about resize (which only square caches have)
+
+    # A square cache from before bucketing existed: its manifest has no bucketing entry at all.
+    manifest = json.loads((cache / "manifest.json").read_text())
+    old = tmp_path / "old-cache"
+    old.mkdir()
+    transform = {k: v for k, v in manifest["transform"].items() if k != "bucketing"}
+    (old / "manifest.json").write_text(json.dumps({**manifest, "transform": {**transform, "resize": 32}}))
+    check_cache(parse_job(_cached_job("old-square", tmp_path, old, bucketing=None)).spec)  # still accepted
+    with pytest.raises(StaleCacheError, match=r'spec\.data\.bucketing is \{"min_size": 16.*\} here, null in the cache'):
+        check_cache(parse_job(_cached_job("old-bucketed", tmp_path, old)).spec)

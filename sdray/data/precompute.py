@@ -23,9 +23,11 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
+from ray.data.extensions import ArrowTensorArray, ArrowVariableShapedTensorArray
 import torch
 from safetensors.torch import save as save_safetensors
 
@@ -59,16 +61,22 @@ class Encode:
         self.dtype = np.dtype(dtype)
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if len(batch["key"]) == 0:  # every image of the block was unreadable: keep the columns' shapes
-            one = {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in batch.items() if k not in ("key", "pixel_values")}
-            one["pixel_values"] = _empty_pixels(batch["pixel_values"], "target_size" in batch)
-            return {k: v[:0] for k, v in self({"key": np.array(["-"], dtype=object), **one}).items()}
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pa.Table:
+        if len(batch["key"]) == 0:  # (Ray 2.60 drops empty blocks before this step; nothing to encode)
+            return {}
         out = {"key": batch["key"], **self.latents(batch)}
         ids = {k: torch.from_numpy(batch[k]) for k in ("input_ids", "input_ids_2") if k in batch}
         out.update({k: self.to_numpy(v) for k, v in encode_prompts(self.comps, ids, device=self.device).items()})
         out.update({k: batch[k] for k in ("original_size", "crop_top_left", "target_size") if k in batch})
-        return out
+        if "target_size" not in batch:
+            return out
+        # Bucketed: the latent columns are variable-shaped in every file, even where one batch holds a single
+        # bucket (Ray would store that batch's column as a fixed-shape tensor, and files of one cache would
+        # then disagree on the column's type, which pyarrow readers of the whole folder refuse).
+        return pa.table({name: pa.array([str(k) for k in column]) if name == "key"
+                         else ArrowVariableShapedTensorArray.from_numpy(column) if name in self.columns
+                         else ArrowTensorArray.from_numpy(np.ascontiguousarray(column))
+                         for name, column in out.items()})
 
     def to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
         return tensor.float().cpu().numpy().astype(self.dtype)
@@ -100,15 +108,6 @@ class Encode:
         if self.flip:
             encoded[LATENT_DIST_FLIPPED] = latent_distribution(self.comps.vae, pixels.flip(-1))
         return encoded
-
-
-def _empty_pixels(pixels: np.ndarray, bucketed: bool) -> np.ndarray:
-    """One black image standing in for an empty block's pixels (its shape only matters unbucketed)."""
-    if not bucketed:
-        return np.zeros((1, *pixels.shape[1:]), pixels.dtype)
-    column = np.empty(1, dtype=object)
-    column[0] = np.zeros((3, 8, 8), np.float32)
-    return column
 
 
 def default_destination(spec: JobSpec) -> str:
