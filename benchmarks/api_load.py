@@ -48,7 +48,6 @@ import json
 import os
 import random
 import re
-import signal
 import socket
 import ssl
 import subprocess
@@ -61,6 +60,7 @@ import httpx
 import psutil
 import yaml
 
+from sdray.processes import stop_process
 from sdray.service.auth import create_token
 
 GOAL_P99_S = 0.050
@@ -149,13 +149,7 @@ class Server:
         return t.user + t.system
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
+        stop_process(self.proc, grace_s=30)
 
 
 class Load:

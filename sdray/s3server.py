@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from sdray.processes import stop_process
 
 ACCESS_KEY = "sdray-test-key"
 SECRET_KEY = "sdray-test-secret"
@@ -67,14 +68,7 @@ class SeaweedS3:
                 raise
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process, grace_s=15)
 
 
 def start_seaweed(workdir: Path, timeout: float = 60.0) -> SeaweedS3:

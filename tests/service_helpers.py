@@ -4,7 +4,6 @@ its own ``sdray serve`` process (for tests that restart it)."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import httpx
 import uvicorn
 
 from conftest import wait_for
+from sdray.processes import stop_process
 from sdray.service.app import Settings, create_app
 
 
@@ -74,10 +74,4 @@ class ServiceProcess:
             return False
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
+        stop_process(self.proc, grace_s=30)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from sdray.processes import stop_process
 
 # The Debian package that brings each binary.
 DEBIAN_PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus", "chromium": "chromium"}
@@ -147,16 +148,7 @@ class Prometheus:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process by PID, SIGKILL it if it has not exited after ``timeout`` s. Idempotent."""
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=timeout)
+        stop_process(self.proc, grace_s=timeout)
 
     def __enter__(self) -> "Prometheus":
         return self
