@@ -350,7 +350,61 @@ def test_logs_tail_and_follow_until_the_job_ends(service, tokens, tmp_path):
     reader.start()
     wait_for(lambda: chunks, 30, "the first chunk of the followed log")
     assert reader.is_alive()  # still following: the job runs
-    service.backend.finish(running["backend_handle"])
+    handle = running["backend_handle"]
+    service.backend.log(handle, "step 1 loss 0.5")  # a line the driver prints while it is followed
+    wait_for(lambda: "step 1" in "".join(chunks), 30, "the new line to reach the follower")
+    service.backend.log(handle, "step 2 loss 0.4")
+    service.backend.finish(handle)  # the last line comes with the end: the final read delivers it
     reader.join(timeout=30)
     assert not reader.is_alive(), "the stream ends when the job does"
-    assert "accepted" in "".join(chunks)
+    # every line exactly once, in order: the log as the backend holds it at the end
+    assert "".join(chunks) == alice.get(f"/v1/jobs/{job_id}/logs").text
+    assert "".join(chunks).splitlines() == ["dry run: the job was accepted and not run", "step 1 loss 0.5",
+                                             "step 2 loss 0.4", "dry run: the job ended as succeeded"]
+    tailed = alice.get(f"/v1/jobs/{job_id}/logs", params={"tail": 1, "follow": "true"}).text
+    assert tailed == "dry run: the job ended as succeeded\n"  # an ended job's stream: the tail, then the end
+
+
+def test_job_store_filters_counts_and_reads_progress_in_sql():
+    import time
+
+    from sdray.service.store import JobRecord, JobStore
+
+    store = JobStore(":memory:")
+    now = time.time()
+
+    def add(name, tenant="alice", state="pending", labels=None, demand=None, progress=None, finished=None):
+        rec = JobRecord(id=name, seq=0, tenant=tenant, name=name, kind="train", state=state, labels=labels or {},
+                        document={"big": "x" * 1000}, demand=demand or {"workers": 1, "GPU": 0, "CPU": 1},
+                        progress_token_hash="", created=now, updated=now, progress=progress or {},
+                        finished=finished)
+        return store.insert(rec)
+
+    add("a", labels={"team.example.com/name": "red", "tier": "gold"}, demand={"workers": 2, "GPU": 1, "CPU": 2})
+    add("b", labels={"team.example.com/name": "red"}, state="running", progress={"step": 3}, demand={"workers": 4, "GPU": 2})
+    add("c", labels={"team.example.com/name": "blue", "tier": "gold"}, state="succeeded",
+        progress={"step": 9}, finished=now - 60)
+    add("d", state="failed", progress={"step": 1}, finished=now - 7200)
+    add("e", tenant="bob", state="running")
+
+    def names(**filters):
+        return [r.name for r in store.list(**filters)]
+
+    # label keys with dots and slashes; several labels must all match
+    assert names(labels={"team.example.com/name": "red"}) == ["a", "b"]
+    assert names(labels={"team.example.com/name": "red", "tier": "gold"}) == ["a"]
+    assert names(labels={"tier": "silver"}) == []
+    # a page: one more than asked says a next page exists; after_seq continues it
+    first = store.list(tenant="alice", limit=2)
+    assert [r.name for r in first] == ["a", "b", "c"]
+    assert names(tenant="alice", after_seq=first[1].seq, limit=2) == ["c", "d"]
+    # a tenant's active jobs and what they take
+    assert store.active_usage("alice") == (2, 6.0, 3.0) and store.active_usage("bob") == (1, 1.0, 0.0)
+    assert store.active_usage("nobody") == (0, 0.0, 0.0)
+    assert store.queue_depth() == {"alice": 1}
+    # what /metrics reads: jobs with progress, unfinished or finished within the window
+    assert [(r[0], r[4]) for r in store.recent_progress(now - 3600)] == [("b", {"step": 3}), ("c", {"step": 9})]
+    # curve points in one call; a repeated (name, step) is replaced
+    store.add_points("b", [("loss", 1, 0.9), ("loss", 2, 0.8), ("val_loss", 2, 0.85)])
+    store.add_points("b", [("loss", 2, 0.7)])
+    assert store.points("b") == {"loss": [(1, 0.9), (2, 0.7)], "val_loss": [(2, 0.85)]}

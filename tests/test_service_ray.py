@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
+import time
 
 import httpx
 import pytest
@@ -52,8 +54,21 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
         before = job("svc-short")["step"]
         svc.stop()
         svc = ServiceProcess(tmp_path, tokens, *args, port=svc.port)
+        followed: list[tuple[float, str]] = []  # the log followed through Ray's log stream to the job's end
+
+        def follow():
+            with http.stream("GET", f"/v1/jobs/{ids['svc-short']}/logs", params={"follow": "true"},
+                             timeout=None) as r:
+                for text in r.iter_text():
+                    followed.append((time.monotonic(), text))
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
         wait_for(lambda: job("svc-short")["step"] > before, 120, "progress to reach the restarted service")
         done = wait_for(lambda: (j := job("svc-short"))["state"] == "succeeded" and j, 300, "the short job to end")
+        ended = time.monotonic()
+        reader.join(timeout=60)
+        assert not reader.is_alive(), "the followed log ends when the job does"
         assert done["step"] == 40 and done["attempts"] == 1
         assert [c["type"] for c in done["conditions"] if c["status"] == "True"] == ["Admitted", "Succeeded"]
         curve = http.get(f"/v1/jobs/{ids['svc-short']}/metrics").json()["curves"]["loss"]
@@ -63,6 +78,8 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
         assert Image.open(io.BytesIO(png.content)).size[0] > 16
         log = http.get(f"/v1/jobs/{ids['svc-short']}/logs").text
         assert "svc-short" in log
+        assert "".join(text for _, text in followed) == log  # every line once, in order, up to the driver's last
+        assert any(t < ended for t, _ in followed[1:]), "lines streamed while the job ran, not only at its end"
         # The S3 keys reached the job (it read s3://digits) but neither its record nor its log holds them.
         secret = os.environ["AWS_SECRET_ACCESS_KEY"]
         assert secret not in log

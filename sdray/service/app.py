@@ -8,6 +8,8 @@ and sends it with each call).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -24,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sdray.service.auth import Authenticator, Principal
-from sdray.service.backends.base import FINAL, STATES, Backend, BackendError
+from sdray.service.backends.base import FINAL, STATES, Backend, BackendError, tail_lines
 from sdray.service.jobs import JobManager, QuotaExceeded
 from sdray.service.metrics import ServiceMetrics
 from sdray.service.store import JobRecord, JobStore
@@ -348,33 +350,60 @@ def create_app(settings: Settings, backend: Backend, *, store: JobStore | None =
         """The driver's log; ``follow=true`` streams new lines until the job ends."""
         rec = own_job(job_id, who)
         if rec.handle is None:
-            return PlainTextResponse("" if follow is False else "", media_type="text/plain")
+            return PlainTextResponse("", media_type="text/plain")
         try:
-            text = backend.logs(rec.handle, tail=tail)
+            full = backend.logs(rec.handle)
         except BackendError as exc:
             raise _Refused(502, str(exc)) from None
         if not follow:
-            return PlainTextResponse(text)
+            return PlainTextResponse(tail_lines(full, tail))
+        return StreamingResponse(_follow(rec.handle, job_id, full, tail), media_type="text/plain")
 
-        def stream():
-            seen = backend.logs(rec.handle)
-            yield text
-            while True:
-                current = store.get(job_id)
-                try:
-                    now = backend.logs(rec.handle)
-                except BackendError:
-                    now = seen
-                if len(now) > len(seen):
-                    yield now[len(seen):]
-                    seen = now
-                if current is None or current.state in FINAL:
-                    return
-                stop.wait(1.0)
-                if stop.is_set():
-                    return
+    async def _follow(handle: str, job_id: str, full: str, tail: int | None):
+        """The log's (tail of) text so far, then what the backend streams after it, until the job ends
+        (then one last read, so that no line the driver wrote at the end is lost) or the service stops."""
+        yield tail_lines(full, tail)
+        seen = len(full)
+        while not stop.is_set():
+            chunks = backend.follow_logs(handle, seen)
+            pending: asyncio.Future | None = None
+            try:
+                while not stop.is_set():
+                    pending = pending or asyncio.ensure_future(anext(chunks))
+                    done, _ = await asyncio.wait({pending}, timeout=1.0)
+                    if not done:
+                        if await _ended(job_id):
+                            break
+                        continue
+                    try:
+                        chunk = pending.result()
+                    except (StopAsyncIteration, BackendError):
+                        break  # the stream is over (the job ended) or broke
+                    pending = None
+                    seen += len(chunk)
+                    yield chunk
+            finally:
+                if pending is not None and not pending.done():
+                    pending.cancel()
+                    with contextlib.suppress(BaseException):
+                        await pending
+                await chunks.aclose()
+            if await _ended(job_id):
+                last = await run_in_threadpool(_logs_or_empty, handle)
+                if len(last) > seen:
+                    yield last[seen:]
+                return
+            await asyncio.sleep(1.0)  # the stream ended before the service saw the job end: open it again
 
-        return StreamingResponse(stream(), media_type="text/plain")
+    async def _ended(job_id: str) -> bool:
+        current = await run_in_threadpool(store.get, job_id)
+        return current is None or current.state in FINAL
+
+    def _logs_or_empty(handle: str) -> str:
+        try:
+            return backend.logs(handle)
+        except BackendError:
+            return ""
 
     @app.get("/v1/jobs/{job_id}/samples/latest.png", tags=["jobs"], response_class=Response,
              responses={200: {"content": {"image/png": {}}}})

@@ -106,12 +106,14 @@ class JobManager:
         if self.auth is None:
             return
         quota = self.auth.quota(tenant)
-        active = self.store.list(tenant=tenant, states=["pending", "running"])
-        if quota.max_concurrent_jobs is not None and len(active) + 1 > quota.max_concurrent_jobs:
-            raise QuotaExceeded(f"tenant {tenant!r} has {len(active)} active jobs; its quota is "
+        if quota.max_concurrent_jobs is None and quota.max_workers is None and quota.max_gpus is None:
+            return
+        active, workers, gpus = self.store.active_usage(tenant)
+        if quota.max_concurrent_jobs is not None and active + 1 > quota.max_concurrent_jobs:
+            raise QuotaExceeded(f"tenant {tenant!r} has {active} active jobs; its quota is "
                                 f"max_concurrent_jobs={quota.max_concurrent_jobs}: wait for one to finish or cancel one")
         for key, limit, unit in (("workers", quota.max_workers, "max_workers"), ("GPU", quota.max_gpus, "max_gpus")):
-            used = sum(r.demand.get(key, 0) for r in active)
+            used = workers if key == "workers" else gpus
             asked = need.workers if key == "workers" else need.gpus
             if limit is not None and used + asked > limit:
                 raise QuotaExceeded(f"tenant {tenant!r} would use {used + asked:g} {key.lower()} "
@@ -256,9 +258,8 @@ class JobManager:
         if isinstance(trials, list):
             clean["trials"] = [t for t in trials if isinstance(t, dict)][:1000]
         clean["time"] = time.time()
-        for name, points in self._curve_points(payload.get("curve")).items():
-            for step, value in points:
-                self.store.add_points(job_id, step, {name: value})
+        self.store.add_points(job_id, [(name, step, value) for name, points in
+                                       self._curve_points(payload.get("curve")).items() for step, value in points])
         return self.store.update(job_id, progress={**rec.progress, **clean})
 
     @staticmethod

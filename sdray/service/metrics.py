@@ -75,26 +75,22 @@ class _JobCollector:
                 jobs.add_metric([state, tenant], counts.get((state, tenant), 0))
         yield jobs
         queue = GaugeMetricFamily("sdray_queue_depth", "Jobs waiting for resources.", labels=["tenant"])
-        depth: dict[str, int] = dict.fromkeys(tenants, 0)
-        now = time.time()
+        depth = {**dict.fromkeys(tenants, 0), **self.store.queue_depth()}
         families = {name: GaugeMetricFamily(name, doc, labels=["job_id", "tenant", "job_name"])
                     for name, _, doc in TRAINING}
         running = GaugeMetricFamily("sdray_train_running", "1 while the job runs, 0 after.",
                                     labels=["job_id", "tenant", "job_name"])
-        for rec in self.store.list(states=["pending"]):
-            if rec.handle is None:
-                depth[rec.tenant] = depth.get(rec.tenant, 0) + 1
-        for rec in self.store.list(states=None):
-            if not rec.progress or (rec.finished is not None and now - rec.finished > FINISHED_KEPT_S):
-                continue
-            labels = [rec.id, rec.tenant, rec.name]
-            values = dict(rec.progress)
+        # Only jobs that run or finished lately, and only their progress column: a scrape costs the same
+        # however many jobs the store has ever held.
+        for job_id, tenant, name, state, progress in self.store.recent_progress(time.time() - FINISHED_KEPT_S):
+            labels = [job_id, tenant, name]
+            values = dict(progress)
             if "step_s" in values and "data_wait_share" in values:
                 values["data_wait_per_step"] = values["data_wait_share"] * values["step_s"]
             for name, key, _ in TRAINING:
                 if isinstance(values.get(key), (int, float)):
                     families[name].add_metric(labels, float(values[key]))
-            running.add_metric(labels, 1.0 if rec.state == "running" else 0.0)
+            running.add_metric(labels, 1.0 if state == "running" else 0.0)
         for tenant, n in depth.items():
             queue.add_metric([tenant], n)
         yield queue

@@ -1,7 +1,7 @@
 """The fixed entrypoint of every job the service runs: ``python -m sdray.service.runner``.
 
 The document arrives as JSON in ``SDRAY_JOB_DOCUMENT`` (never on a command line), is validated again, and
-runs as ``sdray train --address auto`` (``sdray tune`` with ``spec.tune``) on the cluster the driver was
+runs as ``sdray train --address auto`` (``sdray tune --resume-if-exists`` with ``spec.tune``) on the cluster the driver was
 started in; the command posts progress to the service (``SDRAY_PROGRESS_URL``).
 """
 
@@ -37,7 +37,7 @@ def main() -> int:
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         try:
             if job.spec.tune is not None:
-                tune(path, address="auto", resume=False, verbose=False)
+                tune(path, address="auto", resume=False, resume_if_exists=True, verbose=False)
             else:
                 train(path, address="auto", in_process=False, verbose=False)
         except typer.Exit as exc:  # the command has printed why

@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +125,8 @@ class JobStore:
 
     def list(self, *, tenant: str | None = None, states: list[str] | None = None, labels: dict | None = None,
              after_seq: int = 0, limit: int | None = None) -> list[JobRecord]:
-        """Jobs in submission order, filtered; labels are matched in Python (a handful per job)."""
+        """Jobs in submission order, filtered in SQL; with ``limit``, one row more than asked when there are
+        more (which tells the caller that a next page exists)."""
         sql, args = "SELECT * FROM jobs WHERE seq > ?", [after_seq]
         if tenant is not None:
             sql += " AND tenant = ?"
@@ -132,18 +134,41 @@ class JobStore:
         if states:
             sql += f" AND state IN ({', '.join('?' * len(states))})"
             args.extend(states)
+        for key, value in (labels or {}).items():  # label keys may hold dots and slashes: no JSON paths
+            sql += " AND EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE json_each.key = ? AND json_each.value = ?)"
+            args.extend([key, value])
         sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit + 1)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        out = []
-        for row in rows:
-            rec = self._record(row)
-            if labels and any(rec.labels.get(k) != v for k, v in labels.items()):
-                continue
-            out.append(rec)
-            if limit is not None and len(out) > limit:  # one more than asked: tells the caller a next page exists
-                break
-        return out
+        return [self._record(row) for row in rows]
+
+    def active_usage(self, tenant: str) -> tuple[int, float, float]:
+        """A tenant's pending and running jobs: how many, and the workers and GPUs they take."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(json_extract(demand, '$.workers')), 0), "
+                "COALESCE(SUM(json_extract(demand, '$.GPU')), 0) FROM jobs "
+                "WHERE tenant = ? AND state IN ('pending', 'running')", (tenant,)).fetchone()
+        return int(row[0]), float(row[1]), float(row[2])
+
+    def queue_depth(self) -> dict[str, int]:
+        """Pending jobs not yet handed to the backend, by tenant."""
+        with self._lock:
+            rows = self._db.execute("SELECT tenant, COUNT(*) FROM jobs WHERE state = 'pending' AND handle IS NULL "
+                                    "GROUP BY tenant").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def recent_progress(self, finished_since: float) -> list[tuple[str, str, str, str, dict]]:
+        """``(id, tenant, name, state, progress)`` of jobs with progress that are unfinished or finished
+        since ``finished_since``; only these columns are read (no documents)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, tenant, name, state, progress FROM jobs WHERE progress != '{}' "
+                "AND (finished IS NULL OR finished >= ?) ORDER BY seq", (finished_since,)).fetchall()
+        return [(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Jobs by (state, tenant)."""
@@ -152,11 +177,12 @@ class JobStore:
         return {(r[0], r[1]): r[2] for r in rows}
 
     # -- loss curve and samples --------------------------------------------------------------------
-    def add_points(self, job_id: str, step: int, values: dict[str, float]) -> None:
+    def add_points(self, job_id: str, points: Iterable[tuple[str, int, float]]) -> None:
+        """Curve points ``(name, step, value)``, in one transaction; a repeated (name, step) is replaced."""
         now = time.time()
         with self._lock, self._db:
             self._db.executemany("INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?)",
-                                 [(job_id, step, k, v, now) for k, v in values.items()])
+                                 [(job_id, step, name, value, now) for name, step, value in points])
 
     def points(self, job_id: str) -> dict[str, list[tuple[int, float]]]:
         with self._lock:

@@ -8,7 +8,9 @@ accepts and finishes jobs without running them (API load tests, trying the servi
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
@@ -62,6 +64,21 @@ class Backend(ABC):
     @abstractmethod
     def logs(self, handle: str, tail: int | None = None) -> str:
         """The driver's log (the last ``tail`` lines)."""
+
+    async def follow_logs(self, handle: str, offset: int) -> AsyncIterator[str]:
+        """What the driver's log gains after its first ``offset`` characters, chunk by chunk; it may end
+        when the job does (the caller stops it otherwise). This default reads the whole log every second;
+        a backend that can stream its log overrides it."""
+        seen = offset
+        while True:
+            try:
+                text = await asyncio.to_thread(self.logs, handle)
+            except BackendError:
+                text = ""
+            if len(text) > seen:
+                yield text[seen:]
+                seen = len(text)
+            await asyncio.sleep(1.0)
 
     def close(self) -> None:
         """Release connections (the jobs keep running)."""

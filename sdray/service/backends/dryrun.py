@@ -19,6 +19,7 @@ class DryRunBackend(Backend):
         self._capacity = capacity
         self._ids = itertools.count(1)
         self._jobs: dict[str, str] = {}
+        self._logs: dict[str, str] = {}
         self.env: dict[str, dict[str, str]] = {}  # what each job's driver would have been given
 
     def capacity(self) -> dict[str, float] | None:
@@ -30,6 +31,7 @@ class DryRunBackend(Backend):
     def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str]) -> str:
         handle = f"dry-{next(self._ids)}"
         self._jobs[handle] = "running" if self.hold else "succeeded"
+        self._logs[handle] = "dry run: the job was accepted and not run\n"
         self.env[handle] = dict(env)
         return handle
 
@@ -41,11 +43,16 @@ class DryRunBackend(Backend):
 
     def cancel(self, handle: str) -> None:
         if handle in self._jobs:
-            self._jobs[handle] = "cancelled"
+            self.finish(handle, "cancelled")
+
+    def log(self, handle: str, line: str) -> None:
+        """Add a line to a job's log (as a driver would print one)."""
+        self._logs[handle] = self._logs.get(handle, "") + line + "\n"
 
     def finish(self, handle: str, state: str = "succeeded") -> None:
-        """End a held job as ``state``."""
+        """End a held job as ``state`` (its log says so)."""
         self._jobs[handle] = state
+        self.log(handle, f"dry run: the job ended as {state}")
 
     def logs(self, handle: str, tail: int | None = None) -> str:
-        return tail_lines("dry run: the job was accepted and not run\n", tail)
+        return tail_lines(self._logs.get(handle, ""), tail)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+from sdray.processes import stop_process_group
 from sdray.service.backends.base import Backend, BackendError, BackendStatus, tail_lines
 
 _STATES = {"PENDING": "pending", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
@@ -62,21 +63,7 @@ def start_head(data_dir: Path, num_cpus: int | None = None) -> dict:
 
 def stop_head(record: dict, timeout: float = 5.0) -> None:
     """Stop a head that ``start_head`` started: its whole process group (SIGTERM, then SIGKILL)."""
-    import psutil
-
-    pid = record["pid"]
-    try:
-        group = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            break
-        _, alive = psutil.wait_procs(group, timeout=timeout)
-        if not alive:
-            break
+    stop_process_group(record["pid"], grace_s=timeout)
     # `ray start` told every later ray.init() on this machine to join it; it is gone now.
     current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     port = record["gcs_address"].rsplit(":", 1)[-1]
@@ -184,6 +171,22 @@ class LocalRayBackend(Backend):
             raise
         except Exception as exc:
             raise BackendError(f"cannot stop Ray job {handle}: {exc}") from None
+
+    async def follow_logs(self, handle: str, offset: int) -> AsyncIterator[str]:
+        """Ray's log stream of the job (a websocket to the dashboard that sends the log from its start and
+        closes once the job has ended), less its first ``offset`` characters."""
+        skip = offset
+        try:
+            async for chunk in self.client.tail_job_logs(handle):
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                chunk, skip = chunk[skip:], 0
+                yield chunk
+        except BackendError:
+            raise
+        except Exception as exc:  # aiohttp's and Ray's errors
+            raise BackendError(f"cannot follow the logs of Ray job {handle}: {exc}") from None
 
     def logs(self, handle: str, tail: int | None = None) -> str:
         try:
