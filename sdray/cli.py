@@ -212,6 +212,10 @@ def tune(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue an interrupted search: finished trials are kept, unfinished ones continue "
         "from their last checkpoint.")] = False,
+    resume_if_exists: Annotated[bool, typer.Option(
+        "--resume-if-exists", help="Continue this job's search if one exists (with checkpoint.resume: auto, as "
+        "training does), else start it. RayJobs and the service run searches this way, so a retried driver "
+        "continues instead of starting over.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and the workers' logs.")] = False,
 ) -> None:
     """Search hyperparameters (spec.tune) with Ray Tune: one full Ray Train run of the job per trial.
@@ -221,13 +225,14 @@ def tune(
     document with the best values, ready for `sdray train`) and the best trial's pipeline to spec.output.uri.
     """
     with _Reporters(job) as report:
-        summary = run_tuning(job, address=address, resume=resume, verbose=verbose, on_progress=report)
+        summary = run_tuning(job, address=address, resume=resume or ("auto" if resume_if_exists else False),
+                             verbose=verbose, on_progress=report)
         report({"best": summary["best"].get("metric"),
                 "trials": [{"trial": t["trial"], "params": t["params"], "state": t["status"], "metric": t["metric"],
                             "step": t["step"]} for t in summary["trials"]]}, final=True)
 
 
-def run_tuning(job_path: Path, *, address: str | None = None, resume: bool = False, verbose: bool = False,
+def run_tuning(job_path: Path, *, address: str | None = None, resume: bool | str = False, verbose: bool = False,
                on_progress=None) -> dict:
     """Run the search of one job document with a progress bar and a results table; returns the summary.
     ``on_progress`` also gets the search's state (trials ended and planned, the best value, each trial)."""

@@ -313,7 +313,7 @@ class TrialProgress(Callback):
     on_trial_error = on_trial_complete
 
 
-def _tuner(job: DiffusionJob, restore: bool, on_progress=None):
+def _tuner(job: DiffusionJob, restore: bool | str, on_progress=None):
     from ray import tune
 
     tune_spec = job.spec.tune
@@ -323,6 +323,8 @@ def _tuner(job: DiffusionJob, restore: bool, on_progress=None):
     trainable = tune.with_parameters(run_trial, job_doc=job.model_dump(mode="json", exclude_unset=True))
     # The trial actor only waits on its Ray Train run, whose workers hold the resources (Ray refuses 0).
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    if restore == "auto":  # a retried driver (RayJob, service): continue the search when a first try left one
+        restore = job.spec.checkpoint.resume == "auto" and tune.Tuner.can_restore(path, storage_filesystem=fs)
     if restore:
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
             raise TuneError(f"--resume: no search to resume at {exp}; run `sdray tune` without --resume first")
@@ -445,9 +447,11 @@ def _write_outputs(job: DiffusionJob, rows: list[TrialRow], best: TrialRow) -> d
             "best_job": storage.join(out, "best.yaml"), "pipeline": storage.join(out, "pipeline")}
 
 
-def run_search(job: DiffusionJob, *, address: str | None = None, resume: bool = False,
+def run_search(job: DiffusionJob, *, address: str | None = None, resume: bool | str = False,
                worker_logs: bool = False, on_progress=None) -> dict:
-    """Run ``spec.tune``; returns the summary (trial rows, the best trial, where the outputs are)."""
+    """Run ``spec.tune``; returns the summary (trial rows, the best trial, where the outputs are).
+    ``resume``: True continues the job's search (an error when there is none); ``"auto"`` continues it
+    when there is one and ``checkpoint.resume`` is ``auto``, and starts it otherwise."""
     from sdray.train.launch import ray_cluster
 
     if job.spec.tune is None:

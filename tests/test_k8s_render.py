@@ -116,7 +116,7 @@ def test_tune_job_runs_sdray_tune_on_a_cluster_for_its_trials():
                            distributed={"num_workers": 2},
                            tune={"search_space": {"train.learning_rate": {"loguniform": [1e-4, 1e-2]}},
                                  "num_samples": 8, "max_concurrent_trials": 3})
-    assert rayjob["spec"]["entrypoint"] == "sdray tune /etc/sdray/job.yaml --address auto"
+    assert rayjob["spec"]["entrypoint"] == "sdray tune /etc/sdray/job.yaml --address auto --resume-if-exists"
     assert _workers(rayjob)[0]["replicas"] == 6  # 3 trials side by side × 2 workers each
 
 

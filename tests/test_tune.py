@@ -85,7 +85,7 @@ def test_asha_search_ranks_a_diverging_rate_last_and_exports_the_best(ray_sessio
         "scheduler": {"name": "asha", "grace_period": 10, "reduction_factor": 2},
         "max_concurrent_trials": 2,
     }, distributed={"num_workers": 1, "max_failures": 0})
-    summary = run_search(parse_job(doc))
+    summary = run_search(parse_job(doc), resume="auto")  # as a RayJob runs it: no search yet, so a new one
     trials = summary["trials"]
     assert len(trials) == 4
     failed = [t for t in trials if t["status"] == "failed"]
@@ -154,7 +154,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_sessio
     stamp = finished.stat().st_mtime_ns
     assert len(list(trials_dir.glob("*/summary.json"))) == 1
 
-    summary = run_search(parse_job(doc), resume=True)
+    # as a retried RayJob or service job runs it (`--resume-if-exists`): the search exists, so it continues
+    summary = run_search(parse_job(doc), resume="auto")
     assert len(summary["trials"]) == 2 and all(t["status"] == "finished" for t in summary["trials"])
     assert finished.stat().st_mtime_ns == stamp  # the finished trial was not run again
     assert len(list(trials_dir.glob("*/summary.json"))) == 2

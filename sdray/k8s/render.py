@@ -1,7 +1,7 @@
 """A DiffusionJob as Kubernetes objects: a ConfigMap holding the document and a KubeRay ``ray.io/v1`` RayJob.
 
-The RayJob's head runs the driver, ``sdray train /etc/sdray/job.yaml --address auto`` (``sdray tune`` for a
-document with ``spec.tune``), reading the document from the ConfigMap mounted at ``/etc/sdray``: the
+The RayJob's head runs the driver, ``sdray train /etc/sdray/job.yaml --address auto`` (``sdray tune …
+--resume-if-exists`` for a document with ``spec.tune``), reading the document from the ConfigMap mounted at ``/etc/sdray``: the
 entrypoint is fixed text, nothing of the document is pasted into a shell. One worker group holds the Ray
 Train workers, ``spec.cluster.workers_per_pod`` to a pod. With ``spec.cluster.queue`` the RayJob is created
 suspended with Kueue's queue label, and Kueue admits the whole cluster at once.
@@ -228,7 +228,10 @@ def render(job: DiffusionJob, settings: RenderSettings | None = None, *, namespa
         labels[QUEUE_LABEL] = cluster.queue
     spec: dict[str, Any] = {
         **({"suspend": True} if cluster.queue else {}),  # Kueue unsuspends it once the whole cluster fits its quota
-        "entrypoint": f"sdray {command} {JOB_MOUNT}/{JOB_FILE} --address auto",
+        # A retried RayJob runs the entrypoint again: training resumes by checkpoint.resume: auto, a search
+        # by --resume-if-exists.
+        "entrypoint": f"sdray {command} {JOB_MOUNT}/{JOB_FILE} --address auto"
+                      + (" --resume-if-exists" if command == "tune" else ""),
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": cluster.ttl_seconds_after_finished,
         "backoffLimit": cluster.backoff_limit,
