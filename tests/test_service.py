@@ -95,6 +95,10 @@ def test_yaml_and_json_bodies_filters_and_pages(service, tokens, tmp_path):
     page3 = alice.get("/v1/jobs", params={"limit": 2, "page_token": page2["next_page_token"]}).json()
     assert [j["id"] for j in page1["jobs"] + page2["jobs"] + page3["jobs"]] == ids
     assert page3["next_page_token"] is None
+    newest = alice.get("/v1/jobs", params={"limit": 3, "order": "newest"}).json()
+    older = alice.get("/v1/jobs", params={"limit": 3, "order": "newest", "page_token": newest["next_page_token"]}).json()
+    assert [j["id"] for j in newest["jobs"] + older["jobs"]] == ids[::-1] and older["next_page_token"] is None
+    assert alice.get("/v1/jobs", params={"order": "random"}).status_code == 422
     red = alice.get("/v1/jobs", params={"label": "team=red"}).json()["jobs"]
     assert [j["name"] for j in red] == ["job-1", "job-3"]
     alice.delete(f"/v1/jobs/{ids[0]}")

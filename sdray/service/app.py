@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from fastapi import Depends, FastAPI, Query, Request
@@ -304,8 +305,10 @@ def create_app(settings: Settings, backend: Backend, *, store: JobStore | None =
                   state: list[str] = Query(default=[], description="Only jobs in these states."),
                   label: list[str] = Query(default=[], description="key=value; all must match."),
                   limit: int = Query(default=50, ge=1, le=500), page_token: str | None = None,
+                  order: Literal["oldest", "newest"] = Query(
+                      default="oldest", description="oldest: in submission order; newest: latest first."),
                   tenant: str | None = Query(default=None, description="Admins only: one tenant's jobs.")):
-        """The caller's jobs (an admin's: everyone's), oldest first, a page at a time."""
+        """The caller's jobs (an admin's: everyone's), oldest (or newest) first, a page at a time."""
         bad = [s for s in state if s not in STATES]
         if bad:
             raise _Refused(400, f"state: expected one of {', '.join(STATES)}, got {bad[0]!r}")
@@ -322,7 +325,8 @@ def create_app(settings: Settings, backend: Backend, *, store: JobStore | None =
             after = int(page_token)
         if not who.admin:
             tenant = who.tenant
-        recs = store.list(tenant=tenant, states=state or None, labels=labels or None, after_seq=after, limit=limit)
+        recs = store.list(tenant=tenant, states=state or None, labels=labels or None, after_seq=after, limit=limit,
+                          newest_first=order == "newest")
         more = len(recs) > limit
         recs = recs[:limit]
         return {"jobs": [_job_view(r, base) for r in recs],

@@ -124,10 +124,14 @@ class JobStore:
         return self._record(row) if row else None
 
     def list(self, *, tenant: str | None = None, states: list[str] | None = None, labels: dict | None = None,
-             after_seq: int = 0, limit: int | None = None) -> list[JobRecord]:
-        """Jobs in submission order, filtered in SQL; with ``limit``, one row more than asked when there are
-        more (which tells the caller that a next page exists)."""
-        sql, args = "SELECT * FROM jobs WHERE seq > ?", [after_seq]
+             after_seq: int = 0, limit: int | None = None, newest_first: bool = False) -> list[JobRecord]:
+        """Jobs in submission order (``newest_first``: the reverse, and ``after_seq`` then means "submitted
+        before"; 0 starts at the newest), filtered in SQL; with ``limit``, one row more than asked when
+        there are more (which tells the caller that a next page exists)."""
+        if newest_first:
+            sql, args = ("SELECT * FROM jobs WHERE seq < ?", [after_seq]) if after_seq else ("SELECT * FROM jobs WHERE 1", [])
+        else:
+            sql, args = "SELECT * FROM jobs WHERE seq > ?", [after_seq]
         if tenant is not None:
             sql += " AND tenant = ?"
             args.append(tenant)
@@ -137,7 +141,7 @@ class JobStore:
         for key, value in (labels or {}).items():  # label keys may hold dots and slashes: no JSON paths
             sql += " AND EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE json_each.key = ? AND json_each.value = ?)"
             args.extend([key, value])
-        sql += " ORDER BY seq"
+        sql += " ORDER BY seq DESC" if newest_first else " ORDER BY seq"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit + 1)
