@@ -412,3 +412,41 @@ def test_job_store_filters_counts_and_reads_progress_in_sql():
     store.add_points("b", [("loss", 1, 0.9), ("loss", 2, 0.8), ("val_loss", 2, 0.85)])
     store.add_points("b", [("loss", 2, 0.7)])
     assert store.points("b") == {"loss": [(1, 0.9), (2, 0.7)], "val_loss": [(2, 0.85)]}
+
+
+def test_local_backend_tells_a_lost_job_from_a_failing_dashboard(tmp_path):
+    """Only Ray's 404 for the job marks it missing (the service then fails it as BackendLost); any other
+    failure is an error to retry later, even when its text holds "404" (here, in a port number)."""
+    import http.server
+    import threading
+
+    import ray
+
+    from sdray.service.backends.base import BackendError
+    from sdray.service.backends.local import LocalRayBackend
+
+    class Dashboard(http.server.BaseHTTPRequestHandler):  # the answers of Ray's job API that matter here
+        def do_GET(self):
+            if self.path == "/api/version":
+                status, body = 200, json.dumps({"version": "4", "ray_version": ray.__version__, "ray_commit": "-"})
+            elif self.path.startswith("/api/jobs/sdray-gone"):
+                status, body = 404, "Job sdray-gone does not exist"
+            else:
+                status, body = 500, "cannot reach the GCS at 127.0.0.1:40404"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = LocalRayBackend(address=f"http://127.0.0.1:{server.server_port}", data_dir=tmp_path)
+        assert backend.status("sdray-gone").state == "missing"
+        with pytest.raises(BackendError, match="40404"):
+            backend.status("sdray-other")
+    finally:
+        server.shutdown()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -34,6 +35,7 @@ JOB_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PA
 
 # Ray 2.60 heads require a token (kept in ~/.ray/auth_token); a client process must be told to send it.
 AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+_NOT_FOUND = re.compile(r"status code 404\b")
 
 
 def _free_port() -> int:
@@ -155,7 +157,10 @@ class LocalRayBackend(Backend):
         except BackendError:
             raise
         except Exception as exc:
-            if "does not exist" in str(exc) or "404" in str(exc):
+            # Ray's SDK raises RuntimeError("Request failed with status code 404: …") for an unknown job and
+            # has no typed error for it. Match the status exactly: a bare "404" could be part of a port in
+            # a connection error, and a reachable-but-failing dashboard must not mark jobs lost.
+            if _NOT_FOUND.search(str(exc)):
                 return BackendStatus("missing", str(exc).strip().splitlines()[-1])
             raise BackendError(f"Ray job {handle}: {exc}") from None
         # Ray's message of a failed job ends with the driver's last log lines (up to 20,000 characters).
