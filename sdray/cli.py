@@ -213,8 +213,8 @@ def tune(
         "--resume", help="Continue an interrupted search: finished trials are kept, unfinished ones continue "
         "from their last checkpoint.")] = False,
     resume_if_exists: Annotated[bool, typer.Option(
-        "--resume-if-exists", help="Continue this job's search if one exists (with checkpoint.resume: auto, as "
-        "training does), else start it. RayJobs and the service run searches this way, so a retried driver "
+        "--resume-if-exists", help="Continue this job's search if the same spec started one (with "
+        "checkpoint.resume: auto, as training does), else start it. RayJobs and the service run searches this way, so a retried driver "
         "continues instead of starting over.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and the workers' logs.")] = False,
 ) -> None:
@@ -435,7 +435,9 @@ def serve(
     url = public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     api = create_app(Settings(tokens=tokens, db=db, public_url=url, poll_interval_s=poll_interval), runner)
     err.print(f"sdray service on {url} (backend: {runner.name}, store: {db})", highlight=False)
-    uvicorn.run(api, host=host, port=port, log_level="warning", access_log=False)
+    # Followed logs stream until their job ends: on SIGTERM, uvicorn cancels what is still open after 5 s
+    # instead of waiting for those jobs.
+    uvicorn.run(api, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
 
 
 ServerOption = Annotated[str | None, typer.Option("--server", help="Service URL (default: SDRAY_SERVER, the "

@@ -19,6 +19,7 @@ and ``best.yaml``: the document with the best values, ready for ``sdray train``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -97,6 +98,25 @@ def trial_slug(trial_id: str) -> str:
 
 def experiment_uri(job: DiffusionJob) -> str:
     return storage.join(job.spec.checkpoint_uri, f"{job.metadata.name}-tune")
+
+
+SEARCH_FILE = "sdray-search.json"  # beside Tune's own state: which document started the search
+
+
+def search_fingerprint(job: DiffusionJob) -> str:
+    """A hash of the job's whole spec (search space, scheduler, training settings): the same search or not."""
+    spec = job.model_dump(mode="json", exclude_unset=True)["spec"]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _same_search(job: DiffusionJob) -> bool:
+    """Whether the search stored at the job's experiment path was started by this very spec."""
+    where = storage.join(experiment_uri(job), SEARCH_FILE)
+    try:
+        recorded = json.loads(storage.read_bytes(where, job.spec.storage)).get("fingerprint")
+    except (storage.StorageError, ValueError, AttributeError):
+        return False
+    return recorded == search_fingerprint(job)
 
 
 def trial_job(job: DiffusionJob, params: dict[str, Any], trial_id: str, resume_from: str | None = None
@@ -323,8 +343,11 @@ def _tuner(job: DiffusionJob, restore: bool | str, on_progress=None):
     trainable = tune.with_parameters(run_trial, job_doc=job.model_dump(mode="json", exclude_unset=True))
     # The trial actor only waits on its Ray Train run, whose workers hold the resources (Ray refuses 0).
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    if restore == "auto":  # a retried driver (RayJob, service): continue the search when a first try left one
-        restore = job.spec.checkpoint.resume == "auto" and tune.Tuner.can_restore(path, storage_filesystem=fs)
+    if restore == "auto":
+        # A retried driver (RayJob, service) continues the search its first try left; a new document under an
+        # old name (another search space, say) starts afresh instead of silently getting the old search.
+        restore = (job.spec.checkpoint.resume == "auto" and tune.Tuner.can_restore(path, storage_filesystem=fs)
+                   and _same_search(job))
     if restore:
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
             raise TuneError(f"--resume: no search to resume at {exp}; run `sdray tune` without --resume first")
@@ -332,6 +355,9 @@ def _tuner(job: DiffusionJob, restore: bool | str, on_progress=None):
                                   resume_errored=True)
     if not fs:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(storage.join(exp, SEARCH_FILE),
+                        json.dumps({"job": job.metadata.name, "fingerprint": search_fingerprint(job)}).encode(),
+                        job.spec.storage)
     pbt = tune_spec.scheduler.name == "pbt"
     return tune.Tuner(
         trainable,

@@ -132,6 +132,22 @@ def test_pbt_trials_copy_a_stronger_trial_and_perturb_its_rate(ray_session, digi
     assert (tmp_path / "out" / "pipeline" / "model_index.json").exists()
 
 
+def test_resume_if_exists_restores_only_the_search_the_same_spec_started(tmp_path):
+    from sdray import storage
+    from sdray.tuning import SEARCH_FILE, _same_search, experiment_uri, search_fingerprint
+
+    space = {"search_space": {"train.learning_rate": {"grid": [1e-3, 3e-3]}}}
+    job = parse_job(tune_job("again", tmp_path, "unused", space))
+    assert not _same_search(job)  # nothing stored: a new search
+    storage.write_bytes(storage.join(experiment_uri(job), SEARCH_FILE),
+                        json.dumps({"fingerprint": search_fingerprint(job)}).encode())
+    assert _same_search(parse_job(tune_job("again", tmp_path, "unused", space)))  # a retry of the same document
+    other = tune_job("again", tmp_path, "unused", {"search_space": {"train.learning_rate": {"grid": [1e-2]}}})
+    assert not _same_search(parse_job(other))  # the same name, another search: it starts afresh
+    longer = tune_job("again", tmp_path, "unused", space, train={"max_steps": 60})
+    assert not _same_search(parse_job(longer))
+
+
 @pytest.mark.slow  # ~2 min: two searches and a kill (test-time budget)
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_session, digits_root, tmp_path):
     doc = tune_job("resumed", tmp_path, str(digits_root / "imagefolder"), {
