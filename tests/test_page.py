@@ -151,3 +151,15 @@ def test_without_a_token_or_with_a_refused_one_the_page_asks_for_one(page, brows
     assert 'id="token-form" class="card show"' in dom
     assert re.search(r'<div id="banner" class="banner show"[^>]*>[^<]*refused the token \(401\)', dom), dom[-3000:]
     assert f'data-job-id="{train_id}"' not in dom
+
+
+def test_a_linked_job_older_than_the_newest_200_is_still_shown(page, browser, tmp_path):
+    svc, token, train_id, search_id = page
+    http = svc.client(token)
+    for i in range(199):  # with the training job, the 200 newest jobs the table lists: the search is older
+        assert http.post("/v1/jobs", json=make_job(f"filler-{i}", tmp_path / "f", str(tmp_path / "data"))).status_code == 201
+    dom = chromium(browser, tmp_path / "profile", f"{svc.url}/#token={token}&job={search_id}", "--dump-dom")
+    assert f'data-job-id="{search_id}"' not in dom and f'data-job-id="{train_id}"' in dom
+    assert "Showing the 200 newest of 200+ jobs." in dom
+    assert re.search(r'id="d-name"[^>]*>page-search<', dom), "the linked search is not the job in detail"
+    assert "t-0001" in re.search(r'<table id="trials">.*?</table>', dom, re.S).group(0)

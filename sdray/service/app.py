@@ -9,7 +9,6 @@ and sends it with each call).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import threading
@@ -365,7 +364,8 @@ def create_app(settings: Settings, backend: Backend, *, store: JobStore | None =
 
     async def _follow(handle: str, job_id: str, full: str, tail: int | None):
         """The log's (tail of) text so far, then what the backend streams after it, until the job ends
-        (then one last read, so that no line the driver wrote at the end is lost) or the service stops."""
+        (then one last read, so that no line the driver wrote at the end is lost) or the service stops
+        (``sdray serve`` gives open streams a few seconds to end before it cancels them)."""
         yield tail_lines(full, tail)
         seen = len(full)
         while not stop.is_set():
@@ -389,8 +389,7 @@ def create_app(settings: Settings, backend: Backend, *, store: JobStore | None =
             finally:
                 if pending is not None and not pending.done():
                     pending.cancel()
-                    with contextlib.suppress(BaseException):
-                        await pending
+                    await asyncio.wait({pending})  # (not `await pending`: that would re-raise its cancellation)
                 await chunks.aclose()
             if await _ended(job_id):
                 last = await run_in_threadpool(_logs_or_empty, handle)

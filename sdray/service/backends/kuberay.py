@@ -146,9 +146,8 @@ class KubeRayBackend(Backend):
         selector = f"{JOB_LABEL}={name},app.kubernetes.io/component=ray-submitter"
         try:
             pods = self.clients.core.list_namespaced_pod(namespace, label_selector=selector).items
-            if not pods:
-                return (f"no log yet: DiffusionJob {handle} has no submitter pod (queued, or its Ray cluster is "
-                        "starting); `kubectl describe dj` says why")
+            if not pods:  # queued, or its Ray cluster is starting: the job's conditions say which
+                return ""
             newest = max(pods, key=lambda p: p.metadata.creation_timestamp or "")
             kwargs = {"tail_lines": tail} if tail else {}
             return self.clients.core.read_namespaced_pod_log(newest.metadata.name, namespace,

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from sdray.processes import stop_process_group
+from sdray.processes import is_running, started_at, stop_process_group
 from sdray.service.backends.base import Backend, BackendError, BackendStatus, tail_lines
 
 _STATES = {"PENDING": "pending", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
@@ -58,29 +58,20 @@ def start_head(data_dir: Path, num_cpus: int | None = None) -> dict:
     log = open(data_dir / "ray-head.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **JOB_ENV, **AUTH_ENV})
-    record = {"pid": proc.pid, "gcs_address": f"127.0.0.1:{gcs}", "dashboard_url": f"http://127.0.0.1:{dash}"}
+    record = {"pid": proc.pid, "started": started_at(proc.pid), "gcs_address": f"127.0.0.1:{gcs}",
+              "dashboard_url": f"http://127.0.0.1:{dash}"}
     (data_dir / "ray-cluster.json").write_text(json.dumps(record))
     return record
 
 
 def stop_head(record: dict, timeout: float = 5.0) -> None:
     """Stop a head that ``start_head`` started: its whole process group (SIGTERM, then SIGKILL)."""
-    stop_process_group(record["pid"], grace_s=timeout)
+    stop_process_group(record["pid"], grace_s=timeout, started=record.get("started"))
     # `ray start` told every later ray.init() on this machine to join it; it is gone now.
     current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     port = record["gcs_address"].rsplit(":", 1)[-1]
     if current.exists() and current.read_text().strip().endswith(f":{port}"):
         current.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class LocalRayBackend(Backend):
@@ -95,7 +86,7 @@ class LocalRayBackend(Backend):
         if address is None:
             record = Path(data_dir) / "ray-cluster.json"
             self.head = json.loads(record.read_text()) if record.exists() else None
-            if self.head is None or not _alive(self.head["pid"]):
+            if self.head is None or not is_running(self.head["pid"], self.head.get("started")):
                 self.head = start_head(Path(data_dir), num_cpus)
             address = self.head["dashboard_url"]
         self.address = address if "://" in address else f"http://{address}"
@@ -157,10 +148,10 @@ class LocalRayBackend(Backend):
         except BackendError:
             raise
         except Exception as exc:
-            # Ray's SDK raises RuntimeError("Request failed with status code 404: …") for an unknown job and
-            # has no typed error for it. Match the status exactly: a bare "404" could be part of a port in
-            # a connection error, and a reachable-but-failing dashboard must not mark jobs lost.
-            if _NOT_FOUND.search(str(exc)):
+            # Ray's SDK raises RuntimeError("Request failed with status code 404: Job … does not exist.") for
+            # an unknown job and has no typed error for it. Match both parts: a bare "404" could be part of a
+            # port in a connection error, and only a dashboard that says so may mark a job lost.
+            if _NOT_FOUND.search(str(exc)) and "does not exist" in str(exc):
                 return BackendStatus("missing", str(exc).strip().splitlines()[-1])
             raise BackendError(f"Ray job {handle}: {exc}") from None
         # Ray's message of a failed job ends with the driver's last log lines (up to 20,000 characters).
