@@ -26,11 +26,31 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         proc.wait(timeout=grace_s)
 
 
-def stop_process_group(pid: int, grace_s: float = 5.0) -> None:
-    """SIGTERM the process group led by ``pid``, SIGKILL it when any member outlives ``grace_s`` s, and
-    wait until every member that existed when called has exited. Nothing happens when ``pid`` is gone."""
+def started_at(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch, as the OS records it), or None if none runs.
+    Recorded beside a PID, it tells the process from a later one that reuses the number."""
     import psutil
 
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def is_running(pid: int, started: float | None = None) -> bool:
+    """Whether ``pid`` runs and, when ``started`` is given, is the process that started then."""
+    now = started_at(pid)
+    return now is not None and (started is None or now == started)
+
+
+def stop_process_group(pid: int, grace_s: float = 5.0, started: float | None = None) -> None:
+    """SIGTERM the process group led by ``pid``, SIGKILL it when any member outlives ``grace_s`` s, then
+    SIGKILL any descendant that left the group; returns once all of them have exited. Nothing happens
+    when ``pid`` is gone, or (with ``started``) is another process that reuses the number."""
+    import psutil
+
+    if not is_running(pid, started):
+        return
     try:
         leader = psutil.Process(pid)
         members = [leader, *leader.children(recursive=True)]
@@ -40,7 +60,13 @@ def stop_process_group(pid: int, grace_s: float = 5.0) -> None:
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
-            return
+            break
         _, alive = psutil.wait_procs(members, timeout=grace_s)
         if not alive:
             return
+    for proc in alive:  # descendants in a group (or session) of their own
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
