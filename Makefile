@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 # The default suite: everything but the runs marked slow (the full demo). < 20 min on 2 cores.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "not slow" --durations=25 $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

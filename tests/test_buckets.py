@@ -347,6 +347,7 @@ def test_training_on_a_bucketed_cache_batches_by_bucket_and_validates_by_shape(b
     assert pipe("a handwritten digit 3", num_inference_steps=2, height=24, width=40).images[0].size == (40, 24)
 
 
+@pytest.mark.slow  # test-time budget: lockstep epochs are covered on images above, Ray Train on a cache in test_latents
 @pytest.mark.timeout(300)
 def test_two_ray_train_workers_train_on_a_bucketed_cache_without_hanging(bucketed_cache, tmp_path):
     cache, _ = bucketed_cache
