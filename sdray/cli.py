@@ -137,9 +137,19 @@ def run_training(job_path: Path, *, address: str | None = None, in_process: bool
     task = progress.add_task(f"{doc.metadata.name} ({doc.spec.stage})", total=doc.spec.train.max_steps,
                              loss="-", ips="-")
 
+    def show(metrics: dict) -> None:
+        # Not every update carries every value (a checkpoint or a sample grid comes alone): keep the last shown.
+        fields = {}
+        if isinstance(metrics.get("step"), int):
+            fields["completed"] = metrics["step"]
+        if isinstance(metrics.get("loss"), (int, float)):
+            fields["loss"] = f"{metrics['loss']:.4f}"
+        if isinstance(metrics.get("images_per_s"), (int, float)):
+            fields["ips"] = f"{metrics['images_per_s']:.0f}"
+        progress.update(task, **fields)
+
     def update(metrics: dict) -> None:
-        progress.update(task, completed=metrics.get("step", 0), loss=f"{metrics.get('loss', float('nan')):.4f}",
-                        ips=f"{metrics.get('images_per_s', 0):.0f}")
+        show(metrics)
         if on_progress is not None:
             on_progress(metrics)
 
@@ -147,9 +157,10 @@ def run_training(job_path: Path, *, address: str | None = None, in_process: bool
         with progress:
             if in_process:
                 summary = run_in_process(doc)
-                update({"step": summary.get("step", 0), "loss": summary.get("loss") or float("nan")})
             else:
                 summary = run_job(doc, address=address, on_progress=update, worker_logs=verbose)
+            # (a run resumed at its last step reports no step: the summary says where it ended)
+            show(summary)
     except _user_errors() as exc:
         raise _fail(str(exc)) from None
     _print_summary(summary, f"{doc.metadata.name}: done")
