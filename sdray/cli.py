@@ -225,8 +225,8 @@ def tune(
         "from their last checkpoint.")] = False,
     resume_if_exists: Annotated[bool, typer.Option(
         "--resume-if-exists", help="Continue this job's search if the same spec started one (with "
-        "checkpoint.resume: auto, as training does), else start it. RayJobs and the service run searches this way, so a retried driver "
-        "continues instead of starting over.")] = False,
+        "checkpoint.resume: auto, as training does), else start it. RayJobs and the service run searches "
+        "this way, so a retried driver continues instead of starting over.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and the workers' logs.")] = False,
 ) -> None:
     """Search hyperparameters (spec.tune) with Ray Tune: one full Ray Train run of the job per trial.

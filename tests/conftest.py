@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,17 +45,20 @@ def make_job(name: str, output: Path, data_uri: str, **spec) -> dict:
     return doc
 
 
-def wait_for(condition, timeout: float, what: str, proc=None):
-    """Poll ``condition`` until it holds (or fail after ``timeout`` s)."""
+def wait_for(condition, timeout: float, what: str, proc=None, *, interval: float = 0.2, timed_out=None):
+    """Poll ``condition`` every ``interval`` s until it returns something true, and return that. Fails after
+    ``timeout`` s with AssertionError, or with the exception ``timed_out()`` returns (to say more), and at
+    once when ``proc`` has exited. The tests' one way of waiting."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         value = condition()
         if value:
             return value
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"process exited ({proc.returncode}) before: {what}")
-        time.sleep(0.2)  # polling interval, bounded by the deadline
-    raise AssertionError(f"timed out waiting for {what}")
+        if time.monotonic() >= deadline:
+            raise timed_out() if timed_out is not None else AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)  # polling interval, bounded by the deadline
 
 
 def start_cli(command: str, doc: dict, path: Path) -> subprocess.Popen:
@@ -117,9 +121,23 @@ def ray_session(seaweed):
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", runtime_env={"env_vars": RAY_ENV},
              logging_level="WARNING", log_to_driver=False)
     quiet_ray_data()
+    ray_threads = set(threading.enumerate())  # Ray's own (error listener, GC thread): shutdown stops them
     yield ray
     _stop_ray_data_executors()
+    _join_late_threads(ray_threads, timeout=20)
     ray.shutdown()
+
+
+def _join_late_threads(known: set, timeout: float) -> None:
+    """Give the threads the tests' libraries left behind (Tune, Train and Ray Data helpers waiting on an
+    actor that the collection above has just ended) ``timeout`` s to finish before ``ray.shutdown()``:
+    one that wakes after it touches a shut-down core worker, which ends this process at once, before
+    pytest reports (seen once with every test passed). Threads still running then are left as they are."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread in known or thread is threading.current_thread() or type(thread).__name__ == "TMonitor":
+            continue  # (tqdm's monitor sleeps for the process's life)
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _stop_ray_data_executors() -> None:

@@ -41,8 +41,8 @@ def test_stop_process_group_ends_the_whole_tree_even_what_ignores_sigterm_or_lef
 
 
 def test_stop_process_kills_what_ignores_sigterm():
-    proc = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                             "print('ready', flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                             "print('ready', flush=True); signal.pause()"], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     stop_process(proc, grace_s=0.5)
     assert proc.returncode == -9

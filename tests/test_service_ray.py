@@ -50,19 +50,29 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
 
         wait_for(lambda: (job("svc-short").get("step") or 0) >= 5, 240, "the short job to report steps")
 
-        # The service goes away mid-job and comes back on the same store and address.
+        def follow(into: list) -> None:  # (time, text) of each chunk of the job's followed log
+            try:
+                with http.stream("GET", f"/v1/jobs/{ids['svc-short']}/logs", params={"follow": "true"},
+                                 timeout=None) as r:
+                    for text in r.iter_text():
+                        into.append((time.monotonic(), text))
+            except httpx.HTTPError:
+                pass  # the service went away mid-stream
+
+        # The service goes away mid-job, with a log still followed, and comes back on the same store and
+        # address. SIGTERM ends it in its grace period even so (not the SIGKILL 30 s later).
+        cut: list = []
+        early = threading.Thread(target=follow, args=(cut,), daemon=True)
+        early.start()
+        wait_for(lambda: cut, 60, "the followed log's first chunk")
         before = job("svc-short")["step"]
         svc.stop()
+        assert svc.proc.returncode != -9, "the service waited for the followed log instead of stopping"
+        early.join(timeout=10)
+        assert not early.is_alive(), "the followed log did not end when the service stopped"
         svc = ServiceProcess(tmp_path, tokens, *args, port=svc.port)
         followed: list[tuple[float, str]] = []  # the log followed through Ray's log stream to the job's end
-
-        def follow():
-            with http.stream("GET", f"/v1/jobs/{ids['svc-short']}/logs", params={"follow": "true"},
-                             timeout=None) as r:
-                for text in r.iter_text():
-                    followed.append((time.monotonic(), text))
-
-        reader = threading.Thread(target=follow, daemon=True)
+        reader = threading.Thread(target=follow, args=(followed,), daemon=True)
         reader.start()
         wait_for(lambda: job("svc-short")["step"] > before, 120, "progress to reach the restarted service")
         done = wait_for(lambda: (j := job("svc-short"))["state"] == "succeeded" and j, 300, "the short job to end")
@@ -107,7 +117,10 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
         assert prom.wait_for('sdray_jobs{state="cancelled",tenant="alice"} == 1', timeout=60)
     finally:
         for job_id in ids.values():
-            http.delete(f"/v1/jobs/{job_id}")
+            try:
+                http.delete(f"/v1/jobs/{job_id}")
+            except httpx.HTTPError:
+                pass  # the service is down (a failure above): that failure is the one to report
         svc.stop()
         prom.stop()
 

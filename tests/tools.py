@@ -26,7 +26,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,6 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import wait_for
 from sdray.processes import stop_process
 
 # The Debian package that brings each binary.
@@ -110,16 +110,15 @@ class Prometheus:
     def wait_for(self, promql: str, timeout: float = 30.0, interval: float = 0.25) -> list[dict]:
         """Poll ``query(promql)`` until it returns a non-empty result and return it; on timeout raise
         PrometheusError with the last result, the scrape targets' health and the Prometheus log tail."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = self.query(promql)
-            if result:
-                return result
-            self._check_alive(f"waiting for {promql!r}")
-            if time.monotonic() >= deadline:
-                raise PrometheusError(f"no result for {promql!r} within {timeout:g} s\n"
-                                      f"targets: {self.targets_summary()}\n{self.log_tail()}")
-            time.sleep(interval)  # polling interval, bounded by the deadline
+        def result() -> list[dict]:
+            found = self.query(promql)
+            if not found:
+                self._check_alive(f"waiting for {promql!r}")
+            return found
+
+        return wait_for(result, timeout, f"a result for {promql!r}", interval=interval,
+                        timed_out=lambda: PrometheusError(f"no result for {promql!r} within {timeout:g} s\n"
+                                                          f"targets: {self.targets_summary()}\n{self.log_tail()}"))
 
     def alerts(self) -> list[dict]:
         """The alerts Prometheus currently holds (pending and firing), from ``/api/v1/alerts``."""
@@ -209,15 +208,14 @@ def start_prometheus(tmp_path: Path, targets: list[str], scrape_interval: str = 
 
 
 def _wait_ready(prom: Prometheus, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def ready() -> bool:
         prom._check_alive("starting")
         try:
             with _HTTP.open(f"{prom.url}/-/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    return
+                return resp.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass  # not listening yet, or 503 while it starts
-        if time.monotonic() >= deadline:
-            raise PrometheusError(f"prometheus not ready at {prom.url} within {timeout:g} s\n{prom.log_tail()}")
-        time.sleep(0.1)  # polling interval, bounded by the deadline
+            return False  # not listening yet, or 503 while it starts
+
+    wait_for(ready, timeout, f"prometheus at {prom.url}", interval=0.1,
+             timed_out=lambda: PrometheusError(f"prometheus not ready at {prom.url} within {timeout:g} s\n"
+                                               f"{prom.log_tail()}"))
