@@ -41,7 +41,6 @@ from sdray.models.build import build_components, data_requirements, frozen_finge
 from sdray.models.conditioning import encode_prompts, unconditional_prompts
 from sdray.models.encoding import LATENT_DIST, LATENT_DIST_FLIPPED, latent_distribution
 from sdray.spec import DiffusionJob, JobSpec, ModelSpec, S3Settings
-from sdray.train.launch import cpus_per_worker
 
 DTYPES = ("float32", "float16")
 
@@ -175,9 +174,9 @@ def precompute(job: DiffusionJob, out: str | None = None, *, batch_size: int = 6
         Encode, batch_format="numpy", batch_size=batch_size,
         fn_constructor_kwargs={"model": spec.model, "s3": spec.storage, "seed": spec.train.seed,
                                "flip": spec.data.random_flip, "dtype": dtype, "use_gpu": use_gpu,
-                               "threads": max(1, int(cpus_per_worker(job)))},
+                               "threads": max(1, int(spec.distributed.cpus_per_worker))},
         compute=ray.data.ActorPoolStrategy(size=concurrency or spec.distributed.num_workers),
-        num_cpus=cpus_per_worker(job), num_gpus=1 if use_gpu else None)
+        num_cpus=spec.distributed.cpus_per_worker, num_gpus=1 if use_gpu else None)
     fs, path = storage.filesystem(out, settings)
     encoded.write_parquet(path, filesystem=fs)
     files, n_rows = _count_rows(out, settings)

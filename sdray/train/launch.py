@@ -44,11 +44,6 @@ class TrainingFailed(RuntimeError):
     """The run failed for good (after ``max_failures`` restarts); the last checkpoint stays readable."""
 
 
-def cpus_per_worker(job: DiffusionJob) -> float:
-    res = job.spec.distributed.resources_per_worker or {}
-    return float(res.get("CPU", 1))
-
-
 @contextlib.contextmanager
 def ray_cluster(job: DiffusionJob, address: str | None = None, log_to_driver: bool = True):
     """Connect to ``address``, reuse the current Ray, or start an embedded local cluster for the job.
@@ -63,7 +58,7 @@ def ray_cluster(job: DiffusionJob, address: str | None = None, log_to_driver: bo
     if address and address != "local":
         ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=log_to_driver)
     else:
-        need = job.spec.distributed.num_workers * cpus_per_worker(job)
+        need = job.spec.distributed.num_workers * job.spec.distributed.cpus_per_worker
         # The dashboard serves the state API that Ray Train V2 uses to clean up after a run.
         # Loopback only: an embedded cluster serves this process alone.
         # address="local": a new cluster even when `ray start` left one to auto-detect on this machine.
@@ -101,7 +96,7 @@ class RayContext:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.num_threads = max(1, int(cpus_per_worker(job)))
+        self.num_threads = max(1, int(job.spec.distributed.cpus_per_worker))
         self.job = job
         self.board = board
         self._restored_dir: str | None = None
@@ -258,7 +253,7 @@ def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads:
             train=data.train, validation=data.validation, batch_size=spec.train.batch_size,
             shuffle=spec.data.shuffle, run_dir=Path(spec.checkpoint_uri) / run_name(job),
             keep_last=spec.checkpoint.keep_last, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-            num_threads=num_threads or int(cpus_per_worker(job)), bucketed=spec.data.bucketed,
+            num_threads=num_threads or int(spec.distributed.cpus_per_worker), bucketed=spec.data.bucketed,
         )
         start = time.perf_counter()
         train_worker(job, ctx)
