@@ -7,8 +7,14 @@ subresource (status ignored on create and on main-resource writes; spec ignored 
 ``generation`` that counts spec changes), delete with the garbage collector's cascade over
 ownerReferences, 404 NotFound and 409 AlreadyExists. Pod logs come from ``set_pod_log``.
 
+RBAC, for clients that send a ServiceAccount's bearer token (``token_for``): a request is allowed only by
+a rule of a Role bound to that ServiceAccount in the request's namespace (apiGroups, resources with
+``/status``, verbs, resourceNames; ``*``), else 403 Forbidden; writing a Role or RoleBinding that grants
+more than the writer holds is refused as the API server's escalation check does (``bind``/``escalate``
+verbs honoured). An unknown token gets 401. Requests without a token are the cluster admin's.
+
 What it is not: no admission, no defaulting, no schema (tests validate what was stored against the real
-schemas instead), no RBAC, no finalizers; the cascade runs at once instead of in the background.
+schemas instead), no ClusterRoles, no finalizers; the cascade runs at once instead of in the background.
 Test code drives the other operators (KubeRay setting a RayJob's status) through ``update_status``.
 """
 
@@ -32,10 +38,16 @@ RESOURCES = {
     ("", "v1", "secrets"): ("Secret", False),
     ("", "v1", "events"): ("Event", False),
     ("", "v1", "pods"): ("Pod", True),
+    ("", "v1", "serviceaccounts"): ("ServiceAccount", False),
     ("coordination.k8s.io", "v1", "leases"): ("Lease", False),
+    ("rbac.authorization.k8s.io", "v1", "roles"): ("Role", False),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"): ("RoleBinding", False),
+    ("networking.k8s.io", "v1", "networkpolicies"): ("NetworkPolicy", False),
     ("sdray.io", "v1alpha1", "diffusionjobs"): ("DiffusionJob", True),
     ("ray.io", "v1", "rayjobs"): ("RayJob", True),
 }
+RBAC = "rbac.authorization.k8s.io"
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 _PATH = re.compile(
     r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
     r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>status|log))?$"
@@ -101,6 +113,7 @@ class FakeKube:
         self._compacted = 0  # watches from a version below this get 410 Gone
         self._failures: list[dict] = []
         self._logs: dict[tuple, str] = {}
+        self._tokens: dict[str, tuple[str, str]] = {}  # bearer token → (namespace, ServiceAccount)
         self.requests: list[dict] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -158,6 +171,63 @@ class FakeKube:
     def set_pod_log(self, namespace: str, name: str, text: str) -> None:
         with self._lock:
             self._logs[(namespace, name)] = text
+
+    def token_for(self, namespace: str, service_account: str) -> str:
+        """A bearer token that authenticates as ServiceAccount ``namespace/service_account`` (RBAC applies)."""
+        token = uuid.uuid4().hex
+        with self._lock:
+            self._tokens[token] = (namespace, service_account)
+        return token
+
+    def allowed(self, user: tuple[str, str], verb: str, group: str, resource: str, namespace: str | None,
+                name: str | None) -> bool:
+        """Whether ServiceAccount ``user`` may ``verb`` ``resource`` (``plural`` or ``plural/sub``) named
+        ``name`` (None: a collection, or a create) in ``namespace``, by the Roles bound to it there."""
+        with self._lock:
+            return any(_rule_allows(rule, verb, group, resource, name) for rule in self._rules_of(user, namespace))
+
+    def _rules_of(self, user: tuple[str, str], namespace: str | None) -> list[dict]:
+        subject = {"kind": "ServiceAccount", "name": user[1], "namespace": user[0]}
+        rules = []
+        for (g, p, ns, _), binding in self._store.items():
+            if (g, p, ns) != (RBAC, "rolebindings", namespace) or binding["roleRef"].get("kind") != "Role":
+                continue
+            if any({k: s.get(k) for k in subject} == subject for s in binding.get("subjects") or []):
+                role = self._store.get((RBAC, "roles", namespace, binding["roleRef"]["name"]))
+                rules += (role or {}).get("rules") or []
+        return rules
+
+    def _authorize(self, user, method, group, plural, sub, namespace, name, query, body) -> None:
+        if method == "GET":
+            verb = "get" if name else "watch" if query.get("watch", "").lower() in ("true", "1") else "list"
+        else:
+            verb = _VERBS[method]
+        resource = f"{plural}/{sub}" if sub else plural
+        who = f"system:serviceaccount:{user[0]}:{user[1]}"
+        if not self.allowed(user, verb, group, resource, namespace, name):
+            raise ApiError(403, "Forbidden", f'{resource}.{group} "{name or ""}" is forbidden: User "{who}" cannot '
+                                             f'{verb} resource "{resource}" in API group "{group}" in the namespace '
+                                             f'"{namespace}"')
+        if group != RBAC or verb not in ("create", "update", "patch") or sub:
+            return
+        # The escalation check: a Role may hold, and a RoleBinding may grant, only what the writer holds.
+        target = (body or {}).get("metadata", {}).get("name") or name
+        if plural == "roles" and not self.allowed(user, "escalate", RBAC, "roles", namespace, target):
+            granted = (body or {}).get("rules") or []
+        elif plural == "rolebindings":
+            ref = (body or {}).get("roleRef") or {}
+            if self.allowed(user, "bind", RBAC, "roles", namespace, ref.get("name")):
+                return
+            granted = (self._store.get((RBAC, "roles", namespace, ref.get("name"))) or {}).get("rules") or []
+        else:
+            return
+        for rule in granted:
+            for g, res, verb_, rname in itertools.product(rule.get("apiGroups") or [], rule.get("resources") or [],
+                                                          rule.get("verbs") or [], rule.get("resourceNames") or [None]):
+                if not self.allowed(user, verb_, g, res, namespace, rname):
+                    raise ApiError(403, "Forbidden", f'{plural}.{RBAC} "{target}" is forbidden: user "{who}" is '
+                                                     "attempting to grant RBAC permissions not currently held: "
+                                                     f"{verb_} {res}.{g} {rname or ''}")
 
     def created(self, plural: str, agent: str | None = None) -> list[dict]:
         """The successful create requests on ``plural`` (by client user agent when given)."""
@@ -355,6 +425,14 @@ class FakeKube:
                 body = json.loads(handler.rfile.read(length) or b"null")
                 if method == "PATCH" and "json-patch" in handler.headers.get("Content-Type", ""):
                     raise ApiError(415, "UnsupportedMediaType", "the fake API server takes merge patches only")
+            token = (handler.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+            if token:
+                with self._lock:
+                    user = self._tokens.get(token)
+                    if user is None:
+                        raise ApiError(401, "Unauthorized", "Unauthorized")
+                    record["user"] = user
+                    self._authorize(user, method, group, plural, sub, namespace, name, query, body)
             with self._lock:
                 self._check_failure(method, plural)
             if method == "GET" and name is None and record["watch"]:
@@ -389,6 +467,17 @@ class FakeKube:
             return
         record["code"] = code
         _send(handler, code, json.dumps(result))
+
+
+def _rule_allows(rule: dict, verb: str, group: str, resource: str, name: str | None) -> bool:
+    """One PolicyRule: a named rule never allows a collection or a create (``name`` None)."""
+    def has(field: str, value) -> bool:
+        values = rule.get(field) or []
+        return value in values or "*" in values
+
+    names = rule.get("resourceNames") or []
+    return (has("apiGroups", group) and has("resources", resource) and has("verbs", verb)
+            and (not names or name in names))
 
 
 def _send(handler, code: int, text: str, content_type: str = "application/json") -> None:

@@ -16,7 +16,8 @@ from sdray.k8s.render import RenderSettings
 from sdray.spec import parse_job
 
 NS = "ml"
-SETTINGS = RenderSettings(image="registry.example/sdray:0.1.0", job_service_account="sdray-job")
+# No shared job ServiceAccount: every job's Ray pods run as its own (sdray-job-<name>).
+SETTINGS = RenderSettings(image="registry.example/sdray:0.1.0", ray_operator_namespace="kuberay-system")
 # Short lease and watch times, so that a test sees a takeover or a re-watch within a second or two.
 FAST = dict(lease_duration=1.0, renew_every=0.2, retry_every=0.1, watch_timeout=1, backoff_base=0.05, backoff_cap=0.5)
 
@@ -35,9 +36,17 @@ def user(kube):
     clients.close()
 
 
+def connect(kube, agent: str, token: str | None = None) -> Clients:
+    """Clients of the fake API server; with ``token`` (``kube.token_for``), as that ServiceAccount, under RBAC."""
+    clients = Clients.connect(host=kube.url, user_agent=agent)
+    if token:
+        clients.api_client.set_default_header("Authorization", f"Bearer {token}")
+    return clients
+
+
 @contextlib.contextmanager
-def running(kube, identity="a", **config):
-    clients = Clients.connect(host=kube.url, user_agent=f"controller/{identity}")
+def running(kube, identity="a", token=None, **config):
+    clients = connect(kube, f"controller/{identity}", token)
     ctl = Controller(clients, ControllerConfig(namespaces=[NS], lease_namespace=NS, identity=identity,
                                                render=SETTINGS, **{**FAST, **config})).start()
     try:
@@ -71,7 +80,18 @@ def events(kube, name) -> list[tuple[str, str, str]]:
 
 def check_store(kube):
     """Everything stored (what the controller wrote included) passes the real schemas."""
-    check([o for plural in ("diffusionjobs", "rayjobs", "configmaps", "events", "leases") for o in kube.objects(plural)])
+    check([o for plural in ("diffusionjobs", "rayjobs", "configmaps", "events", "leases", "serviceaccounts", "roles",
+                            "rolebindings", "networkpolicies") for o in kube.objects(plural)])
+
+
+def chart_objects(namespace: str, values: dict | None = None) -> list[dict]:
+    """The helm chart rendered as release "sdray" in ``namespace`` (the Helm v4 SDK, as tests/test_helm.py)."""
+    import helm_python
+    from k8s_checks import REPO, load_all
+
+    with helm_python.Chart.load(REPO / "helm" / "sdray") as chart:
+        files = chart.render(values or {}, name="sdray", namespace=namespace)
+    return [o for path, text in sorted(files.items()) if not path.endswith("NOTES.txt") for o in load_all(text)]
 
 
 def write_kubeconfig(path, url: str):

@@ -70,7 +70,10 @@ def test_default_install():
     assert controller["args"] == ["controller", "--lease-name=sdray-controller", "--health-port=8081",
                                   f"--namespace={NAMESPACE}"]
     env = {e["name"]: e.get("value") for e in controller["env"]}
-    assert (env["SDRAY_IMAGE"], env["SDRAY_JOB_SERVICE_ACCOUNT"]) == ("sdray:0.1.0", "sdray-job")
+    assert (env["SDRAY_IMAGE"], env["SDRAY_RAY_OPERATOR_NAMESPACE"]) == ("sdray:0.1.0", "kuberay-system")
+    # No shared job ServiceAccount: the controller gives each job its own (sdray/k8s/render.py).
+    assert "SDRAY_JOB_SERVICE_ACCOUNT" not in env
+    assert [a["metadata"]["name"] for a in of_kind(objects, "ServiceAccount")] == ["sdray-service", "sdray-controller"]
     # No Prometheus operator API in a plain `helm template`: "auto" renders no ServiceMonitor/PrometheusRule.
     assert not of_kind(objects, "ServiceMonitor") and not of_kind(objects, "PrometheusRule")
     assert not of_kind(objects, "Ingress") and not of_kind(objects, "LocalQueue")
@@ -88,6 +91,9 @@ CONTROLLER_RULES = {
     (("sdray.io",), ("diffusionjobs/status",), ()): {"patch"},
     (("ray.io",), ("rayjobs",), ()): {"get", "list", "watch", "create", "delete"},
     (("",), ("configmaps",), ()): {"get", "create", "update"},
+    (("",), ("serviceaccounts",), ()): {"get", "create"},
+    (("rbac.authorization.k8s.io",), ("roles", "rolebindings"), ()): {"get", "create"},
+    (("networking.k8s.io",), ("networkpolicies",), ()): {"get", "create"},
     (("",), ("events",), ()): {"create"},
 }
 
@@ -100,7 +106,15 @@ def test_rbac_is_least_privilege():
     assert not of_kind(objects, "ClusterRole")  # the namespaces are known: Roles only
     for ns in ("team-a", "team-b"):
         assert _rules(objects, "Role", "sdray-controller", ns) == CONTROLLER_RULES
-        assert _rules(objects, "Role", "sdray-job", ns) == {(("sdray.io",), ("diffusionjobs/status",), ()): {"patch"}}
+    # Only the controller may write DiffusionJob status namespace-wide; the shared job ServiceAccount ("ray-pods"
+    # here) is bound to nothing: each job's own ServiceAccount gets a Role naming its job (tests/test_k8s_*.py).
+    writers = {r["metadata"]["name"] for r in of_kind(objects, "Role")
+               for rule in r["rules"] if "diffusionjobs/status" in rule["resources"]}
+    assert writers == {"sdray-controller"}
+    assert [a["metadata"]["namespace"] for a in of_kind(objects, "ServiceAccount") if a["metadata"]["name"] == "ray-pods"
+            ] == ["team-a", "team-b"]
+    assert not [s for b in of_kind(objects, "RoleBinding") for s in b["subjects"] if s["name"] == "ray-pods"]
+    for ns in ("team-a", "team-b"):
         binding = named([o for o in objects if o["metadata"].get("namespace") == ns], "RoleBinding", "sdray-controller")
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "sdray-controller", "namespace": NAMESPACE}]
     assert _rules(objects, "Role", "sdray-controller-lease", NAMESPACE) == {
@@ -127,8 +141,10 @@ def test_full_install():
     args = controller["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
     ingress = named(objects, "Ingress", "sdray")
-    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] == {"name": "sdray",
-                                                                                       "port": {"name": "http"}}
+    for path in ingress["spec"]["rules"][0]["http"]["paths"]:
+        assert path["backend"]["service"] == {"name": "sdray", "port": {"name": "http"}}
+    env = {e["name"]: e.get("value") for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["SDRAY_JOB_SERVICE_ACCOUNT"], env["SDRAY_RAY_OPERATOR_NAMESPACE"]) == ("ray-pods", "ray-system")
     monitor = named(objects, "ServiceMonitor", "sdray")
     assert [(e["port"], e["relabelings"][0]["replacement"]) for e in monitor["spec"]["endpoints"]] == [
         ("http", "sdray"), ("metrics", "sdray-controller")]  # job="sdray", as examples/alerts.yml selects
@@ -137,6 +153,39 @@ def test_full_install():
     assert rule["spec"]["groups"] == shipped[0] + shipped[1]
     assert named(objects, "LocalQueue", "team-a")["spec"] == {"clusterQueue": "shared-gpus"}
     assert named(objects, "LocalQueue", "team-a")["metadata"]["namespace"] == "team-a"
+
+
+def _ingress_routes(paths: list[dict], request: str) -> bool:
+    """Whether an Ingress's paths send ``request`` to a backend (networking.k8s.io/v1 path matching: Exact
+    is the whole path, Prefix whole path elements; ImplementationSpecific is up to the controller: any
+    such path counts as matching everything)."""
+    for rule in paths:
+        kind, path = rule["pathType"], rule["path"]
+        if kind == "Exact" and request == path:
+            return True
+        if kind == "Prefix":
+            want, got = [e for e in path.split("/") if e], [e for e in request.split("/") if e]
+            if got[:len(want)] == want:
+                return True
+        if kind == "ImplementationSpecific":
+            return True
+    return False
+
+
+@pytest.mark.parametrize("values", [{"ingress": {"enabled": True}}, VALUES["full"]], ids=["default-ingress", "full"])
+def test_the_ingress_routes_no_path_to_metrics_or_internal_endpoints(values):
+    with helm_python.Chart.load(CHART) as chart:
+        files = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    [ingress] = of_kind(check(load_all(files["sdray/templates/ingress.yaml"])), "Ingress")
+    paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    # What a caller outside the cluster tries: the metrics (tenant and job names in labels), the probes, and
+    # the drivers' progress endpoint.
+    for request in ("/metrics", "/metrics/", "/metrics?name[]=x", "/healthz", "/readyz",
+                    "/internal/v1/jobs/x/progress", "/v1metrics", "/docs/../metrics"):
+        assert not _ingress_routes(paths, request.split("?")[0]), request
+    for request in ("/", "/v1/jobs", "/v1/jobs/abc/logs", "/v1/jobs/abc/samples/latest.png", "/docs",
+                    "/openapi.json"):
+        assert _ingress_routes(paths, request), request
 
 
 def test_the_charts_alert_rules_are_the_repositorys():
@@ -160,6 +209,8 @@ def test_controller_only_install():
     ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
     ({"controller": {"watchNamespaces": ["Team_A"]}}, "/controller/watchNamespaces/0"),
     ({"service": {"resources": {"limits": {"memory": "2 GB"}}}}, "/service/resources/limits/memory"),
+    ({"jobServiceAccount": {"name": "sdray-job-alpha"}}, "/jobServiceAccount/name"),  # a job's own identity
+    ({"kuberay": {"operatorNamespace": "Ray System"}}, "/kuberay/operatorNamespace"),
 ])
 def test_values_schema_refuses_bad_values(values, where):
     with helm_python.Chart.load(CHART) as chart:

@@ -9,14 +9,27 @@ from __future__ import annotations
 import pytest
 import yaml
 from conftest import make_job
-from k8s_cluster import (NS, check_store, conditions, events, kube, running, status_of, submit, user,  # noqa: F401
-                         wait_state, write_kubeconfig)
+from k8s_cluster import (NS, chart_objects, check_store, conditions, connect, events, kube, running,  # noqa: F401
+                         status_of, submit, user, wait_state, write_kubeconfig)
 from kubernetes.client import ApiException
 
 from sdray.k8s.controller import WorkQueue, changed_paths
 from sdray.k8s.kube import Clients, delete_diffusionjob
 from sdray.k8s.progress import StatusReporter
 from sdray.k8s.render import SPEC_HASH
+
+IDENTITY = ("serviceaccounts", "roles", "rolebindings")
+BESIDE = ("configmaps", *IDENTITY, "networkpolicies")  # what the controller makes beside each RayJob
+
+
+def _pod_account(rayjob) -> str:
+    """The ServiceAccount the RayJob's head and workers run as (they must agree)."""
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    accounts = {cluster["headGroupSpec"]["template"]["spec"].get("serviceAccountName"),
+                *(g["template"]["spec"].get("serviceAccountName") for g in cluster["workerGroupSpecs"])}
+    assert len(accounts) == 1, accounts
+    return accounts.pop()
+
 
 def test_create_makes_an_owned_configmap_and_rayjob(kube, user):
     with running(kube):
@@ -33,6 +46,103 @@ def test_create_makes_an_owned_configmap_and_rayjob(kube, user):
     assert conditions(status)["Admitted"] == ("True", "Admitted")
     assert ("Normal", "Created", "created RayJob digits") in events(kube, "digits")
     check_store(kube)
+
+
+def test_each_job_gets_its_own_identity_and_network_policy_which_go_with_it(kube, user):
+    with running(kube):
+        dj = submit(user, "solo")
+        rayjob = kube.wait(lambda: kube.get("rayjobs", NS, "solo"), 10, "the RayJob")
+        uid = dj["metadata"]["uid"]
+        assert _pod_account(rayjob) == "sdray-job-solo"
+        for plural, name in [*((p, "sdray-job-solo") for p in IDENTITY), ("networkpolicies", "solo-ray")]:
+            obj = kube.get(plural, NS, name)
+            assert [r["uid"] for r in obj["metadata"]["ownerReferences"]] == [uid], plural
+        assert kube.get("roles", NS, "sdray-job-solo")["rules"] == [{
+            "apiGroups": ["sdray.io"], "resources": ["diffusionjobs/status"], "resourceNames": ["solo"],
+            "verbs": ["patch"]}]
+        assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+        check_store(kube)
+        delete_diffusionjob(user, NS, "solo")
+        kube.wait(lambda: not any(kube.objects(p) for p in ("rayjobs", *BESIDE)), 10, "the cascade")
+
+
+def test_a_jobs_pods_cannot_write_another_jobs_status(kube, user):
+    with running(kube):
+        submit(user, "alpha")
+        submit(user, "beta")
+        alpha = kube.wait(lambda: kube.get("rayjobs", NS, "alpha"), 10, "alpha's RayJob")
+        kube.wait(lambda: kube.get("rayjobs", NS, "beta"), 10, "beta's RayJob")
+        kube.update_status("rayjobs", NS, "beta", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
+        wait_state(kube, "beta", "Running")
+    # Code in alpha's Ray pods holds alpha's ServiceAccount token: it tries to mark beta succeeded.
+    pod = connect(kube, "alpha-pod", kube.token_for(NS, _pod_account(alpha)))
+    try:
+        for attack in (
+                lambda: pod.custom.patch_namespaced_custom_object_status(
+                    "sdray.io", "v1alpha1", NS, "diffusionjobs", "beta", {"status": {"state": "Succeeded"}}),
+                lambda: pod.custom.patch_namespaced_custom_object(
+                    "sdray.io", "v1alpha1", NS, "diffusionjobs", "beta", {"spec": {"train": {"max_steps": 1}}}),
+                lambda: pod.custom.list_namespaced_custom_object("sdray.io", "v1alpha1", NS, "diffusionjobs"),
+                lambda: pod.core.read_namespaced_secret("beta-env", NS)):
+            with pytest.raises(ApiException) as refused:
+                attack()
+            assert refused.value.status == 403
+        assert status_of(kube, "beta")["state"] == "Running"
+        # Its own job's step and loss it may write, as the driver does.
+        reporter = StatusReporter(pod, NS, "alpha")
+        reporter({"step": 5, "loss": 0.5}, final=True)
+        assert (status_of(kube, "alpha")["step"], status_of(kube, "alpha")["loss"]) == (5, 0.5)
+        StatusReporter(pod, NS, "beta")({"step": 999, "loss": 0.0}, final=True)  # refused, logged, never raised
+        assert "step" not in status_of(kube, "beta")
+    finally:
+        pod.close()
+    # No rule bound to alpha's identity names beta, or any job but alpha.
+    for binding in kube.objects("rolebindings", NS):
+        if any(s["name"] == _pod_account(alpha) for s in binding["subjects"]):
+            role = kube.get("roles", NS, binding["roleRef"]["name"])
+            assert all(r.get("resourceNames") == ["alpha"] for r in role["rules"]), role
+
+
+def test_a_document_naming_another_jobs_identity_fails_without_a_rayjob(kube, user):
+    with running(kube):
+        submit(user, "victim")
+        kube.wait(lambda: kube.get("serviceaccounts", NS, "sdray-job-victim"), 10, "the victim's identity")
+        submit(user, "thief", cluster={"service_account": "sdray-job-victim"})
+        failed = wait_state(kube, "thief", "Failed")
+    assert conditions(failed)["Failed"] == ("True", "InvalidSpec")
+    assert "spec.cluster.service_account" in failed["message"]
+    assert kube.get("rayjobs", NS, "thief") is None
+
+
+def test_an_identity_made_by_someone_else_is_never_adopted(kube, user):
+    # Made before the job, so that its pods would run as a ServiceAccount the maker holds tokens for.
+    planted = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sdray-job-target", "namespace": NS}}
+    user.core.create_namespaced_service_account(NS, planted)
+    with running(kube):
+        submit(user, "target")
+        failed = wait_state(kube, "target", "Failed")
+    assert conditions(failed)["Failed"] == ("True", "NameConflict")
+    assert "ServiceAccount named sdray-job-target" in failed["message"]
+    assert kube.get("rayjobs", NS, "target") is None and kube.objects("rolebindings") == []
+    assert "ownerReferences" not in kube.get("serviceaccounts", NS, "sdray-job-target")["metadata"]
+
+
+def test_the_charts_controller_role_is_enough_and_grants_the_job_role_without_escalation(kube, user):
+    # The chart's Roles and RoleBindings (release "sdray" in NS), enforced by the fake API server's RBAC and
+    # its escalation check: the controller runs as the chart's ServiceAccount.
+    rbac = [o for o in chart_objects(NS) if o["kind"] in ("Role", "RoleBinding")]
+    for obj in sorted(rbac, key=lambda o: o["kind"]):  # Roles first
+        plural = {"Role": "roles", "RoleBinding": "rolebindings"}[obj["kind"]]
+        user.custom.create_namespaced_custom_object("rbac.authorization.k8s.io", "v1", NS, plural, obj)
+    with running(kube, "chart", token=kube.token_for(NS, "sdray-controller")):
+        submit(user, "charted")
+        kube.wait(lambda: kube.get("rayjobs", NS, "charted"), 10, "the RayJob")
+        wait_state(kube, "charted", "Pending")
+    mine = [r for r in kube.requests if r["agent"] == "controller/chart"]
+    assert mine and all(r.get("user") == (NS, "sdray-controller") for r in mine)
+    assert [r for r in mine if r["code"] in (401, 403)] == []
+    for plural in BESIDE:
+        assert len(kube.created(plural, "controller/chart")) == 1, plural
 
 
 def test_status_and_conditions_follow_the_rayjob(kube, user):
@@ -109,7 +219,9 @@ def test_restart_creates_nothing_twice(kube, user):
         submit(user, "new")
         kube.wait(lambda: kube.get("rayjobs", NS, "new"), 10, "the new job's RayJob")
     assert [r["agent"] for r in kube.created("rayjobs")] == ["controller/first", "controller/second"]
-    assert len(kube.created("configmaps")) == 2
+    for plural in BESIDE:  # one each per job: the second controller adopted "kept"'s and made only "new"'s
+        assert [o["metadata"]["labels"]["sdray.io/job"] for o in kube.objects(plural)] == ["kept", "new"], plural
+        assert len(kube.created(plural)) == 2, plural
 
 
 def test_two_replicas_only_the_leader_acts(kube, user):
@@ -176,7 +288,9 @@ def test_api_errors_are_retried_with_backoff(kube, user):
     gaps = [b - a for a, b in zip(tries, tries[1:])]
     for gap, delay in zip(gaps, (0.05, 0.1, 0.2)):  # backoff_base · 2^n
         assert gap >= delay * 0.9, gaps
-    assert len(kube.created("configmaps")) == 1  # the ConfigMap made on the first try was adopted, not made again
+    for plural in BESIDE:  # made on the first try, adopted by the three after it (409), never made again
+        assert len(kube.created(plural)) == 1, plural
+        assert [r["code"] for r in kube.requests if r["method"] == "POST" and r["plural"] == plural] == [201, 409, 409, 409]
 
 
 def test_an_expired_watch_lists_again(kube, user):

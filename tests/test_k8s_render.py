@@ -1,5 +1,6 @@
-"""Rendering a document as a ConfigMap + KubeRay RayJob: one test per shape of job, every object checked
-against the real schemas (Kubernetes 1.33 for core kinds, KubeRay v1.7.0's RayJob CRD)."""
+"""Rendering a document as a ConfigMap, the job's own ServiceAccount/Role/RoleBinding and NetworkPolicy, and a
+KubeRay RayJob: one test per shape of job, every object checked against the real schemas (Kubernetes 1.33 for
+core kinds, KubeRay v1.7.0's RayJob CRD)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,34 @@ import sys
 import pytest
 import yaml
 from conftest import make_job
-from k8s_checks import check, load_all
+from k8s_checks import REPO, check, load_all, network_allows
 
 from sdray.k8s.render import RenderError, RenderSettings, render, render_yaml
-from sdray.spec import parse_job
+from sdray.spec import load_job, parse_job
 
-SETTINGS = RenderSettings(image="registry.example/sdray:0.1.0", job_service_account="sdray-job")
+SETTINGS = RenderSettings(image="registry.example/sdray:0.1.0", ray_operator_namespace="kuberay-system")
+
+
+def _objects(name="shape", namespace="ml", settings=SETTINGS, **spec) -> dict[str, dict]:
+    """The rendered objects by kind (one of each), checked against the schemas."""
+    job = parse_job(make_job(name, "s3://models/out", "s3://datasets/digits", **spec))
+    objects = check(render(job, settings, namespace=namespace))
+    kinds = [o["kind"] for o in objects]
+    assert len(set(kinds)) == len(kinds) and kinds[0] == "ConfigMap" and kinds[-1] == "RayJob", kinds
+    return {o["kind"]: o for o in objects}
 
 
 def _render(name="shape", namespace="ml", **spec):
     job = parse_job(make_job(name, "s3://models/out", "s3://datasets/digits", **spec))
-    configmap, rayjob = check(render(job, SETTINGS, namespace=namespace))
-    return job, configmap, rayjob
+    objects = _objects(name, namespace, **spec)
+    return job, objects["ConfigMap"], objects["RayJob"]
+
+
+def _pods(rayjob) -> dict[str, dict]:
+    """The pod templates of a RayJob: head, workers and the job submitter."""
+    return {"head": rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"],
+            "worker": rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"],
+            "submitter": rayjob["spec"]["submitterPodTemplate"]}
 
 
 def _head(rayjob):
@@ -53,7 +70,7 @@ def test_cpu_job():
     for pod in (head, group["template"]["spec"], rayjob["spec"]["submitterPodTemplate"]["spec"]):
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert head["serviceAccountName"] == "sdray-job"
+    assert head["serviceAccountName"] == group["template"]["spec"]["serviceAccountName"] == "sdray-job-shape"
     env = {e["name"]: e for e in head["containers"][0]["env"]}
     assert env["SDRAY_DIFFUSIONJOB"]["value"] == "shape"
     assert env["SDRAY_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
@@ -96,9 +113,19 @@ def test_queued_kueue_job():
 
 
 def test_job_with_credentials_secrets():
-    _, configmap, rayjob = _render(data={"uri": "s3://datasets/digits", "credentials_secret": "data-reader"},
-                                   storage={"credentials_secret": "model-writer", "endpoint": "http://minio:9000"},
-                                   cluster={"env_secrets": ["aws-keys"], "env": {"AWS_REGION": "eu-west-1"}})
+    objects = _objects("creds", data={"uri": "s3://datasets/digits", "credentials_secret": "data-reader"},
+                       storage={"credentials_secret": "model-writer", "endpoint": "http://minio:9000"},
+                       cluster={"env_secrets": ["aws-keys"], "env": {"AWS_REGION": "eu-west-1"}})
+    configmap, rayjob = objects["ConfigMap"], objects["RayJob"]
+    # The secrets' names never stand in for the job's (issue #13: the head mounted "model-writer-job" and
+    # reported to DiffusionJob "model-writer"): the ConfigMap, the driver's job and every label are the job's.
+    assert configmap["metadata"]["name"] == "creds-job"
+    assert next(v for v in _head(rayjob)["volumes"] if v["name"] == "job")["configMap"]["name"] == "creds-job"
+    env = {e["name"]: e.get("value") for e in _head(rayjob)["containers"][0]["env"]}
+    assert env["SDRAY_DIFFUSIONJOB"] == "creds"
+    for pod in _pods(rayjob).values():
+        assert pod["metadata"]["labels"]["sdray.io/job"] == "creds"
+    assert {o["metadata"]["labels"]["sdray.io/job"] for o in objects.values()} == {"creds"}
     for pod in (_head(rayjob), _workers(rayjob)[0]["template"]["spec"]):
         container = pod["containers"][0]
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
@@ -109,6 +136,80 @@ def test_job_with_credentials_secrets():
         assert container["envFrom"] == [{"secretRef": {"name": "aws-keys"}}]
         assert {"name": "AWS_REGION", "value": "eu-west-1"} in container["env"]
     assert "AWS_SECRET_ACCESS_KEY" not in render_yaml([configmap, rayjob])  # no key is ever written out
+
+
+def test_the_example_with_credentials_runs_under_its_own_name():
+    configmap, *_, rayjob = check(render(load_job(REPO / "k8s" / "examples" / "diffusionjob.yaml"), SETTINGS,
+                                         namespace="sdray"))
+    assert configmap["metadata"]["name"] == "sd15-pokemon-job"
+    head = _head(rayjob)
+    # The head mounted "s3-models-job", named after the storage secret, and reported to DiffusionJob "s3-models".
+    assert next(v for v in head["volumes"] if v["name"] == "job")["configMap"]["name"] == "sd15-pokemon-job"
+    assert {"name": "SDRAY_DIFFUSIONJOB", "value": "sd15-pokemon"} in head["containers"][0]["env"]
+    assert {p["metadata"]["labels"]["sdray.io/job"] for p in _pods(rayjob).values()} == {"sd15-pokemon"}
+
+
+def test_each_job_runs_as_its_own_identity_that_may_write_only_its_own_status():
+    objects = _objects("alpha")
+    account, role, binding = objects["ServiceAccount"], objects["Role"], objects["RoleBinding"]
+    assert account["metadata"]["name"] == role["metadata"]["name"] == binding["metadata"]["name"] == "sdray-job-alpha"
+    assert role["rules"] == [{"apiGroups": ["sdray.io"], "resources": ["diffusionjobs/status"],
+                              "resourceNames": ["alpha"], "verbs": ["patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sdray-job-alpha"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "sdray-job-alpha", "namespace": "ml"}]
+    pods = _pods(objects["RayJob"])
+    assert pods["head"]["spec"]["serviceAccountName"] == pods["worker"]["spec"]["serviceAccountName"] == "sdray-job-alpha"
+    assert "serviceAccountName" not in pods["submitter"]["spec"]  # it only talks to the Ray dashboard
+
+
+@pytest.mark.parametrize("how", ["document", "settings"])
+def test_a_named_service_account_gets_no_grant_from_sdray(how):
+    if how == "document":
+        objects = _objects("s3-bound", cluster={"service_account": "s3-reader"})
+    else:
+        objects = _objects("shared", settings=RenderSettings(image="img:1", job_service_account="s3-reader"))
+    assert {"ServiceAccount", "Role", "RoleBinding"}.isdisjoint(objects)
+    pods = _pods(objects["RayJob"])
+    assert pods["head"]["spec"]["serviceAccountName"] == pods["worker"]["spec"]["serviceAccountName"] == "s3-reader"
+
+
+def test_without_a_namespace_there_is_no_identity_to_bind():
+    job = parse_job(make_job("nowhere", "s3://o/x", "s3://d/x"))
+    kinds = [o["kind"] for o in check(render(job, SETTINGS))]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "RayJob"]  # a RoleBinding must name its subject's namespace
+    assert "serviceAccountName" not in _head(render(job, SETTINGS)[-1])
+
+
+def test_a_document_cannot_run_as_another_jobs_identity():
+    # The attack: name the victim's per-job ServiceAccount, whose Role may patch the victim's status.
+    job = parse_job(make_job("thief", "s3://o/x", "s3://d/x", cluster={"service_account": "sdray-job-victim"}))
+    with pytest.raises(RenderError, match=r"spec.cluster.service_account: 'sdray-job-victim': .*belong to sdray's jobs"):
+        render(job, SETTINGS, namespace="ml")
+
+
+def test_ray_is_closed_to_everything_but_the_job_itself_and_the_kuberay_operator():
+    alpha, beta = _objects("alpha"), _objects("beta")
+    assert alpha["RayJob"]["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}  # Ray's own token auth
+    policies = [alpha["NetworkPolicy"], beta["NetworkPolicy"]]
+    assert alpha["NetworkPolicy"]["metadata"]["name"] == "alpha-ray"
+    pods = {k: ("ml", v["metadata"]["labels"]) for k, v in _pods(alpha["RayJob"]).items()}
+    others = {k: ("ml", v["metadata"]["labels"]) for k, v in _pods(beta["RayJob"]).items()}
+    operator = ("kuberay-system", {"app.kubernetes.io/name": "kuberay-operator",
+                                   "app.kubernetes.io/component": "kuberay-operator"})
+    # Attackers: another job's pods, a pod of another namespace labelled as the job's own, the operator's labels
+    # on a pod outside the operator's namespace, and any unlabelled pod of the namespace.
+    attackers = [*others.values(), ("team-b", dict(pods["head"][1])), ("ml", operator[1]), ("ml", {"app": "x"})]
+    ray_ports = (6379, 8265, 10001, 8080, 52365, 10002, 19999)  # GCS, dashboard, client, metrics, agent, workers
+    for port in ray_ports:
+        assert network_allows(policies, pods["worker"], pods["head"], port), port
+        assert network_allows(policies, pods["head"], pods["worker"], port), port
+        for attacker in attackers:
+            assert not network_allows(policies, attacker, pods["head"], port), (attacker, port)
+            assert not network_allows(policies, attacker, pods["worker"], port), (attacker, port)
+    assert network_allows(policies, pods["submitter"], pods["head"], 8265)  # `ray job submit`
+    assert network_allows(policies, operator, pods["head"], 8265)  # KubeRay asks the dashboard about the job
+    assert not network_allows(policies, operator, pods["head"], 6379)
+    assert not network_allows(policies, operator, pods["head"], 10001)
 
 
 def test_tune_job_runs_sdray_tune_on_a_cluster_for_its_trials():
@@ -123,7 +224,10 @@ def test_tune_job_runs_sdray_tune_on_a_cluster_for_its_trials():
 def test_owned_objects_point_at_their_diffusionjob():
     job = parse_job(make_job("owned", "s3://o/x", "s3://d/x"))
     owner = {"metadata": {"name": "owned", "uid": "6f1c8a52-0d7e-4a3b-9f3c-2d1e0b9a7c55"}}
-    for obj in check(render(job, SETTINGS, namespace="ml", owner=owner)):
+    objects = check(render(job, SETTINGS, namespace="ml", owner=owner))
+    assert [o["kind"] for o in objects] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy",
+                                            "RayJob"]
+    for obj in objects:
         assert obj["metadata"]["ownerReferences"] == [{
             "apiVersion": "sdray.io/v1alpha1", "kind": "DiffusionJob", "name": "owned", "uid": owner["metadata"]["uid"],
             "controller": True, "blockOwnerDeletion": True}]
@@ -142,8 +246,12 @@ def test_render_command_prints_objects_kubectl_applies(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sdray.cli", "render", str(path), "-n", "ml", "--image", "img:1"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    configmap, rayjob = check(load_all(result.stdout))
-    assert (configmap["kind"], rayjob["kind"], rayjob["metadata"]["namespace"]) == ("ConfigMap", "RayJob", "ml")
+    objects = check(load_all(result.stdout))
+    assert [o["kind"] for o in objects] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy",
+                                            "RayJob"]
+    rayjob = objects[-1]
+    assert {o["metadata"]["namespace"] for o in objects} == {"ml"}
+    assert "&id" not in result.stdout  # no YAML anchors: each object reads on its own
     assert _head(rayjob)["containers"][0]["image"] == "img:1"
     long = tmp_path / "long.yaml"
     long.write_text(yaml.safe_dump(make_job("x" * 50, "s3://o/x", "s3://d/x")))

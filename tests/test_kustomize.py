@@ -70,7 +70,11 @@ def test_kueue_queues_are_valid():
 @pytest.mark.parametrize("path", sorted(K8S.glob("examples/*.yaml")), ids=lambda p: p.name)
 def test_example_jobs_render_to_valid_objects(path):
     job = load_job(path)
-    configmap, rayjob = check(render(job, RenderSettings(), namespace="sdray"))
+    objects = check(render(job, RenderSettings(), namespace="sdray"))
+    kinds = {o["kind"]: o for o in objects}
+    rayjob = kinds["RayJob"]
+    assert kinds["ConfigMap"]["metadata"]["name"] == f"{job.metadata.name}-job"
+    assert kinds["NetworkPolicy"]["spec"]["podSelector"] == {"matchLabels": {"sdray.io/job": job.metadata.name}}
     if job.spec.cluster.queue:
         queues = load_all((K8S / "kueue" / "queues.yaml").read_text())
         assert job.spec.cluster.queue in {o["metadata"]["name"] for o in queues if o["kind"] == "LocalQueue"}

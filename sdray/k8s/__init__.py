@@ -1,8 +1,9 @@
 """sdray on Kubernetes: the DiffusionJob CRD, its rendering into a KubeRay RayJob, and the controller.
 
 The pydantic job model (``sdray.spec``) is the type; the CRD's schema is generated from it (``crd``); a
-DiffusionJob becomes a ConfigMap holding the document and a ``ray.io/v1`` RayJob (``render``), which the
-controller (``controller``) creates, owns and mirrors back into the DiffusionJob's status.
+DiffusionJob becomes a ConfigMap holding the document, its own ServiceAccount, Role and RoleBinding, a
+NetworkPolicy and a ``ray.io/v1`` RayJob (``render``), which the controller (``controller``) creates, owns
+and mirrors back into the DiffusionJob's status.
 """
 
 GROUP = "sdray.io"

@@ -12,8 +12,12 @@ How it works:
 - a work queue holds each key once, with exponential backoff for keys whose reconcile failed;
 - only the replica holding the Lease takes keys off the queue; the others keep watching, ready to lead;
 - ``reconcile`` is idempotent: it reads what exists and creates only what is missing (an object that
-  already exists is adopted when it is owned by the same DiffusionJob), so a restarted controller, or
-  a new leader, creates nothing twice.
+  already exists is adopted when it is owned by the same DiffusionJob, and never otherwise), so a
+  restarted controller, or a new leader, creates nothing twice;
+- before a job's RayJob it makes what its pods need (``sdray.k8s.render``): the document's ConfigMap,
+  the job's own ServiceAccount with a Role and RoleBinding that let it patch only this job's status, and
+  the NetworkPolicy that closes its Ray ports to other pods. It can grant that Role because it holds the
+  permission itself (the API server's escalation check).
 """
 
 from __future__ import annotations
@@ -41,6 +45,18 @@ GENERATION = "sdray.io/generation"  # the DiffusionJob generation a RayJob was m
 COMPONENT = "sdray-controller"
 # A RayJob whose Ray job has not started may be replaced by one made from a changed spec.
 _NOT_STARTED = {"", "New", "Initializing", "Suspended", "Suspending"}
+# The objects made beside the RayJob: kind → (the Clients API that serves it, the stem of its method names).
+_APIS = {
+    "ConfigMap": ("core", "namespaced_config_map"),
+    "ServiceAccount": ("core", "namespaced_service_account"),
+    "Role": ("rbac", "namespaced_role"),
+    "RoleBinding": ("rbac", "namespaced_role_binding"),
+    "NetworkPolicy": ("networking", "namespaced_network_policy"),
+}
+
+
+class NameConflict(RuntimeError):
+    """An object the job needs exists and belongs to something else: it is never adopted."""
 
 
 def default_identity() -> str:
@@ -280,7 +296,7 @@ class Controller:
             return 2.0  # a replaced RayJob is still going away (KubeRay's finalizer)
         try:
             job = parse_job(document_of(dj), f"{KIND} {namespace}/{name}")
-            configmap, desired = render(job, self.config.render, namespace=namespace, owner=dj)
+            *beside, desired = render(job, self.config.render, namespace=namespace, owner=dj)
         except (SpecError, RenderError) as exc:
             message = "; ".join(exc.errors) if isinstance(exc, SpecError) else str(exc)
             if rayjob is None:
@@ -297,14 +313,19 @@ class Controller:
                 # A finished job is never started again (its RayJob was deleted by hand); one whose document
                 # was refused before it ran starts once its spec changes.
                 return None
-            self._apply_configmap(configmap, dj)
+            try:  # the ConfigMap, the job's ServiceAccount and RBAC, its NetworkPolicy: before its pods
+                for obj in beside:
+                    self._apply(obj, dj)
+            except NameConflict as exc:
+                self._fail(dj, "NameConflict", str(exc))
+                return None
             rayjob = self._create_rayjob(desired, dj)
         elif rayjob["metadata"].get("annotations", {}).get(SPEC_HASH) != desired["metadata"]["annotations"][SPEC_HASH]:
             ray = rayjob.get("status") or {}
             if ray.get("jobDeploymentStatus", "") in _NOT_STARTED and ray.get("jobStatus", "") in ("", "PENDING"):
                 self._replace_rayjob(dj, rayjob)
                 return None  # its DELETED event brings the job back here, to create the new one
-            self._refuse(dj, rayjob, self._change_message(dj, rayjob, configmap))
+            self._refuse(dj, rayjob, self._change_message(dj, rayjob, beside[0]))
         self._mirror(dj, rayjob, job.spec.cluster.queue)
         return None
 
@@ -323,23 +344,28 @@ class Controller:
     def _owned(obj: dict, dj: dict) -> bool:
         return any(ref.get("uid") == dj["metadata"]["uid"] for ref in obj["metadata"].get("ownerReferences") or [])
 
-    def _apply_configmap(self, configmap: dict, dj: dict) -> None:
-        """Create the document's ConfigMap, or bring an owned one up to date."""
+    def _apply(self, obj: dict, dj: dict) -> None:
+        """Create an object of the job, or adopt it when it is already the job's (an earlier answer was lost).
+        A ConfigMap is brought up to date (a spec changed before the start); the other kinds follow from the
+        job's name and are left as they are. One that belongs to anything else raises NameConflict: adopting
+        a ServiceAccount or RoleBinding made by someone else would run the job as their identity."""
         from kubernetes.client import ApiException
 
-        core, meta = self.clients.core, configmap["metadata"]
+        api_name, stem = _APIS[obj["kind"]]
+        api, meta = getattr(self.clients, api_name), obj["metadata"]
         try:
-            core.create_namespaced_config_map(meta["namespace"], configmap)
+            getattr(api, f"create_{stem}")(meta["namespace"], obj)
             return
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        current = self.clients.to_dict(core.read_namespaced_config_map(meta["name"], meta["namespace"]))
+        current = self.clients.to_dict(getattr(api, f"read_{stem}")(meta["name"], meta["namespace"]))
         if not self._owned(current, dj):
-            raise RuntimeError(f"ConfigMap {meta['namespace']}/{meta['name']} exists and is not this job's")
-        if current.get("data") != configmap["data"]:
-            configmap["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            core.replace_namespaced_config_map(meta["name"], meta["namespace"], configmap)
+            raise NameConflict(f"a {obj['kind']} named {meta['name']} exists that this DiffusionJob does not own; "
+                               "rename the DiffusionJob")
+        if obj["kind"] == "ConfigMap" and current.get("data") != obj["data"]:
+            meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+            getattr(api, f"replace_{stem}")(meta["name"], meta["namespace"], obj)
 
     def _create_rayjob(self, desired: dict, dj: dict) -> dict:
         from kubernetes.client import ApiException

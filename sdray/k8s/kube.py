@@ -46,6 +46,20 @@ class Clients:
         return cls(api_client, client.CustomObjectsApi(api_client), client.CoreV1Api(api_client),
                    client.CoordinationV1Api(api_client))
 
+    @property
+    def rbac(self):
+        """RBAC (the per-job Role and RoleBinding), over the same connection pool."""
+        from kubernetes import client
+
+        return client.RbacAuthorizationV1Api(self.api_client)
+
+    @property
+    def networking(self):
+        """NetworkPolicies, over the same connection pool."""
+        from kubernetes import client
+
+        return client.NetworkingV1Api(self.api_client)
+
     def close(self) -> None:
         self.api_client.close()
 

@@ -4,8 +4,9 @@ The RayJob's head container gets ``SDRAY_DIFFUSIONJOB`` (the job's name) and ``S
 namespace, from the downward API); ``sdray train`` then patches
 ``status.step`` and ``status.loss`` (the controller owns the other status fields) at most every
 ``min_interval_s`` seconds, and once more at the end. The pod's ServiceAccount needs ``patch`` on
-``diffusionjobs/status`` (the helm chart's job ServiceAccount has it). Reporting is best effort: a
-status that cannot be written is logged once and never fails the training.
+``diffusionjobs/status`` of this job: the job's own ServiceAccount (``sdray-job-<name>``, made by the
+controller) has it for its job alone. Reporting is best effort: a status that cannot be written (a
+ServiceAccount the document named, granted nothing) is logged once and never fails the training.
 """
 
 from __future__ import annotations

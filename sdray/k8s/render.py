@@ -1,10 +1,25 @@
-"""A DiffusionJob as Kubernetes objects: a ConfigMap holding the document and a KubeRay ``ray.io/v1`` RayJob.
+"""A DiffusionJob as Kubernetes objects: a ConfigMap holding the document, the job's own identity and
+network policy, and a KubeRay ``ray.io/v1`` RayJob.
 
 The RayJob's head runs the driver, ``sdray train /etc/sdray/job.yaml --address auto`` (``sdray tune …
 --resume-if-exists`` for a document with ``spec.tune``), reading the document from the ConfigMap mounted at ``/etc/sdray``: the
 entrypoint is fixed text, nothing of the document is pasted into a shell. One worker group holds the Ray
 Train workers, ``spec.cluster.workers_per_pod`` to a pod. With ``spec.cluster.queue`` the RayJob is created
 suspended with Kueue's queue label, and Kueue admits the whole cluster at once.
+
+Isolation between jobs (several tenants share a namespace):
+- Ray's token authentication (``rayClusterSpec.authOptions.mode: token``, Ray >= 2.52): KubeRay makes a
+  random token in a Secret of the Ray cluster and gives it to the head, the workers and the submitter (and
+  reads it itself to ask the dashboard about the job); a pod without it cannot use GCS, the dashboard or
+  the job API.
+- A NetworkPolicy ``<job>-ray`` on the job's pods (label ``sdray.io/job``): they take connections from the
+  job's own pods only, and from the KubeRay operator on the dashboard port.
+- A ServiceAccount ``sdray-job-<job>`` for the Ray pods, with a Role and RoleBinding of the same name that
+  allow ``patch`` on ``diffusionjobs/status`` of this one DiffusionJob (the driver's step and loss), and
+  nothing else. Not made when the document names ``spec.cluster.service_account`` or the settings name a
+  shared one (sdray grants those nothing), nor when the namespace is unknown (a RoleBinding names its
+  ServiceAccount's namespace): the pods then run as the namespace's default ServiceAccount. A document
+  may not name another job's ``sdray-job-…`` ServiceAccount.
 
 The same function serves ``sdray render`` (no owner) and the controller (owned by the DiffusionJob).
 """
@@ -14,13 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
 import yaml
 
-from sdray.k8s import API_VERSION, JOB_LABEL, KIND, MANAGED_BY, RAY_GROUP, RAY_VERSION
+from sdray.k8s import API_VERSION, GROUP, JOB_LABEL, KIND, MANAGED_BY, PLURAL, RAY_GROUP, RAY_VERSION
 from sdray.spec import DiffusionJob, PodResources
 
 JOB_MOUNT = "/etc/sdray"
@@ -35,6 +51,14 @@ NAMESPACE_ENV = "SDRAY_NAMESPACE"
 # KubeRay names the RayCluster "<rayjob>-<5 chars>" and refuses longer RayJob names (MaxRayJobNameLength).
 MAX_RAYJOB_NAME = 47
 RUN_AS = 1000  # the Dockerfile's sdray user
+# Ray's ports that outside callers use; the job's own pods reach each other on every port (GCS 6379, client
+# 10001, the node and object managers, the worker ports, the dashboard agent).
+DASHBOARD_PORT = 8265
+# The per-job ServiceAccount, Role and RoleBinding: a prefix documents may not name in cluster.service_account.
+IDENTITY_PREFIX = "sdray-job-"
+# The KubeRay operator's pods: its helm chart and its kustomize manifests both label them so.
+OPERATOR_LABELS = {"app.kubernetes.io/component": "kuberay-operator"}
+OPERATOR_NAMESPACE_ENV = "SDRAY_RAY_OPERATOR_NAMESPACE"
 HEAD_DEFAULT = PodResources(cpu="2", memory="8Gi")
 MEMORY_PER_WORKER = {False: 8, True: 32}  # Gi per Ray Train worker, without and with GPUs
 
@@ -50,18 +74,34 @@ def _ray_version() -> str:
         return "2.60.0"
 
 
+def _operator_namespace() -> str:
+    return os.environ.get(OPERATOR_NAMESPACE_ENV, "kuberay-system")
+
+
 @dataclass(frozen=True)
 class RenderSettings:
-    """What the cluster decides rather than the document: the image, the pods' default ServiceAccount."""
+    """What the cluster decides rather than the document: the image; a ServiceAccount shared by every job's
+    Ray pods (default: none, each job gets its own); where the KubeRay operator runs (``""``: any namespace;
+    default ``$SDRAY_RAY_OPERATOR_NAMESPACE``, else ``kuberay-system``)."""
 
     image: str = "sdray:" + metadata.version("sdray")
     image_pull_policy: str = "IfNotPresent"
     job_service_account: str | None = None
     ray_version: str = field(default_factory=_ray_version)
+    ray_operator_namespace: str = field(default_factory=_operator_namespace)
 
 
 def configmap_name(job_name: str) -> str:
     return f"{job_name}-job"
+
+
+def identity_name(job_name: str) -> str:
+    """The job's own ServiceAccount, and the Role and RoleBinding that let it write its job's status."""
+    return f"{IDENTITY_PREFIX}{job_name}"
+
+
+def network_policy_name(job_name: str) -> str:
+    return f"{job_name}-ray"
 
 
 def job_document(job: DiffusionJob, namespace: str | None = None) -> dict[str, Any]:
@@ -126,14 +166,13 @@ def _credential_secrets(job: DiffusionJob) -> list[str]:
 
 
 def _pod(job: DiffusionJob, settings: RenderSettings, name: str, container: str, resources: dict, *,
-         head: bool) -> dict:
+         head: bool, account: str | None) -> dict:
     cluster = job.spec.cluster
-    secrets = _credential_secrets(job)
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]  # Ray's object store lives in shared memory
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    for i, name in enumerate(secrets):
-        mounts.append({"name": f"credentials-{i}", "mountPath": f"{SECRETS_MOUNT}/{name}", "readOnly": True})
-        volumes.append({"name": f"credentials-{i}", "secret": {"secretName": name}})
+    for i, secret in enumerate(_credential_secrets(job)):
+        mounts.append({"name": f"credentials-{i}", "mountPath": f"{SECRETS_MOUNT}/{secret}", "readOnly": True})
+        volumes.append({"name": f"credentials-{i}", "secret": {"secretName": secret}})
     env = [{"name": k, "value": v} for k, v in sorted(cluster.env.items())]
     if head:
         mounts.append({"name": "job", "mountPath": JOB_MOUNT, "readOnly": True})
@@ -151,10 +190,13 @@ def _pod(job: DiffusionJob, settings: RenderSettings, name: str, container: str,
     if env:
         main["env"] = env
     if cluster.env_secrets:
-        main["envFrom"] = [{"secretRef": {"name": name}} for name in cluster.env_secrets]
+        main["envFrom"] = [{"secretRef": {"name": secret}} for secret in cluster.env_secrets]
+    spec = _placement(job)
+    if account:
+        spec["serviceAccountName"] = account
     return {
         "metadata": {"labels": _labels(name, "ray-head" if head else "ray-worker")},
-        "spec": {**_placement(job, settings), "containers": [main], "volumes": volumes},
+        "spec": {**spec, "containers": [main], "volumes": volumes},
     }
 
 
@@ -162,15 +204,12 @@ def _container_security() -> dict:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
-def _placement(job: DiffusionJob, settings: RenderSettings) -> dict:
+def _placement(job: DiffusionJob) -> dict:
     cluster = job.spec.cluster
     spec: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
                             "seccompProfile": {"type": "RuntimeDefault"}},
     }
-    account = cluster.service_account or settings.job_service_account
-    if account:
-        spec["serviceAccountName"] = account
     if cluster.priority_class:
         spec["priorityClassName"] = cluster.priority_class
     if cluster.node_selector:
@@ -189,10 +228,9 @@ def _submitter(job: DiffusionJob, settings: RenderSettings, name: str) -> dict:
     container = {"name": "ray-job-submitter", "image": job.spec.cluster.image or settings.image,
                  "imagePullPolicy": settings.image_pull_policy,
                  "resources": _resources("500m", "1Gi"), "securityContext": _container_security()}
-    placement = _placement(job, settings)
-    placement.pop("serviceAccountName", None)  # it only talks to the Ray dashboard
+    # It only talks to the Ray dashboard: the namespace's default ServiceAccount, not the job's.
     return {"metadata": {"labels": _labels(name, "ray-submitter")},
-            "spec": {**placement, "restartPolicy": "Never", "containers": [container]}}
+            "spec": {**_placement(job), "restartPolicy": "Never", "containers": [container]}}
 
 
 def check_name(name: str) -> None:
@@ -202,17 +240,80 @@ def check_name(name: str) -> None:
                           "characters, starting with a letter")
 
 
+def check_service_account(job: DiffusionJob) -> None:
+    """Refuse a document naming a per-job ServiceAccount: its pods would act as that job (and write its
+    status). A job's own ServiceAccount is the default; a document never needs to name it."""
+    account = job.spec.cluster.service_account
+    if account and account.startswith(IDENTITY_PREFIX):
+        raise RenderError(f"spec.cluster.service_account: {account!r}: ServiceAccounts named "
+                          f"{IDENTITY_PREFIX}<job> belong to sdray's jobs, one each; leave the field out to run "
+                          "as this job's own")
+
+
+def _identity(name: str, namespace: str, owner: dict | None) -> list[dict]:
+    """ServiceAccount, Role and RoleBinding ``sdray-job-<name>``: the Ray pods may patch the status of
+    DiffusionJob ``name`` (step and loss), and nothing else."""
+    account = identity_name(name)
+    rbac = "rbac.authorization.k8s.io"
+
+    def meta() -> dict:  # one each: YAML would write a shared dict as an anchor and an alias
+        return _metadata(account, namespace, _labels(name, "identity"), owner)
+
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta()},
+        {"apiVersion": f"{rbac}/v1", "kind": "Role", "metadata": meta(),
+         "rules": [{"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": [name],
+                    "verbs": ["patch"]}]},
+        {"apiVersion": f"{rbac}/v1", "kind": "RoleBinding", "metadata": meta(),
+         "roleRef": {"apiGroup": rbac, "kind": "Role", "name": account},
+         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]},
+    ]
+
+
+def _network_policy(name: str, namespace: str | None, settings: RenderSettings, owner: dict | None) -> dict:
+    """Connections into the job's pods: from its own pods (every port), and from the KubeRay operator to the
+    dashboard (it asks there how the job goes). Nothing else reaches GCS, the dashboard or the client port."""
+    def own() -> dict:  # a fresh dict each time: YAML would write a shared one as an anchor and an alias
+        return {"matchLabels": {JOB_LABEL: name}}
+
+    operator: dict[str, Any] = {"podSelector": {"matchLabels": dict(OPERATOR_LABELS)}, "namespaceSelector": {}}
+    if settings.ray_operator_namespace:
+        operator["namespaceSelector"] = {
+            "matchLabels": {"kubernetes.io/metadata.name": settings.ray_operator_namespace}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(network_policy_name(name), namespace, _labels(name, "network-policy"), owner),
+        "spec": {
+            "podSelector": own(),
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": own()}]},
+                {"from": [operator], "ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]},
+            ],
+        },
+    }
+
+
 def render(job: DiffusionJob, settings: RenderSettings | None = None, *, namespace: str | None = None,
            owner: dict | None = None) -> list[dict]:
-    """[ConfigMap, RayJob] for ``job`` in ``namespace`` (default: the document's), owned by ``owner`` (the
-    DiffusionJob object, with its uid) when given. The objects take the owner's name (the document's
+    """The objects of ``job`` in ``namespace`` (default: the document's), in the order to apply them:
+    ConfigMap, [ServiceAccount, Role, RoleBinding], NetworkPolicy, RayJob; owned by ``owner`` (the
+    DiffusionJob object, with its uid) when given. The three in brackets only when the job runs as its own
+    ServiceAccount (see the module's docstring). The objects take the owner's name (the document's
     without one): a job submitted through the service runs under its own DiffusionJob name, while its
     document keeps the name its run and checkpoints go by."""
     settings = settings or RenderSettings()
     name = owner["metadata"]["name"] if owner is not None else job.metadata.name
     check_name(name)
+    check_service_account(job)
     namespace = namespace or job.metadata.namespace
     cluster = job.spec.cluster
+    account = cluster.service_account or settings.job_service_account
+    identity = []
+    if account is None and namespace:
+        identity = _identity(name, namespace, owner)
+        account = identity_name(name)
     doc = job_document(job, namespace)
     configmap = {
         "apiVersion": "v1",
@@ -238,16 +339,19 @@ def render(job: DiffusionJob, settings: RenderSettings | None = None, *, namespa
         "submitterPodTemplate": _submitter(job, settings, name),
         "rayClusterSpec": {
             "rayVersion": settings.ray_version,
+            # KubeRay makes the cluster's token and hands it to every Ray container and the submitter.
+            "authOptions": {"mode": "token"},
             "headGroupSpec": {
                 "rayStartParams": {"dashboard-host": "0.0.0.0"},
                 "template": _pod(job, settings, name, "ray-head",
-                                 _resources(str(head_size.cpu), str(head_size.memory)), head=True),
+                                 _resources(str(head_size.cpu), str(head_size.memory)), head=True, account=account),
             },
             "workerGroupSpecs": [{
                 "groupName": "workers",
                 "replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas,
                 "rayStartParams": {},
-                "template": _pod(job, settings, name, "ray-worker", _resources(cpu, memory, gpu), head=False),
+                "template": _pod(job, settings, name, "ray-worker", _resources(cpu, memory, gpu), head=False,
+                                 account=account),
             }],
         },
     }
@@ -259,7 +363,7 @@ def render(job: DiffusionJob, settings: RenderSettings | None = None, *, namespa
         "metadata": _metadata(name, namespace, labels, owner, annotations={SPEC_HASH: spec_hash(doc)}),
         "spec": spec,
     }
-    return [configmap, rayjob]
+    return [configmap, *identity, _network_policy(name, namespace, settings, owner), rayjob]
 
 
 class _Dumper(yaml.SafeDumper):

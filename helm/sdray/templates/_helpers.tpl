@@ -73,7 +73,9 @@ capabilities:
   value: /tmp/sdray-cache
 {{- end -}}
 
-{{/* What the controller does in a job namespace (sdray/k8s/controller.py), verb by verb. */}}
+{{/* What the controller does in a job namespace (sdray/k8s/controller.py), verb by verb. Each job gets its own
+ServiceAccount, Role and RoleBinding (patch on its own diffusionjobs/status) and NetworkPolicy: the API server
+lets the controller grant that Role only because it holds diffusionjobs/status patch itself. */}}
 {{- define "sdray.controllerRules" -}}
 - apiGroups: [sdray.io]
   resources: [diffusionjobs]
@@ -87,6 +89,15 @@ capabilities:
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, update]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, create]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
