@@ -1,4 +1,5 @@
-"""Write k8s/sdray.yaml and k8s/monitoring/monitoring.yaml: the helm chart rendered for plain kubectl/kustomize installs.
+"""Write k8s/sdray.yaml and k8s/monitoring/monitoring.yaml (the helm chart rendered for plain kubectl/kustomize
+installs) and the ``policy`` part of the chart's values.schema.json (from the tenant policy's pydantic model).
 
 One source for both ways of installing: the chart (helm/sdray), rendered with k8s/values.yaml into the
 namespace "sdray", with Helm's own bookkeeping labels left out. tests/test_kustomize.py fails when the
@@ -42,12 +43,24 @@ def _text(objects: list[dict], what: str) -> str:
     return HEADER.format(what) + yaml.safe_dump_all(objects, sort_keys=False, width=120)
 
 
+def values_schema() -> str:
+    """helm/sdray/values.schema.json with its ``policy`` property from the policy's pydantic model."""
+    import json
+
+    from sdray.service.policy import policy_schema
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    schema["properties"]["policy"] = policy_schema()
+    return json.dumps(schema, indent=2) + "\n"
+
+
 def manifests() -> dict[Path, str]:
     """{file: its text}: the deployment, and the Prometheus-operator objects apart (they need its CRDs)."""
     values = yaml.safe_load((HERE / "values.yaml").read_text())
     monitoring = {**values, "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
     kinds = ("ServiceMonitor", "PrometheusRule")
     return {
+        CHART / "values.schema.json": values_schema(),
         HERE / "sdray.yaml": _text(_render(values), "values: k8s/values.yaml"),
         HERE / "monitoring" / "monitoring.yaml": _text(
             [o for o in _render(monitoring) if o["kind"] in kinds], "values: k8s/values.yaml, monitoring on"),
@@ -55,6 +68,7 @@ def manifests() -> dict[Path, str]:
 
 
 if __name__ == "__main__":
+    (CHART / "values.schema.json").write_text(values_schema())  # the rendering below validates against it
     for path, text in manifests().items():
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)

@@ -48,7 +48,7 @@ def connect(kube, agent: str, token: str | None = None) -> Clients:
 def running(kube, identity="a", token=None, **config):
     clients = connect(kube, f"controller/{identity}", token)
     ctl = Controller(clients, ControllerConfig(namespaces=[NS], lease_namespace=NS, identity=identity,
-                                               render=SETTINGS, **{**FAST, **config})).start()
+                                               **{"render": SETTINGS, **FAST, **config})).start()
     try:
         yield ctl
     finally:

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from k8s_checks import REPO, check, load_all
 
+from sdray.service.policy import Policy, PolicyFile, policy_schema
+
 CHART = REPO / "helm" / "sdray"
 VALUES = {"default": {}, **{p.name.removesuffix("-values.yaml"): yaml.safe_load(p.read_text())
                             for p in sorted((CHART / "ci").glob("*-values.yaml"))}}
@@ -61,8 +63,11 @@ def test_default_install():
     assert service["containers"][0]["args"] == [
         "serve", "--host", "0.0.0.0", "--port", "8000", "--tokens", "/etc/sdray/tokens/tokens.json",
         "--db", "/var/lib/sdray/jobs.db", "--backend", "kuberay", "--namespace", NAMESPACE,
-        "--public-url", f"http://sdray.{NAMESPACE}.svc:80"]
+        "--public-url", f"http://sdray.{NAMESPACE}.svc:80", "--policy", "/etc/sdray/policy/policy.yaml"]
     volumes = {v["name"]: v for v in service["volumes"]}
+    assert volumes["policy"]["configMap"]["name"] == "sdray-policy"
+    assert Policy(PolicyFile.model_validate(yaml.safe_load(
+        named(objects, "ConfigMap", "sdray-policy")["data"]["policy.yaml"]))).for_tenant("x").images == []
     assert volumes["tokens"]["secret"]["secretName"] == "sdray-tokens"
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "sdray-data"
     assert named(objects, "Deployment", "sdray-service")["spec"]["strategy"] == {"type": "Recreate"}  # one SQLite writer
@@ -211,9 +216,47 @@ def test_controller_only_install():
     ({"service": {"resources": {"limits": {"memory": "2 GB"}}}}, "/service/resources/limits/memory"),
     ({"jobServiceAccount": {"name": "sdray-job-alpha"}}, "/jobServiceAccount/name"),  # a job's own identity
     ({"kuberay": {"operatorNamespace": "Ray System"}}, "/kuberay/operatorNamespace"),
+    ({"policy": {"tenants": {"alice": {"imagez": []}}}}, "/policy/tenants/alice"),
+    ({"policy": {"default": {"max_workers": 0}}}, "/policy/default/max_workers"),
 ])
 def test_values_schema_refuses_bad_values(values, where):
     with helm_python.Chart.load(CHART) as chart:
         chart.validate_schema(VALUES["full"])
         with pytest.raises(helm_python.HelmValuesError, match=where):
             chart.validate_schema(values)
+
+
+def test_the_tenant_policy_reaches_the_service_and_its_namespaces_get_roles():
+    """values.policy becomes the service's --policy file; every tenant namespace it names gets the service's
+    Role (to create that tenant's DiffusionJobs there) and is watched by the controller."""
+    values = {"policy": {"default": {"max_workers": 4},
+                         "tenants": {"alice": {"namespace": "team-a", "secrets": ["team-a-s3"]},
+                                     "bob": {"namespace": "team-b"}}}}
+    with helm_python.Chart.load(CHART) as chart:
+        files = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    objects = check([o for path, text in sorted(files.items()) if not path.endswith("NOTES.txt")
+                     for o in load_all(text)])
+    loaded = Policy(PolicyFile.model_validate(yaml.safe_load(
+        named(objects, "ConfigMap", "sdray-policy")["data"]["policy.yaml"])))
+    assert loaded.for_tenant("alice").secrets == ["team-a-s3"] and loaded.for_tenant("alice").max_workers == 4
+    roles = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in of_kind(objects, "Role")}
+    assert {(ns, "sdray-service") for ns in (NAMESPACE, "team-a", "team-b")} <= roles
+    assert {(ns, "sdray-controller") for ns in (NAMESPACE, "team-a", "team-b")} <= roles
+    bindings = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in of_kind(objects, "RoleBinding")}
+    assert {(ns, "sdray-service") for ns in ("team-a", "team-b")} <= bindings
+    # a changed policy restarts the service (the pod template carries its checksum)
+    with helm_python.Chart.load(CHART) as chart:
+        other = chart.render({"policy": {"default": {"max_workers": 2}}}, name=RELEASE, namespace=NAMESPACE)
+    annotation = "sdray.io/policy-checksum"
+    changed = [o for path, text in other.items() if not path.endswith("NOTES.txt") for o in load_all(text)
+               if o["kind"] == "Deployment"
+               and o["metadata"]["name"] == "sdray-service"][0]["spec"]["template"]["metadata"]["annotations"]
+    assert changed[annotation] != named(objects, "Deployment", "sdray-service")["spec"]["template"]["metadata"][
+        "annotations"][annotation]
+
+
+def test_the_charts_policy_schema_is_the_models():
+    import json
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["policy"] == policy_schema(), "stale: run python k8s/generate.py"

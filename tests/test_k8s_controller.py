@@ -6,10 +6,12 @@ What the controller stores is checked against the real schemas at the end of eac
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 from conftest import make_job
-from k8s_cluster import (NS, chart_objects, check_store, conditions, connect, events, kube, running,  # noqa: F401
+from k8s_cluster import (NS, SETTINGS, chart_objects, check_store, conditions, connect, events, kube, running,  # noqa: F401
                          status_of, submit, user, wait_state, write_kubeconfig)
 from kubernetes.client import ApiException
 
@@ -112,6 +114,22 @@ def test_a_document_naming_another_jobs_identity_fails_without_a_rayjob(kube, us
     assert conditions(failed)["Failed"] == ("True", "InvalidSpec")
     assert "spec.cluster.service_account" in failed["message"]
     assert kube.get("rayjobs", NS, "thief") is None
+
+
+def test_a_document_may_name_only_the_service_accounts_the_controller_allows(kube, user):
+    """Whoever may create a DiffusionJob gets pods: naming the service's or the controller's ServiceAccount
+    must not make them run as it."""
+    with running(kube, render=dataclasses.replace(SETTINGS, allowed_service_accounts=("team-a-s3",))):
+        for name, account in (("steal-service", "sdray-service"), ("steal-controller", "sdray-controller")):
+            submit(user, name, cluster={"service_account": account})
+            failed = wait_state(kube, name, "Failed")
+            assert conditions(failed)["Failed"] == ("True", "InvalidSpec")
+            assert f"'{account}' is not among the ServiceAccounts" in failed["message"]
+            assert kube.get("rayjobs", NS, name) is None
+        submit(user, "allowed", cluster={"service_account": "team-a-s3"})
+        rayjob = kube.wait(lambda: kube.get("rayjobs", NS, "allowed"), 10, "the allowed job's RayJob")
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["serviceAccountName"] == "team-a-s3"
 
 
 def test_an_identity_made_by_someone_else_is_never_adopted(kube, user):

@@ -89,6 +89,10 @@ class RenderSettings:
     job_service_account: str | None = None
     ray_version: str = field(default_factory=_ray_version)
     ray_operator_namespace: str = field(default_factory=_operator_namespace)
+    # ServiceAccounts a document may name in spec.cluster.service_account; None: any (``sdray render``, whose
+    # output is applied with its user's own rights). The controller creates pods for whoever may create a
+    # DiffusionJob, so it allows only the ones the platform lists (sdray controller --allow-service-account).
+    allowed_service_accounts: tuple[str, ...] | None = None
 
 
 def configmap_name(job_name: str) -> str:
@@ -240,14 +244,21 @@ def check_name(name: str) -> None:
                           "characters, starting with a letter")
 
 
-def check_service_account(job: DiffusionJob) -> None:
+def check_service_account(job: DiffusionJob, settings: RenderSettings) -> None:
     """Refuse a document naming a per-job ServiceAccount: its pods would act as that job (and write its
-    status). A job's own ServiceAccount is the default; a document never needs to name it."""
+    status). A job's own ServiceAccount is the default; a document never needs to name it. With
+    ``settings.allowed_service_accounts``, refuse any other one not listed there (the controller's, or the
+    service's, ServiceAccount would otherwise be one line of a document away)."""
     account = job.spec.cluster.service_account
     if account and account.startswith(IDENTITY_PREFIX):
         raise RenderError(f"spec.cluster.service_account: {account!r}: ServiceAccounts named "
                           f"{IDENTITY_PREFIX}<job> belong to sdray's jobs, one each; leave the field out to run "
                           "as this job's own")
+    allowed = settings.allowed_service_accounts
+    if account and allowed is not None and account not in allowed:
+        raise RenderError(f"spec.cluster.service_account: {account!r} is not among the ServiceAccounts this "
+                          f"cluster's jobs may use ({', '.join(allowed) or 'none'}: the controller's "
+                          "--allow-service-account); leave the field out to run as the job's own")
 
 
 def _identity(name: str, namespace: str, owner: dict | None) -> list[dict]:
@@ -306,7 +317,7 @@ def render(job: DiffusionJob, settings: RenderSettings | None = None, *, namespa
     settings = settings or RenderSettings()
     name = owner["metadata"]["name"] if owner is not None else job.metadata.name
     check_name(name)
-    check_service_account(job)
+    check_service_account(job, settings)
     namespace = namespace or job.metadata.namespace
     cluster = job.spec.cluster
     account = cluster.service_account or settings.job_service_account

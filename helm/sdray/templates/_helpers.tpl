@@ -29,10 +29,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default .Release.Namespace .Values.jobNamespace -}}
 {{- end -}}
 
+{{/* Where jobs run: the job namespace and every namespace the tenant policy gives a tenant (a JSON list). */}}
+{{- define "sdray.jobNamespaces" -}}
+{{- $all := list (include "sdray.jobNamespace" .) -}}
+{{- with .Values.policy -}}
+{{- with .default -}}{{- with .namespace -}}{{- $all = append $all . -}}{{- end -}}{{- end -}}
+{{- range $tenant, $rules := .tenants -}}{{- with $rules -}}{{- with .namespace -}}{{- $all = append $all . -}}{{- end -}}{{- end -}}{{- end -}}
+{{- end -}}
+{{- $all | uniq | toJson -}}
+{{- end -}}
+
 {{/* The namespaces the controller watches: a list, empty for every namespace. */}}
 {{- define "sdray.watchNamespaces" -}}
 {{- if kindIs "invalid" .Values.controller.watchNamespaces -}}
-{{- list (include "sdray.jobNamespace" .) | toJson -}}
+{{- include "sdray.jobNamespaces" . -}}
 {{- else -}}
 {{- .Values.controller.watchNamespaces | toJson -}}
 {{- end -}}
