@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as ProgressBar
 from rich.table import Table
 
-from sdray.spec import SpecError, json_schema, load_job
+from sdray import run
+from sdray.progress import Progress
+from sdray.spec import DiffusionJob, SpecError, json_schema, load_job
 
 app = typer.Typer(
     help="Train Stable-Diffusion-family text-to-image models on Ray from one job document "
@@ -39,23 +41,6 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore")
-    for name in ("diffusers", "transformers", "ray", "ray.data", "ray.train"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-
-
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
@@ -69,16 +54,6 @@ def _load(path: Path):
         for line in exc.errors:
             err.print(f"  - {line}", highlight=False, markup=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from sdray.data.formats import DataError
-    from sdray.models.build import ModelError
-    from sdray.storage import StorageError
-    from sdray.train.launch import TrainingFailed
-    from sdray.train.loop import DataTooSmallError
-
-    return (DataError, ModelError, StorageError, TrainingFailed, DataTooSmallError, ValueError, OSError)
 
 
 @app.command()
@@ -118,50 +93,35 @@ def _print_summary(summary: dict, title: str) -> None:
     out.print(table)
 
 
-def run_training(job_path: Path, *, address: str | None = None, in_process: bool = False,
-                 verbose: bool = False, on_progress=None) -> dict:
-    """Train one job document with a progress bar; returns the summary (exits cleanly on errors).
-    ``on_progress`` also gets rank 0's progress (the service's job runner posts it)."""
-    doc = _load(job_path)
-    if verbose:
-        os.environ["SDRAY_VERBOSE"] = "1"
-    else:
-        _quiet_libraries()
-    from sdray.train.launch import run_in_process, run_job
+def _shown_on(bar: ProgressBar, task, **columns: tuple[str, str | None]) -> Callable[[Progress], None]:
+    """A progress callback that sets each of ``task``'s ``columns`` (``completed`` too) from a field of the
+    progress, formatted (None: as it is). Not every update carries every field (a checkpoint or a sample grid
+    comes alone): a column keeps its last value until one does."""
 
-    progress = Progress(
+    def show(progress: Progress) -> None:
+        values = {column: (getattr(progress, field), form) for column, (field, form) in columns.items()}
+        bar.update(task, **{column: value if form is None else form.format(value)
+                            for column, (value, form) in values.items() if value is not None})
+
+    return show
+
+
+def _train(doc: DiffusionJob, *, address: str | None = None, in_process: bool = False,
+           verbose: bool = False) -> dict:
+    """Train one job with a progress bar and print its summary; returns the summary (exits cleanly on errors)."""
+    run.configure_logging(verbose)
+    bar = ProgressBar(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
     )
-    task = progress.add_task(f"{doc.metadata.name} ({doc.spec.stage})", total=doc.spec.train.max_steps,
-                             loss="-", ips="-")
-
-    def show(metrics: dict) -> None:
-        # Not every update carries every value (a checkpoint or a sample grid comes alone): keep the last shown.
-        fields = {}
-        if isinstance(metrics.get("step"), int):
-            fields["completed"] = metrics["step"]
-        if isinstance(metrics.get("loss"), (int, float)):
-            fields["loss"] = f"{metrics['loss']:.4f}"
-        if isinstance(metrics.get("images_per_s"), (int, float)):
-            fields["ips"] = f"{metrics['images_per_s']:.0f}"
-        progress.update(task, **fields)
-
-    def update(metrics: dict) -> None:
-        show(metrics)
-        if on_progress is not None:
-            on_progress(metrics)
-
+    task = bar.add_task(f"{doc.metadata.name} ({doc.spec.stage})", total=doc.spec.train.max_steps, loss="-", ips="-")
+    # (the last update is where the run ended: a run resumed at its last step reports no step before it)
+    show = _shown_on(bar, task, completed=("step", None), loss=("loss", "{:.4f}"), ips=("images_per_s", "{:.0f}"))
     try:
-        with progress:
-            if in_process:
-                summary = run_in_process(doc)
-            else:
-                summary = run_job(doc, address=address, on_progress=update, worker_logs=verbose)
-            # (a run resumed at its last step reports no step: the summary says where it ended)
-            show(summary)
-    except _user_errors() as exc:
+        with bar:
+            summary = run.train(doc, address=address, in_process=in_process, on_progress=show, worker_logs=verbose)
+    except run.expected_errors() as exc:
         raise _fail(str(exc)) from None
     _print_summary(summary, f"{doc.metadata.name}: done")
     return summary
@@ -182,37 +142,7 @@ def train(
     workers, and the exported diffusers pipeline, sample grids, metrics.jsonl and loss.png land under
     spec.output.uri. Rerunning a job with checkpoint.resume: auto continues from its latest checkpoint.
     """
-    with _Reporters(job) as report:
-        summary = run_training(job, address=address, in_process=in_process, verbose=verbose, on_progress=report)
-        final = {k: summary.get(k) for k in ("step", "loss", "checkpoint", "skipped_images")}
-        report({k: v for k, v in final.items() if v is not None}, final=True)
-
-
-class _Reporters:
-    """Where a driver reports progress besides the terminal, each when its environment says so: the
-    DiffusionJob's status (``SDRAY_DIFFUSIONJOB``, in a RayJob's head) and the sdray service that started the
-    job (``SDRAY_PROGRESS_URL``). Reporting never fails the run."""
-
-    def __init__(self, job_path: Path):
-        from sdray.k8s.progress import StatusReporter
-        from sdray.service.progress import ProgressReporter
-
-        try:
-            s3 = load_job(job_path).spec.storage
-        except SpecError:
-            s3 = None  # the run itself reports the document's errors
-        self.reporters = [r for r in (StatusReporter.from_env(), ProgressReporter.from_env(s3)) if r is not None]
-
-    def __call__(self, metrics: dict, final: bool = False) -> None:
-        for reporter in self.reporters:
-            reporter(metrics, final=final)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for reporter in self.reporters:
-            reporter.close()
+    _train(_load(job), address=address, in_process=in_process, verbose=verbose)
 
 
 @app.command()
@@ -235,44 +165,28 @@ def tune(
     Writes results.parquet, tune.png (metric against learning rate, coloured by batch size), best.yaml (the
     document with the best values, ready for `sdray train`) and the best trial's pipeline to spec.output.uri.
     """
-    with _Reporters(job) as report:
-        summary = run_tuning(job, address=address, resume=resume or ("auto" if resume_if_exists else False),
-                             verbose=verbose, on_progress=report)
-        report({"best": summary["best"].get("metric"),
-                "trials": [{"trial": t["trial"], "params": t["params"], "state": t["status"], "metric": t["metric"],
-                            "step": t["step"]} for t in summary["trials"]]}, final=True)
-
-
-def run_tuning(job_path: Path, *, address: str | None = None, resume: bool | str = False, verbose: bool = False,
-               on_progress=None) -> dict:
-    """Run the search of one job document with a progress bar and a results table; returns the summary.
-    ``on_progress`` also gets the search's state (trials ended and planned, the best value, each trial)."""
-    doc = _load(job_path)
-    if verbose:
-        os.environ["SDRAY_VERBOSE"] = "1"
-    else:
-        _quiet_libraries()
-    from sdray.tuning import TuneError, planned_trials, run_search
-
+    doc = _load(job)
     if doc.spec.tune is None:
-        raise _fail(f"{job_path}: spec.tune is missing: add a search (see README), or run `sdray train`", EXIT_BAD_INPUT)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=err)
-    total = planned_trials(doc.spec.tune)
-    task = progress.add_task(f"{doc.metadata.name}: trials", total=total, best="-")
+        raise _fail(f"{job}: spec.tune is missing: add a search (see README), or run `sdray train`", EXIT_BAD_INPUT)
+    run.configure_logging(verbose)
+    from sdray.tuning import planned_trials
 
-    def update(state: dict) -> None:
-        best = state.get("best")
-        progress.update(task, completed=state["ended"], best="-" if best is None else f"{best:.4f}")
-        if on_progress is not None:
-            on_progress({"trials_ended": state["ended"], "trials_total": total, "best": best,
-                         "trials": state.get("trials", [])})
-
+    bar = ProgressBar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=err)
+    task = bar.add_task(f"{doc.metadata.name}: trials", total=planned_trials(doc.spec.tune), best="-")
+    show = _shown_on(bar, task, completed=("trials_ended", None), best=("best", "{:.4f}"))
     try:
-        with progress:
-            summary = run_search(doc, address=address, resume=resume, worker_logs=verbose, on_progress=update)
-    except (TuneError, *_user_errors()) as exc:
+        with bar:
+            summary = run.tune(doc, address=address, resume=resume, resume_if_exists=resume_if_exists,
+                               on_progress=show, worker_logs=verbose)
+    except run.expected_errors() as exc:
         raise _fail(str(exc)) from None
+    _print_trials(doc, summary)
+
+
+def _print_trials(doc: DiffusionJob, summary: dict) -> None:
+    """A search's results: one row per trial (its values, metric, step, status; the best in green), then
+    where the outputs are."""
     metric = summary["metric"]
     table = Table(title=f"{doc.metadata.name}: {len(summary['trials'])} trials ({metric}, {summary['mode']})",
                   title_justify="left")
@@ -289,7 +203,6 @@ def run_tuning(job_path: Path, *, address: str | None = None, resume: bool | str
     out.print(table)
     for key in ("pipeline", "best_job", "results", "plot"):
         out.print(f"{key}: {summary[key]}", highlight=False)
-    return summary
 
 
 def _short(value) -> str:
@@ -308,14 +221,14 @@ def sample(
     endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for s3:// URIs.")] = None,
 ) -> None:
     """Generate images from a trained pipeline (stock diffusers): one PNG per image and a grid."""
-    _quiet_libraries()
+    run.configure_logging()
     from sdray.models.pipeline import generate, load_pipeline
     from sdray.spec import S3Settings
     from sdray.train.reporting import image_grid
 
     try:
         pipe = load_pipeline(pipeline, S3Settings(endpoint=endpoint))
-    except (*_user_errors(), FileNotFoundError) as exc:
+    except (*run.expected_errors(), FileNotFoundError) as exc:
         raise _fail(f"cannot load a pipeline from {pipeline}: {exc}", EXIT_BAD_INPUT) from None
     rows = generate(pipe, prompt, images_per_prompt=num, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,7 +257,7 @@ def import_digits(
         raise _fail(f"--format: expected imagefolder, webdataset or parquet, got {format!r}", EXIT_BAD_INPUT)
     try:
         n = write(uri, format, resolution, S3Settings(endpoint=endpoint))
-    except _user_errors() as exc:
+    except run.expected_errors() as exc:
         raise _fail(f"cannot write {uri}: {exc}") from None
     out.print(f"wrote {n} digits ({format}, {resolution}px) to {uri}", highlight=False)
 
@@ -369,15 +282,15 @@ def precompute(
     for training steps). A cache made with another VAE, text encoder, resolution or transform is refused.
     """
     doc = _load(job)
-    _quiet_libraries()
-    from sdray.data.precompute import precompute as run
+    run.configure_logging()
+    from sdray.data.precompute import precompute as encode
     from sdray.train.launch import ray_cluster
 
     try:
         with ray_cluster(doc, address, log_to_driver=False):
-            manifest = run(doc, out_uri, batch_size=batch_size, concurrency=concurrency, dtype=dtype,
-                           overwrite=overwrite, progress=err.is_terminal)
-    except _user_errors() as exc:
+            manifest = encode(doc, out_uri, batch_size=batch_size, concurrency=concurrency, dtype=dtype,
+                              overwrite=overwrite, progress=err.is_terminal)
+    except run.expected_errors() as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"{doc.metadata.name}: latent cache written", show_header=False, title_justify="left")
     for key in ("uri", "rows", "skipped_images", "dtype", "scaling_factor", "elapsed_s"):
@@ -584,7 +497,7 @@ def demo(
     every digit with the exported pipeline and asks a classifier which digit each drawing shows. The
     last line printed is digit_accuracy=0.NN.
     """
-    _quiet_libraries()
+    run.configure_logging()
     from sdray import demo as d
     from sdray.data.digits import import_digits as write
     from sdray.models.pipeline import generate, load_pipeline
@@ -596,9 +509,9 @@ def demo(
     out.print(f"[1/4] wrote {n} digits to {out_dir / 'digits'}", highlight=False)
     jobs = d.write_jobs(out_dir, d.demo_jobs(out_dir, workers=workers, vae_steps=vae_steps, unet_steps=unet_steps))
     out.print(f"[2/4] autoencoder stage ({jobs['vae']})", highlight=False)
-    run_training(jobs["vae"])
+    _train(_load(jobs["vae"]))
     out.print(f"[3/4] UNet stage ({jobs['unet']})", highlight=False)
-    summary = run_training(jobs["unet"])
+    summary = _train(_load(jobs["unet"]))
     out.print("[4/4] drawing every digit with the exported pipeline (stock diffusers) and judging", highlight=False)
     pipe = load_pipeline(summary["pipeline"])
     rows = generate(pipe, d.DIGIT_PROMPTS, images_per_prompt=per_digit, num_inference_steps=20, guidance_scale=4.0,
@@ -625,11 +538,13 @@ def k8s_crd() -> None:
     sys.stdout.write(crd_yaml())
 
 
-def _render_settings(image: str | None, job_service_account: str | None):
+def _render_settings(image: str | None, job_service_account: str | None,
+                     allowed_service_accounts: list[str] | None = None):
     from sdray.k8s.render import RenderSettings
 
-    given = {"image": image, "job_service_account": job_service_account}
-    return RenderSettings(**{k: v for k, v in given.items() if v})
+    given = {"image": image, "job_service_account": job_service_account,
+             "allowed_service_accounts": tuple(allowed_service_accounts) if allowed_service_accounts is not None else None}
+    return RenderSettings(**{k: v for k, v in given.items() if v is not None and v != ""})
 
 
 @app.command()
@@ -664,6 +579,9 @@ def controller(
         envvar="SDRAY_JOB_SERVICE_ACCOUNT", help="ServiceAccount of the Ray pods (lets the driver report progress).")] = None,
     kubeconfig: Annotated[Path | None, typer.Option(help="Kubeconfig; default: in-cluster, else ~/.kube/config.")] = None,
     health_port: Annotated[int, typer.Option(help="Port of /healthz, /readyz and /metrics; 0: none.")] = 8081,
+    allow_service_account: Annotated[list[str] | None, typer.Option(
+        help="A ServiceAccount that documents may name in spec.cluster.service_account (e.g. one bound to an S3 "
+        "role); repeat for several. None given: documents may name none (each job runs as its own).")] = None,
 ) -> None:
     """Run the DiffusionJob controller: each DiffusionJob becomes a KubeRay RayJob, whose progress is mirrored
     into the DiffusionJob's status. Replicas elect a leader through a Lease; only the leader acts."""
@@ -675,7 +593,7 @@ def controller(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lease_ns = lease_namespace or (namespace[0] if namespace else "default")
     config = ControllerConfig(namespaces=namespace or None, lease_namespace=lease_ns, lease_name=lease_name,
-                              render=_render_settings(image, job_service_account))
+                              render=_render_settings(image, job_service_account, allow_service_account or []))
     try:
         clients = Clients.connect(kubeconfig=str(kubeconfig) if kubeconfig else None, user_agent="sdray-controller")
     except Exception as exc:

@@ -36,6 +36,7 @@ import yaml
 from ray.tune import Callback
 
 from sdray import storage
+from sdray.progress import Progress, Trial
 from sdray.spec import DiffusionJob, TuneSpec, parse_job
 
 POINTER = "sdray_train_checkpoint.json"
@@ -295,11 +296,12 @@ def planned_trials(tune_spec: TuneSpec) -> int:
 
 
 class TrialProgress(Callback):
-    """A Tune callback telling ``on_progress`` how many trials have ended and the best metric so far.
-    Tune saves its run config (callbacks too) with the experiment: the display function is not saved."""
+    """A Tune callback telling ``on_progress`` how many of the ``total`` trials have ended, the best metric
+    so far and every trial. Tune saves its run config (callbacks too) with the experiment: the display
+    function is not saved."""
 
-    def __init__(self, metric: str, mode: str, on_progress):
-        self.metric, self.mode, self.on_progress = metric, mode, on_progress
+    def __init__(self, metric: str, mode: str, on_progress, total: int | None = None):
+        self.metric, self.mode, self.on_progress, self.total = metric, mode, on_progress, total
         self.ended: set[str] = set()
         self.best: float | None = None
 
@@ -308,16 +310,16 @@ class TrialProgress(Callback):
 
     def _tell(self, trials=()):
         if self.on_progress is not None:
-            self.on_progress({"ended": len(self.ended), "best": self.best,
-                              "trials": [self._row(t) for t in trials]})
+            self.on_progress(Progress(trials_ended=len(self.ended), trials_total=self.total, best=self.best,
+                                      trials=[self._row(t) for t in trials]))
 
-    def _row(self, trial) -> dict:
+    def _row(self, trial) -> Trial:
         """One trial as a person reads it: its values, state, metric and step."""
         last = trial.last_result or {}
-        value = last.get(self.metric)
-        return {"trial": trial.trial_id, "params": {k: v for k, v in (trial.config or {}).items()},
-                "state": str(trial.status).lower(), "metric": value if isinstance(value, (int, float)) else None,
-                "step": last.get("step")}
+        value, step = last.get(self.metric), last.get("step")
+        return Trial(trial=trial.trial_id, params=dict(trial.config or {}), state=str(trial.status).lower(),
+                     metric=value if isinstance(value, (int, float)) else None,
+                     step=step if isinstance(step, int) else None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
@@ -373,7 +375,8 @@ def _tuner(job: DiffusionJob, restore: bool | str, on_progress=None):
             name=path.rsplit("/", 1)[1], storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs,
             # Pointers are tiny; PBT needs the copied trial's one to stay.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 2),
-            callbacks=[TrialProgress(tune_spec.metric, tune_spec.mode, on_progress)] if on_progress else None,
+            callbacks=([TrialProgress(tune_spec.metric, tune_spec.mode, on_progress, planned_trials(tune_spec))]
+                       if on_progress else None),
             verbose=0,
         ),
     )

@@ -1,13 +1,20 @@
-"""Progress, the one record of a run's progress: what it keeps of untrusted input, and its JSON."""
+"""Progress, the one record of a run's progress: what it keeps of untrusted input, its JSON, the driver's
+reporter to the service, and the service's job runner (which runs jobs through sdray.run, not the CLI)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
+import httpx
 import pytest
+from conftest import make_job
 
 from sdray.progress import MAX_CURVE_POINTS, MAX_TRIALS, Progress, Trial
+from sdray.service.progress import ProgressReporter
 
 # The fields a driver may send, as the service's JobManager.record_progress took them.
 SERVICE_FIELDS = {
@@ -104,3 +111,70 @@ def test_updated_sets_fields_and_refuses_unknown_ones():
     assert p.to_payload() == {"step": 5, "loss": 0.5, "checkpoint_step": 5}
     with pytest.raises(ValueError):
         p.updated(recon_mse=0.1)
+
+
+def test_the_reporter_posts_json_with_every_curve_point_and_the_new_sample(tmp_path):
+    posts, images = [], []
+
+    def service(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/progress"):
+            posts.append(json.loads(request.content))  # strict JSON: a NaN would not parse as a number here
+        else:
+            images.append(request.content)
+        return httpx.Response(200, json={"ok": True})
+
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    reporter = ProgressReporter("http://service/internal/v1/jobs/j1", "token", min_interval_s=3600)
+    reporter.close()
+    reporter._client = httpx.Client(transport=httpx.MockTransport(service))
+    reporter(Progress(step=5, loss=0.9, curve={"loss": [(5, 0.9)]}))
+    reporter(Progress(step=10, loss=float("nan"), curve={"loss": [(5, 0.9), (10, float("nan"))]}))  # rate-limited
+    reporter(Progress(step=15, loss=0.3, sample=str(grid), curve={"loss": [(10, 0.5), (15, 0.3)]}), final=True)
+    reporter.close()
+    assert [p["step"] for p in posts] == [5, 15]
+    assert posts[0]["curve"] == {"loss": [[5, 0.9]]}
+    assert posts[1]["curve"] == {"loss": [[5, 0.9], [10, 0.5], [15, 0.3]]}  # the rate-limited update's points too
+    assert posts[1]["sample"] == str(grid) and images == [grid.read_bytes()]
+    assert all(json.loads(json.dumps(p, allow_nan=False)) == p for p in posts)
+
+
+def runner(doc, **env):
+    """``python -m sdray.service.runner`` as the service starts it, that also says whether it imported the
+    CLI: the runner's last stdout line."""
+    probe = ("import sys, runpy\n"
+             "try:\n    runpy.run_module('sdray.service.runner', run_name='__main__')\n"
+             "finally:\n    print('cli imported:', 'sdray.cli' in sys.modules or 'typer' in sys.modules)\n")
+    environ = {k: v for k, v in os.environ.items() if k != "SDRAY_JOB_DOCUMENT"}
+    if doc is not None:
+        environ["SDRAY_JOB_DOCUMENT"] = json.dumps(doc)
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          env={**environ, **env})
+
+
+def test_the_runner_imports_neither_the_cli_nor_typer():
+    code = "import sys, sdray.service.runner; print('sdray.cli' in sys.modules, 'typer' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["False", "False"], result.stderr
+
+
+def test_the_runner_refuses_a_missing_or_invalid_document_in_one_line(tmp_path):
+    missing = runner(None)
+    assert missing.returncode == 2 and "SDRAY_JOB_DOCUMENT is not set" in missing.stderr
+    bad = make_job("runner-bad", tmp_path / "out", str(tmp_path), train={"learning_rate": "fast"})
+    invalid = runner(bad)
+    assert invalid.returncode == 2
+    assert invalid.stderr.startswith("error: invalid job document: SDRAY_JOB_DOCUMENT: spec.train.learning_rate")
+    assert "Traceback" not in invalid.stderr and invalid.stdout.splitlines()[-1] == "cli imported: False"
+
+
+def test_the_runner_reports_a_failed_run_in_one_line_without_the_cli(ray_session, tmp_path):
+    """The job's driver joins the running cluster (address auto), as under the service; the run fails on its
+    data, and the error is one line on stderr with exit status 1."""
+    doc = make_job("runner-nodata", tmp_path / "out", str(tmp_path / "no-such-data"))
+    # the session's cluster, named: other Ray clusters may run on this machine
+    result = runner(doc, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: spec.data.uri: nothing found at" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout.splitlines()[0].startswith("runner-nodata: training (unet) started")
+    assert result.stdout.splitlines()[-1] == "cli imported: False"

@@ -60,7 +60,7 @@ def test_two_workers_lower_the_loss_and_export_a_stock_pipeline(ray_session, dig
     curve = losses(out)
     assert len(curve) == 16
     assert sum(curve[-3:]) / 3 < 0.8 * sum(curve[:3]) / 3, curve
-    assert seen and seen[-1]["step"] == 80
+    assert seen and seen[-1].step == 80 and seen[-1].curve_points()["loss"][-1] == (80, curve[-1])
     assert any("val_loss" in m for m in metrics(out))
     # keep_last: 1 of the 2 checkpoints is kept
     assert [read_manifest(p)["step"] for p in ray_checkpoints(out / "checkpoints" / "two-workers")] == [80]

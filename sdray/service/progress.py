@@ -1,4 +1,5 @@
-"""A job driver's side of the service: post rank 0's progress and the latest sample grid to the service.
+"""A job driver's side of the service: post rank 0's progress (``sdray.progress.Progress``) and the latest
+sample grid to the service.
 
 The service starts each driver with ``SDRAY_PROGRESS_URL`` (``…/internal/v1/jobs/<id>``) and a token good
 for that job only. Reports are best effort: a service that is down or restarting loses a few updates,
@@ -7,14 +8,15 @@ never the training. Posts are at most one a second, except the last one.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import time
 
 import httpx
 
 from sdray import storage
+from sdray.progress import Progress
 from sdray.spec import S3Settings
 
 log = logging.getLogger("sdray.progress")
@@ -28,7 +30,7 @@ class ProgressReporter:
         self.min_interval_s = min_interval_s
         self.final_patience_s = final_patience_s
         self._client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=10.0)
-        self._last_post = 0.0
+        self._last_post = -math.inf
         self._sample: str | None = None
         # Loss-curve points not yet delivered: kept until a post succeeds, so neither the rate limit nor a
         # restarting service loses a point.
@@ -39,19 +41,18 @@ class ProgressReporter:
         url, token = os.environ.get("SDRAY_PROGRESS_URL"), os.environ.get("SDRAY_PROGRESS_TOKEN")
         return cls(url, token, s3) if url and token else None
 
-    def __call__(self, metrics: dict, final: bool = False) -> None:
-        for name, step, value in metrics.get("recent_curve", ()):
-            self._curve.setdefault(name, {})[int(step)] = float(value)
+    def __call__(self, progress: Progress, final: bool = False) -> None:
+        for name, points in progress.curve_points().items():
+            self._curve.setdefault(name, {}).update(points)
         now = time.monotonic()
         if not final and now - self._last_post < self.min_interval_s:
             return
         self._last_post = now
-        body = json.loads(json.dumps({k: v for k, v in metrics.items() if k != "recent_curve"}, default=str))
-        body["curve"] = {k: sorted(v.items()) for k, v in self._curve.items()}
+        body = progress.updated(curve={k: sorted(v.items()) for k, v in self._curve.items()}).to_payload()
         if self._post("POST", "/progress", json=body, retry_for_s=self.final_patience_s if final else 0.0):
             self._curve.clear()
-        sample = metrics.get("sample")
-        if isinstance(sample, str) and sample != self._sample:
+        sample = progress.sample
+        if sample is not None and sample != self._sample:
             try:
                 png = storage.read_bytes(sample, self.s3)
             except Exception as exc:  # a sample the service misses is not worth failing the run for

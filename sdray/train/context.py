@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sdray.data.buckets import bucket_batches
+from sdray.progress import Progress
 from sdray.train.checkpoint import read_manifest
 
 
@@ -69,7 +70,7 @@ class WorkerContext(Protocol):
     def save_checkpoint(self, directory: Path, metrics: dict) -> None:
         """Persist this rank's checkpoint files (every rank calls this at the same step)."""
 
-    def progress(self, metrics: dict) -> None:
+    def progress(self, progress: Progress) -> None:
         """Live progress from rank 0 (step, loss, images/s) for whoever watches the run."""
 
 
@@ -90,7 +91,7 @@ class LocalContext:
         self.keep_last = keep_last
         self.device = torch.device(device)
         self.num_threads = num_threads
-        self.last_progress: dict = {}
+        self.last_progress: Progress | None = None
 
     def train_batches(self) -> Iterator[dict]:
         return iterate(self.train, batch_size=self.batch_size, shuffle=self.shuffle, bucketed=self.bucketed)
@@ -120,5 +121,5 @@ class LocalContext:
         for old in self.checkpoints()[: -self.keep_last]:
             shutil.rmtree(old)
 
-    def progress(self, metrics: dict) -> None:
-        self.last_progress = metrics
+    def progress(self, progress: Progress) -> None:
+        self.last_progress = progress

@@ -27,6 +27,7 @@ import torch
 from sdray import storage
 from sdray.data.pipeline import JobData, build_datasets
 from sdray.models.build import data_requirements
+from sdray.progress import Progress
 from sdray.spec import DiffusionJob
 from sdray.train.context import LocalContext, iterate
 from sdray.train.loop import train_worker
@@ -73,15 +74,15 @@ def ray_cluster(job: DiffusionJob, address: str | None = None, log_to_driver: bo
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """Holds rank 0's latest metrics for the driver's progress display."""
+    """Holds rank 0's latest progress for the driver."""
 
     def __init__(self):
-        self.latest: dict = {}
+        self.latest: Progress | None = None
 
-    def update(self, metrics: dict) -> None:
-        self.latest = metrics
+    def update(self, progress: Progress) -> None:
+        self.latest = progress
 
-    def get(self) -> dict:
+    def get(self) -> Progress | None:
         return self.latest
 
 
@@ -129,9 +130,9 @@ class RayContext:
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
-    def progress(self, metrics: dict) -> None:
+    def progress(self, progress: Progress) -> None:
         if self.board is not None:
-            self.board.update.remote(metrics)
+            self.board.update.remote(progress)
 
 
 def _ray_worker(config: dict) -> None:
@@ -203,7 +204,7 @@ def checkpoint_uri_of(checkpoint, job: DiffusionJob) -> str | None:
 
 
 def run_job(job: DiffusionJob, *, address: str | None = None,
-            on_progress: Callable[[dict], None] | None = None, worker_logs: bool = True) -> dict:
+            on_progress: Callable[[Progress], None] | None = None, worker_logs: bool = True) -> dict:
     """Train ``job`` with Ray Train on ``num_workers`` workers; returns the run summary."""
     with ray_cluster(job, address, log_to_driver=worker_logs):
         data = prepare_data(job)
@@ -214,9 +215,9 @@ def run_job(job: DiffusionJob, *, address: str | None = None,
         if on_progress is not None:
             def watch():
                 while not done.wait(0.5):
-                    metrics = ray.get(board.get.remote())
-                    if metrics:
-                        on_progress(metrics)
+                    progress = ray.get(board.get.remote())
+                    if progress is not None:
+                        on_progress(progress)
             watcher = threading.Thread(target=watch, daemon=True)
             watcher.start()
         try:
@@ -227,8 +228,8 @@ def run_job(job: DiffusionJob, *, address: str | None = None,
             done.set()
             if watcher is not None:
                 watcher.join()
-        if on_progress is not None:
-            on_progress(ray.get(board.get.remote()))
+        if on_progress is not None and (last := ray.get(board.get.remote())) is not None:
+            on_progress(last)
         return finish_summary(job, data, {"checkpoint": checkpoint_uri_of(result.checkpoint, job),
                                            "run": run_name(job)})
 

@@ -32,6 +32,7 @@ from sdray.data.latents import cached_encoder
 from sdray.models.build import Components, build_components
 from sdray.models.encoding import OnlineEncoder
 from sdray.models.pipeline import assemble_pipeline, generate
+from sdray.progress import Progress
 from sdray.spec import DiffusionJob
 from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sdray.train.context import WorkerContext
@@ -78,9 +79,9 @@ class Trainer:
         self.cfg = spec.train
         self.device = ctx.device
         self.is_main = ctx.rank == 0
-        self.progress_state: dict = {}
-        # The last logged points, sent with every progress update: the driver polls only the latest update,
-        # and with these it still sees every point of the loss curve.
+        self.progress = Progress()
+        # The last logged (curve, step, value) points, sent with every progress update: the driver polls only
+        # the latest update, and with these it still sees every point of the loss curve.
         self.recent_curve: deque = deque(maxlen=200)
         torch.set_num_threads(max(1, ctx.num_threads))
         torch.backends.cuda.matmul.allow_tf32 = self.cfg.allow_tf32
@@ -286,7 +287,7 @@ class Trainer:
                     step = self.state.step
                     if step % cfg.log_every_n_steps == 0 or step == cfg.max_steps:
                         elapsed = time.perf_counter() - window_start
-                        metrics = {
+                        shown = {
                             "step": step,
                             "epoch": self.state.epoch,
                             "loss": mean_across_workers(window["loss"] / window["n"], self.device),
@@ -297,14 +298,15 @@ class Trainer:
                             "data_wait_share": min(1.0, window["data_wait"] / elapsed),
                             "images_seen": self.state.images_seen,
                             "elapsed_s": time.perf_counter() - started,
-                            **{k: v / window["n"] for k, v in window["extra"].items()},
                         }
+                        # the stage's own measures (recon_mse) go to metrics.jsonl, not to the progress display
+                        metrics = {**shown, **{k: v / window["n"] for k, v in window["extra"].items()}}
                         window = {"loss": 0.0, "n": 0, "images": 0, "data_wait": 0.0, "extra": {}}
                         window_start = time.perf_counter()
                         if self.is_main:
                             self.report.log(metrics)
                             self.recent_curve.append(("loss", step, metrics["loss"]))
-                        self._tell(**metrics, max_steps=cfg.max_steps)
+                        self._tell(**shown, max_steps=cfg.max_steps)
                     every = self.spec.validation.every_n_steps
                     if every and step % every == 0 and step < cfg.max_steps:
                         self.validate(step, metrics)
@@ -327,10 +329,13 @@ class Trainer:
         """Rank 0 shows its latest progress (metrics, last checkpoint, last sample grid) to the driver."""
         if not self.is_main:
             return
-        self.progress_state.update(update, recent_curve=list(self.recent_curve))
         if self.device.type == "cuda":
-            self.progress_state["gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
-        self.ctx.progress(dict(self.progress_state))
+            update["gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        curve: dict[str, list[tuple[int, float]]] = {}
+        for name, step, value in self.recent_curve:
+            curve.setdefault(name, []).append((step, value))
+        self.progress = self.progress.updated(**update, curve=curve)
+        self.ctx.progress(self.progress)
 
     # -- validation and export (rank 0) ------------------------------------------------------------
     @contextlib.contextmanager
