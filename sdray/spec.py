@@ -8,17 +8,42 @@ Unknown fields are refused, and every error names the field path it concerns
 from __future__ import annotations
 
 import json
+import math
 import re
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from yaml.composer import Composer
+from yaml.events import AliasEvent
+from yaml.nodes import MappingNode
 
 API_VERSION = "sdray.io/v1alpha1"
 KIND = "DiffusionJob"
 PRESETS = ("tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base")
+
+# What one document text may be: every entry point (CLI, REST service) parses through parse_document_text.
+MAX_DOCUMENT_BYTES = 1 << 20
+MAX_DOCUMENT_DEPTH = 64
+MAX_DOCUMENT_NODES = 100_000
+# Seeds reach NumPy's legacy RandomState (Ray Tune's BasicVariantGenerator, Optuna's samplers, np.random.seed),
+# which takes 0..2**32-1; torch.manual_seed takes up to 2**64-1 and Python's random any int.
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 10**8  # optimizer steps, warm-up, intervals: beyond this a run would never end
+MAX_WORKERS = 10_000
+_INT32 = 2**31 - 1  # KubeRay's RayJob keeps its seconds and retry counts as int32
+
+# Kubernetes names and values, as the API server checks them (apimachinery's validation).
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# Ray resource names: CPU, GPU, memory, TPU, accelerator_type:H100, node:10.0.0.1, custom names.
+RAY_RESOURCE_NAME = r"^[A-Za-z_][-A-Za-z0-9_.:/]*$"
+_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 
 
 class SpecError(ValueError):
@@ -32,17 +57,64 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # allow_inf_nan=False: no .inf or .nan in any float field (a NaN in a stored job broke every job list).
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+def _qualified_name(key: str) -> str:
+    """A label (or annotation) key as the Kubernetes API server takes it (IsQualifiedName): an optional
+    DNS-1123 subdomain prefix of at most 253 characters and '/', then a name of at most 63 of
+    [A-Za-z0-9._-] that starts and ends with a letter or digit."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (prefix and len(prefix) <= 253 and re.fullmatch(DNS_SUBDOMAIN, prefix)):
+        raise ValueError("the prefix before '/' must be a DNS-1123 subdomain of at most 253 characters "
+                         "(lower-case letters, digits, '-' and '.')")
+    if not (len(name) <= 63 and _LABEL_NAME.fullmatch(name)):
+        raise ValueError("expected a name of at most 63 characters of [A-Za-z0-9._-] that starts and ends with "
+                         "a letter or digit (optionally after a DNS-subdomain prefix and '/')")
+    return key
+
+
+LabelKey = Annotated[str, AfterValidator(_qualified_name)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+
+
+def _json_values(value: Any) -> Any:
+    """A free-form value (``model.overrides``, a search's ``choice``/``grid``) as JSON holds it: objects
+    with string keys, arrays, strings, booleans, null and finite numbers; stored and sent on as it is."""
+    stack = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        at = f" (at {_clip(where.lstrip('.'), 100)})" if where else ""
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                if not isinstance(key, str):
+                    raise ValueError(f"object keys must be strings, got {_clip(repr(key), 100)}{at}")
+                stack.append((sub, f"{where}.{key}"))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((sub, f"{where}[{i}]") for i, sub in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"expected a finite number, got {item}{at}")
+        elif item is not None and not isinstance(item, (str, int, float)):  # (bool is an int)
+            raise ValueError(f"expected a JSON value (object, array, string, number, boolean or null), got a "
+                             f"{type(item).__name__}{at}")
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_json_values)]
+JsonList = Annotated[list[Any], AfterValidator(_json_values)]
 
 
 class Metadata(_Strict):
     name: str = Field(
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        pattern=DNS_LABEL,
         max_length=63,
         description="Job name: a DNS-1123 label (lower-case letters, digits and '-').",
     )
-    namespace: str | None = Field(default=None, description="Kubernetes namespace or tenant.")
-    labels: dict[str, str] = Field(default_factory=dict)
+    namespace: str | None = Field(
+        default=None, pattern=DNS_LABEL, max_length=63, description="Kubernetes namespace (a DNS-1123 label).")
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, description="Kubernetes labels: keys and values as the API server checks them.")
 
 
 class S3Settings(_Strict):
@@ -53,9 +125,12 @@ class S3Settings(_Strict):
         default=None,
         description="S3 endpoint URL (e.g. http://127.0.0.1:8333); default: AWS_ENDPOINT_URL or AWS.",
     )
-    region: str | None = Field(default=None, description="S3 region; default: AWS_REGION or us-east-1.")
+    region: str | None = Field(
+        default=None, description="S3 region; default: AWS_REGION, then AWS_DEFAULT_REGION, then us-east-1.")
     credentials_secret: str | None = Field(
         default=None,
+        pattern=DNS_SUBDOMAIN,
+        max_length=253,
         description=(
             "Name of a secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, mounted as files under "
             "$SDRAY_SECRETS_DIR/<name>/ (default /var/run/secrets/sdray/<name>/, the layout of a "
@@ -71,9 +146,10 @@ class VAESource(_Strict):
 class LoRASpec(_Strict):
     """Low-rank adapters (LoRA, through peft) on a pretrained UNet: its own weights stay frozen."""
 
-    rank: int = Field(gt=0, description="Rank of each adapter's low-rank update.")
+    rank: int = Field(gt=0, le=4096, description="Rank of each adapter's low-rank update.")
     alpha: float | None = Field(
-        default=None, gt=0.0, description="Scale numerator: the update is multiplied by alpha/rank; default: rank."
+        default=None, gt=0.0, le=65536.0,
+        description="Scale numerator: the update is multiplied by alpha/rank; default: rank."
     )
     targets: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
@@ -104,13 +180,13 @@ class ModelSpec(_Strict):
     tokenizer: str | None = Field(
         default=None, description="Local dir or s3:// URI of a CLIPTokenizer; default: the preset's."
     )
-    overrides: dict[Literal["unet", "vae", "text_encoder", "text_encoder_2", "scheduler"], dict[str, Any]] = Field(
+    overrides: dict[Literal["unet", "vae", "text_encoder", "text_encoder_2", "scheduler"], JsonObject] = Field(
         default_factory=dict,
         description="Per-component config overrides applied to the preset's configs (scheduler: always).",
     )
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     resolution: int | None = Field(
-        default=None, ge=8, description="Training image size in pixels; default: the preset's."
+        default=None, ge=8, le=8192, description="Training image size in pixels; default: the preset's."
     )
     rescale_betas_zero_snr: bool = Field(
         default=False,
@@ -140,10 +216,13 @@ class BucketingSpec(_Strict):
     """Aspect-ratio buckets: each image trains at the bucket shape nearest its own aspect ratio."""
 
     enabled: bool = True
-    min_size: int | None = Field(default=None, ge=8, description="Shortest bucket side in pixels; default: resolution / 2.")
-    max_size: int | None = Field(default=None, ge=8, description="Longest bucket side in pixels; default: resolution × 2.")
-    step: int = Field(default=64, ge=8, description="Bucket sides are multiples of this (a multiple of 8).")
-    max_aspect: float = Field(default=4.0, ge=1.0, description="Largest long-side / short-side ratio of a bucket.")
+    min_size: int | None = Field(
+        default=None, ge=8, le=16384, description="Shortest bucket side in pixels; default: resolution / 2.")
+    max_size: int | None = Field(
+        default=None, ge=8, le=16384, description="Longest bucket side in pixels; default: resolution × 2.")
+    step: int = Field(default=64, ge=8, le=1024, description="Bucket sides are multiples of this (a multiple of 8).")
+    max_aspect: float = Field(
+        default=4.0, ge=1.0, le=16.0, description="Largest long-side / short-side ratio of a bucket.")
 
     @model_validator(mode="after")
     def _consistent(self) -> BucketingSpec:
@@ -175,7 +254,8 @@ class DataSpec(S3Settings):
         "holding captions; default: 'text', or 'txt' for webdataset.",
     )
     resize: int | None = Field(
-        default=None, ge=8, description="Shorter side is resized to this before cropping; default: resolution."
+        default=None, ge=8, le=16384,
+        description="Shorter side is resized to this before cropping; default: resolution."
     )
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False
@@ -216,8 +296,8 @@ class DataSpec(S3Settings):
 class OptimizerSpec(_Strict):
     name: Literal["adamw"] = "adamw"
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(default=1e-2, ge=0.0)
-    eps: float = Field(default=1e-8, gt=0.0)
+    weight_decay: float = Field(default=1e-2, ge=0.0, le=10.0)
+    eps: float = Field(default=1e-8, gt=0.0, le=1.0)
 
     @field_validator("betas")
     @classmethod
@@ -229,28 +309,31 @@ class OptimizerSpec(_Strict):
 
 class EMASpec(_Strict):
     decay: float = Field(default=0.999, gt=0.0, lt=1.0, description="Decay reached once (1+n)/(10+n) exceeds it.")
-    update_after_step: int = Field(default=0, ge=0, description="Optimizer steps before the average starts.")
+    update_after_step: int = Field(
+        default=0, ge=0, le=MAX_STEPS, description="Optimizer steps before the average starts.")
 
 
 class TrainSpec(_Strict):
-    max_steps: int = Field(default=1000, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(default=16, gt=0, description="Images per worker per micro-step.")
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
-    learning_rate: float = Field(default=1e-4, gt=0.0)
+    max_steps: int = Field(default=1000, gt=0, le=MAX_STEPS, description="Optimizer steps.")
+    batch_size: int = Field(default=16, gt=0, le=65536, description="Images per worker per micro-step.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=10_000)
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(default=0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
-    max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="Gradient clipping; null disables.")
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0, le=1e6, description="Gradient clipping; null disables.")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of initialisation, noise and data order.")
     caption_dropout: float = Field(
         default=0.1, ge=0.0, lt=1.0, description="Share of captions replaced by '' (classifier-free guidance)."
     )
-    kl_weight: float = Field(default=1e-6, ge=0.0, description="KL term weight (stage: autoencoder).")
+    kl_weight: float = Field(default=1e-6, ge=0.0, le=1e3, description="KL term weight (stage: autoencoder).")
     ema: EMASpec | None = Field(default=None, description="Keep an exponential moving average of the weights.")
-    snr_gamma: float | None = Field(default=None, gt=0.0, description="Min-SNR-γ loss weighting (5.0 is usual).")
-    noise_offset: float = Field(default=0.0, ge=0.0, description="Offset noise strength (0.05–0.1 is usual).")
-    input_perturbation: float = Field(default=0.0, ge=0.0, description="Input perturbation strength (0.1 is usual).")
+    snr_gamma: float | None = Field(
+        default=None, gt=0.0, le=1e3, description="Min-SNR-γ loss weighting (5.0 is usual).")
+    noise_offset: float = Field(default=0.0, ge=0.0, le=1.0, description="Offset noise strength (0.05–0.1 is usual).")
+    input_perturbation: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Input perturbation strength (0.1 is usual).")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward: less memory, more compute.")
     allow_tf32: bool = Field(default=False, description="Let CUDA matmuls and convolutions use TF32 (Ampere and newer).")
     compile: bool = Field(
@@ -261,7 +344,7 @@ class TrainSpec(_Strict):
         description="Train the text encoder (SDXL: both) with the UNet; with model.lora, LoRA adapters on its "
         "attention projections instead.",
     )
-    log_every_n_steps: int = Field(default=10, gt=0, description="Metrics reporting interval.")
+    log_every_n_steps: int = Field(default=10, gt=0, le=MAX_STEPS, description="Metrics reporting interval.")
 
 
 class FSDPSpec(_Strict):
@@ -272,7 +355,8 @@ class FSDPSpec(_Strict):
         "hybrid: shard within groups of shard_group_size workers, replicate across groups (HSDP).",
     )
     shard_group_size: int | None = Field(
-        default=None, ge=1, description="Workers per shard group for sharding: hybrid (must divide num_workers)."
+        default=None, ge=1, le=MAX_WORKERS,
+        description="Workers per shard group for sharding: hybrid (must divide num_workers)."
     )
     cpu_offload: bool = Field(default=False, description="Keep sharded parameters and optimizer state in host memory (GPU runs).")
 
@@ -292,10 +376,13 @@ class DeepSpeedSpec(_Strict):
 
 
 class DistributedSpec(_Strict):
-    num_workers: int = Field(default=1, ge=1)
+    num_workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] | None = Field(
-        default=None, description="Ray resources per worker, e.g. {CPU: 1, GPU: 1}."
+    resources_per_worker: dict[Annotated[str, Field(pattern=RAY_RESOURCE_NAME, max_length=64)],
+                               Annotated[float, Field(ge=0.0, le=1e15)]] | None = Field(
+        default=None, max_length=64,
+        description="Ray resources per worker, e.g. {CPU: 1, GPU: 1}: Ray resource names, amounts >= 0 "
+        "(memory in bytes).",
     )
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         default="ddp",
@@ -304,7 +391,7 @@ class DistributedSpec(_Strict):
     fsdp: FSDPSpec | None = Field(default=None, description="FSDP settings (strategy: fsdp).")
     deepspeed: DeepSpeedSpec | None = Field(default=None, description="DeepSpeed settings (strategy: deepspeed).")
     max_failures: int = Field(
-        default=2, ge=0, description="Worker failures to recover from (restart from the latest checkpoint)."
+        default=2, ge=0, le=1000, description="Worker failures to recover from (restart from the latest checkpoint)."
     )
 
     @property
@@ -350,8 +437,8 @@ class DistributedSpec(_Strict):
 
 class CheckpointSpec(_Strict):
     uri: str | None = Field(default=None, description="Local path or s3:// URI; default: <output.uri>/checkpoints.")
-    every_n_steps: int = Field(default=500, gt=0)
-    keep_last: int = Field(default=3, ge=1)
+    every_n_steps: int = Field(default=500, gt=0, le=MAX_STEPS)
+    keep_last: int = Field(default=3, ge=1, le=1000)
     resume: str = Field(
         default="auto",
         description="auto: continue the latest checkpoint of this job; never: start fresh; or a checkpoint URI.",
@@ -360,12 +447,12 @@ class CheckpointSpec(_Strict):
 
 class ValidationSpec(_Strict):
     prompts: list[str] = Field(default_factory=list)
-    every_n_steps: int | None = Field(default=None, gt=0, description="Default: only at the end.")
-    num_inference_steps: int = Field(default=25, gt=0)
-    guidance_scale: float = Field(default=5.0, ge=0.0)
-    seed: int = 0
-    images_per_prompt: int = Field(default=1, ge=1)
-    max_batches: int = Field(default=4, ge=0, description="Validation-loss batches from the held-out split.")
+    every_n_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS, description="Default: only at the end.")
+    num_inference_steps: int = Field(default=25, gt=0, le=1000)
+    guidance_scale: float = Field(default=5.0, ge=0.0, le=100.0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the sample grids' noise.")
+    images_per_prompt: int = Field(default=1, ge=1, le=64)
+    max_batches: int = Field(default=4, ge=0, le=10_000, description="Validation-loss batches from the held-out split.")
 
 
 class OutputSpec(_Strict):
@@ -377,8 +464,9 @@ class Distribution(_Strict):
 
     loguniform: tuple[float, float] | None = Field(default=None, description="[low, high], sampled log-uniformly (low > 0).")
     uniform: tuple[float, float] | None = Field(default=None, description="[low, high], sampled uniformly.")
-    choice: list[Any] | None = Field(default=None, min_length=1, description="Values sampled uniformly.")
-    grid: list[Any] | None = Field(default=None, min_length=1, description="Every value, once per sample (grid search).")
+    choice: JsonList | None = Field(default=None, min_length=1, max_length=100, description="Values sampled uniformly.")
+    grid: JsonList | None = Field(
+        default=None, min_length=1, max_length=100, description="Every value, once per sample (grid search).")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Distribution:
@@ -407,11 +495,13 @@ class TuneSchedulerSpec(_Strict):
         default="fifo", description="fifo: run every trial to the end; asha: stop weak trials early; "
         "pbt: population based training (weak trials copy a strong one's checkpoint and perturb its values).")
     grace_period: int | None = Field(
-        default=None, gt=0, description="asha: steps every trial runs before it can be stopped; default: "
+        default=None, gt=0, le=MAX_STEPS, description="asha: steps every trial runs before it can be stopped; default: "
         "checkpoint.every_n_steps.")
-    reduction_factor: float = Field(default=2.0, gt=1.0, description="asha: the share 1/f of trials kept at each rung.")
+    reduction_factor: float = Field(
+        default=2.0, gt=1.0, le=100.0, description="asha: the share 1/f of trials kept at each rung.")
     perturbation_interval: int | None = Field(
-        default=None, gt=0, description="pbt: steps between exploit/explore decisions; default: checkpoint.every_n_steps.")
+        default=None, gt=0, le=MAX_STEPS,
+        description="pbt: steps between exploit/explore decisions; default: checkpoint.every_n_steps.")
     quantile_fraction: float = Field(default=0.25, gt=0.0, le=0.5, description="pbt: the bottom share that copies the top share.")
     resample_probability: float = Field(default=0.25, ge=0.0, le=1.0, description="pbt: chance of resampling a value instead of perturbing it.")
 
@@ -427,28 +517,30 @@ class TuneSchedulerSpec(_Strict):
 
 class TuneSpec(_Strict):
     search_space: dict[str, Distribution] = Field(
-        min_length=1, description="Dotted path of a spec field (train.learning_rate, train.batch_size, …) → "
+        min_length=1, max_length=32,
+        description="Dotted path of a spec field (train.learning_rate, train.batch_size, …) → "
         "its distribution.")
-    num_samples: int = Field(default=1, ge=1, description="Trials to sample (each grid value is run num_samples times).")
+    num_samples: int = Field(
+        default=1, ge=1, le=10_000, description="Trials to sample (each grid value is run num_samples times).")
     scheduler: TuneSchedulerSpec = Field(default_factory=TuneSchedulerSpec)
     search_alg: Literal["random", "optuna"] = Field(default="random", description="optuna needs the optuna package.")
-    seed: int | None = Field(default=None, description="Seed of the search's sampling (PBT's perturbations too): "
-                             "the same trials every time.")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED,
+        description="Seed of the search's sampling (PBT's perturbations too): the same trials every time.")
     metric: Literal["val_loss", "loss", "images_per_s"] = Field(
         default="val_loss", description="val_loss: the loss on the held-out split, with fixed images, noise and "
         "timesteps (needs data.validation_fraction > 0).")
     mode: Literal["min", "max"] = "min"
     max_concurrent_trials: int | None = Field(
-        default=None, ge=1, description="Default: as many as the cluster's CPUs/GPUs fit (trials beyond that queue).")
-    time_budget_s: float | None = Field(default=None, gt=0, description="Stop the whole search after this long.")
+        default=None, ge=1, le=MAX_WORKERS,
+        description="Default: as many as the cluster's CPUs/GPUs fit (trials beyond that queue).")
+    time_budget_s: float | None = Field(
+        default=None, gt=0, le=366 * 86400, description="Stop the whole search after this long.")
     scale_lr_with_batch: Literal["none", "linear", "sqrt"] = Field(
         default="none", description="Rescale each trial's learning rate by its global batch over this document's "
         "(linear or square root), as practitioners do.")
 
 
-# Kubernetes names and values, as the API server checks them (apimachinery's validation).
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 _QUANTITY = re.compile(r"^\+?(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>[KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$")
 _SUFFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
@@ -462,13 +554,18 @@ def quantity_value(text: str) -> float:
     if match is None:
         raise ValueError(f"expected a Kubernetes quantity such as 8, 500m or 32Gi, got {text!r}")
     suffix = match["suffix"] or ""
-    scale = 10.0 ** int(suffix[1:]) if suffix[:1] in ("e", "E") else _SUFFIX[suffix]
+    try:
+        scale = 10.0 ** int(suffix[1:]) if suffix[:1] in ("e", "E") else _SUFFIX[suffix]
+    except OverflowError:  # 1e400
+        return math.inf
     return float(match["num"]) * scale
 
 
 def _quantity(value: int | str) -> str:
     if _QUANTITY.match(str(value)) is None:
         raise ValueError("expected a Kubernetes quantity such as 8, 500m or 32Gi")  # the input is appended
+    if quantity_value(str(value)) >= 2**63:
+        raise ValueError("a Kubernetes quantity must be below 2^63")
     return str(value)
 
 
@@ -479,13 +576,13 @@ Quantity = Annotated[int | str, AfterValidator(_quantity)]
 class Toleration(_Strict):
     """A Kubernetes toleration of the Ray pods (for tainted GPU nodes)."""
 
-    key: str | None = Field(default=None, description="Taint key; empty with operator Exists matches every taint.")
+    key: LabelKey | None = Field(default=None, description="Taint key; empty with operator Exists matches every taint.")
     operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(default=None, description="Taint value (operator Equal).")
+    value: LabelValue | None = Field(default=None, description="Taint value (operator Equal).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to tolerate; empty: every effect.")
     toleration_seconds: int | None = Field(
-        default=None, ge=0, description="How long a NoExecute taint is tolerated before eviction.")
+        default=None, ge=0, le=_INT32, description="How long a NoExecute taint is tolerated before eviction.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Toleration:
@@ -505,7 +602,7 @@ class PodResources(_Strict):
 
 class WorkerPodResources(PodResources):
     gpu: int | None = Field(
-        default=None, ge=0, description="nvidia.com/gpu of each worker pod; default: the GPUs its Ray Train "
+        default=None, ge=0, le=128, description="nvidia.com/gpu of each worker pod; default: the GPUs its Ray Train "
         "workers take (spec.distributed.use_gpu / resources_per_worker.GPU).")
 
 
@@ -523,7 +620,8 @@ class ClusterSpec(_Strict):
         default=None, pattern=DNS_SUBDOMAIN, max_length=253,
         description="ServiceAccount of the Ray pods (e.g. one bound to an S3 role); default: the controller's "
         "--job-service-account.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the Ray pods need.")
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, description="Node labels the Ray pods need.")
     tolerations: list[Toleration] = Field(default_factory=list)
     head: PodResources = Field(
         default_factory=PodResources, description="Ray head pod (runs the driver and Ray Data); default 2 CPUs, 8Gi.")
@@ -532,7 +630,7 @@ class ClusterSpec(_Strict):
         description="Each worker pod; default: the CPUs its Ray Train workers take plus one for Ray Data, "
         "8Gi per Ray Train worker (32Gi with GPUs).")
     workers_per_pod: int = Field(
-        default=1, ge=1, description="Ray Train workers per worker pod (8 for one pod per 8-GPU node); must "
+        default=1, ge=1, le=1024, description="Ray Train workers per worker pod (8 for one pod per 8-GPU node); must "
         "divide the job's Ray Train workers.")
     env_secrets: list[Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=253)]] = Field(
         default_factory=list,
@@ -541,11 +639,12 @@ class ClusterSpec(_Strict):
     env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = Field(
         default_factory=dict, description="Plain environment variables of the Ray containers (no credentials).")
     ttl_seconds_after_finished: int = Field(
-        default=600, ge=0, description="Seconds the finished RayJob (and its cluster's logs) are kept.")
+        default=600, ge=0, le=_INT32, description="Seconds the finished RayJob (and its cluster's logs) are kept.")
     active_deadline_seconds: int | None = Field(
-        default=None, gt=0, description="The job fails once it has run this long.")
+        default=None, gt=0, le=_INT32, description="The job fails once it has run this long.")
     backoff_limit: int = Field(
-        default=0, ge=0, description="Retries of the whole RayJob on a fresh cluster (it resumes from the latest "
+        default=0, ge=0, le=100,
+        description="Retries of the whole RayJob on a fresh cluster (it resumes from the latest "
         "checkpoint with checkpoint.resume: auto).")
 
     @field_validator("env")
@@ -706,7 +805,7 @@ def tune_space_errors(spec: JobSpec) -> list[str]:
     errors = []
     base = spec.model_dump(exclude={"tune"}, exclude_unset=True)
     for key, dist in tune.search_space.items():
-        where = f"spec.tune.search_space.{key}"
+        where = f"spec.tune.search_space.{_clip(key, 100)}"
         path = key.split(".")
         info = _field_at(JobSpec, path)
         if info is None or path[0] in ("tune", "output", "checkpoint", "storage") or isinstance(info.annotation, type) \
@@ -728,7 +827,7 @@ def tune_space_errors(spec: JobSpec) -> list[str]:
                 JobSpec.model_validate(trial)
             except ValidationError as exc:
                 first = _format_errors(exc)[0]
-                errors.append(f"{where}: the value {value!r} is refused: {first}")
+                errors.append(f"{where}: the value {_clip(repr(value), _MAX_SHOWN)} is refused: {first}")
                 break
     sched = tune.scheduler
     every = spec.checkpoint.every_n_steps
@@ -754,20 +853,33 @@ class DiffusionJob(_Strict):
     spec: JobSpec
 
 
+_MAX_SHOWN = 200  # characters of an input echoed in an error
+_MAX_ERROR_LINES = 50
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters: errors never echo a huge input back."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
+        path = ".".join(_clip(str(p), 100) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field (not part of the DiffusionJob schema)"
         elif err["type"] == "missing":
             msg = "required field is missing"
         got = err.get("input")
-        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        shown = ("" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
+                 else f" (got {_clip(repr(got), _MAX_SHOWN)})")
         for part in msg.split("\n"):
             # A validator that names the full field path itself needs no second prefix.
-            lines.append(part + shown if part.startswith("spec.") else f"{path or '<document>'}: {part}{shown}")
+            line = part + shown if part.startswith("spec.") else f"{path or '<document>'}: {part}{shown}"
+            lines.append(_clip(line, 1000))
+    if len(lines) > _MAX_ERROR_LINES:
+        lines[_MAX_ERROR_LINES:] = [f"… and {len(lines) - _MAX_ERROR_LINES} more errors"]
     return lines
 
 
@@ -781,17 +893,184 @@ def parse_job(doc: Any, source: str | None = None) -> DiffusionJob:
         raise SpecError(_format_errors(exc), source) from None
 
 
+class _Refused(ValueError):
+    """A document text refused before it is built; the message is the one line its SpecError holds."""
+
+
+_ANCHORS = "YAML anchors and aliases (&name / *name) are not accepted in a job document"
+_JSON_ONLY_TAGS = ("binary", "timestamp", "set", "omap", "pairs")  # YAML types JSON has no value for
+_TOO_DEEP = f"the document nests deeper than {MAX_DOCUMENT_DEPTH} levels"
+_TOO_MANY = f"the document holds more than {MAX_DOCUMENT_NODES} values"
+
+try:  # libyaml parses; the composer below is Python, so that it sees every node before it is built
+    from yaml import CSafeLoader as _FastLoader
+
+    _LOADER_BASES: tuple[type, ...] = (Composer, _FastLoader)
+except ImportError:  # PyYAML without libyaml: the pure-Python loader, which has this composer already
+    _LOADER_BASES = (yaml.SafeLoader,)
+
+
+class _DocumentLoader(*_LOADER_BASES):
+    """A safe YAML loader for job documents: JSON's values only, without anchors, aliases or duplicate keys,
+    at most MAX_DOCUMENT_DEPTH levels and MAX_DOCUMENT_NODES nodes. An alias repeats a subtree without
+    repeating its text, so 567 bytes of aliases expand to millions of values: they are refused, not counted.
+    """
+
+    def __init__(self, stream):
+        _LOADER_BASES[-1].__init__(self, stream)
+        Composer.__init__(self)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, AliasEvent) or event.anchor is not None:
+            raise _Refused(f"{_ANCHORS} (line {line})")
+        self._nodes += 1
+        if self._nodes > MAX_DOCUMENT_NODES:
+            raise _Refused(f"{_TOO_MANY} (line {line})")
+        if self._depth >= MAX_DOCUMENT_DEPTH:
+            raise _Refused(f"{_TOO_DEEP} (line {line})")
+        self._depth += 1
+        try:
+            return Composer.compose_node(self, parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if not isinstance(node, MappingNode):
+            return super().construct_mapping(node, deep=deep)  # (raises the loader's own error)
+        self.flatten_mapping(node)
+        mapping = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                raise _Refused(f"a mapping key must be a plain value, not a {type(key).__name__} "
+                               f"(line {key_node.start_mark.line + 1})")
+            if key in mapping:
+                raise _Refused(f"duplicate key {_clip(repr(key), 100)} at line {key_node.start_mark.line + 1}")
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+    def _json_only(self, node):
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise _Refused(f"YAML tag {tag} is not accepted in a job document: it holds JSON values only "
+                       f"(line {node.start_mark.line + 1})")
+
+
+for _tag in _JSON_ONLY_TAGS:
+    _DocumentLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _DocumentLoader._json_only)
+# An unquoted date stays a string, as in JSON (YAML 1.1 would make it a datetime.date).
+_DocumentLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()}
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line saying what is wrong with a YAML text, and where."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{exc.context + ': ' if exc.context else ''}{exc.problem}{where}"
+    return str(exc).splitlines()[0]
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:]')
+
+
+def _json_duplicate_key(text: str) -> str:
+    """The first key repeated within one object of a valid JSON text, and its line (reading it once more:
+    the C decoder that found a repeat does not say where)."""
+    tokens = list(_JSON_TOKEN.finditer(text))
+    objects: list[set | None] = []  # the keys seen in each open object (None for an open array)
+    for i, token in enumerate(tokens):
+        kind = token.group()
+        if kind in "{[":
+            objects.append(set() if kind == "{" else None)
+        elif kind in "}]":
+            objects.pop()
+        elif kind.startswith('"') and i + 1 < len(tokens) and tokens[i + 1].group() == ":":
+            key = json.loads(kind)
+            if key in objects[-1]:
+                line = text.count("\n", 0, token.start()) + 1
+                return f"duplicate key {_clip(repr(key), 100)} at line {line}"
+            objects[-1].add(key)
+    return "duplicate key"
+
+
+class _RepeatedKey(Exception):
+    """json.loads met a key twice in one object (which, and where: ``_json_duplicate_key``)."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise _RepeatedKey
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"not valid JSON: {name} is not a number JSON allows")
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise _Refused(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:
+        raise _Refused(_TOO_DEEP) from None
+    except _RepeatedKey:
+        raise _Refused(_json_duplicate_key(text)) from None
+    nodes, stack = 0, [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1 + (len(value) if isinstance(value, dict) else 0)  # keys count, as in YAML
+        if nodes > MAX_DOCUMENT_NODES:
+            raise _Refused(_TOO_MANY)
+        if depth > MAX_DOCUMENT_DEPTH:
+            raise _Refused(_TOO_DEEP)
+        if isinstance(value, (dict, list)):
+            stack.extend((sub, depth + 1) for sub in (value.values() if isinstance(value, dict) else value))
+    return doc
+
+
+def parse_document_text(text: str, fmt: Literal["yaml", "json"], source: str) -> Any:
+    """The value a job document's text holds, for ``parse_job``; every entry point parses through here.
+
+    Refused with a one-line ``SpecError``: a text over MAX_DOCUMENT_BYTES, invalid YAML or JSON, YAML
+    anchors and aliases, duplicate keys, nesting deeper than MAX_DOCUMENT_DEPTH and more than
+    MAX_DOCUMENT_NODES values. YAML yields JSON's values only: an unquoted date stays a string and tags
+    such as !!binary or !!set are refused."""
+    try:
+        if len(text) > MAX_DOCUMENT_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_DOCUMENT_BYTES:
+            raise _Refused(f"the document is larger than {MAX_DOCUMENT_BYTES} bytes (1 MiB)")
+        if fmt == "json":
+            return _parse_json(text)
+        try:
+            return yaml.load(text, Loader=_DocumentLoader)
+        except yaml.YAMLError as exc:
+            raise _Refused(f"not valid YAML: {_yaml_problem(exc)}") from None
+    except _Refused as exc:
+        raise SpecError([_clip(str(exc), 1000)], source) from None
+
+
 def load_job(path: str | Path) -> DiffusionJob:
-    """Read a YAML or JSON job document from a file."""
+    """Read a YAML or JSON (``.json``) job document from a file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            raw = f.read(MAX_DOCUMENT_BYTES + 1)  # a larger file is refused without reading it all
     except OSError as exc:
         raise SpecError([f"cannot read the job document: {exc.strerror}"], str(path)) from None
     try:
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise SpecError([f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"], str(path)) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if len(raw) <= MAX_DOCUMENT_BYTES:
+            raise SpecError([f"not UTF-8 text (byte {exc.start})"], str(path)) from None
+        text = raw.decode("utf-8", "replace")  # too large either way: parse_document_text says so
+    doc = parse_document_text(text, "json" if path.suffix == ".json" else "yaml", str(path))
     return parse_job(doc, str(path))
 
 

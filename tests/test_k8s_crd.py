@@ -54,6 +54,7 @@ def test_crd_is_structural_and_a_valid_crd():
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}, {"type": "null"}]}}},
      ".a.anyOf[0]: ['type'] inside anyOf"),
     ({"type": "number", "exclusiveMinimum": 0}, "exclusiveMinimum must be a boolean"),
+    ({"type": "object", "patternProperties": {"^a$": {"type": "string"}}}, "patternProperties is not supported"),
 ])
 def test_structural_check_finds_what_the_api_server_refuses(schema, problem):
     assert any(problem in p for p in structural_problems(schema)), structural_problems(schema)
@@ -70,6 +71,11 @@ def test_conversion_of_pydantic_shapes():
     lr = spec["train"]["properties"]["learning_rate"]
     assert (lr["minimum"], lr["exclusiveMinimum"]) == (0.0, True)
     assert "default" not in _keys(_schema())  # the API server would write defaults into every object
+    # dicts with patterned keys are maps of their values (the model checks the keys)
+    assert spec["cluster"]["properties"]["env"]["additionalProperties"] == {"type": "string"}
+    resources = spec["distributed"]["properties"]["resources_per_worker"]
+    assert resources["additionalProperties"] == {"type": "number", "minimum": 0.0, "maximum": 1e15}
+    assert resources["maxProperties"] == 64
 
 
 def _keys(node) -> set[str]:
@@ -105,6 +111,11 @@ def test_the_schema_refuses_what_the_model_refuses():
         (("spec", "distributed", "strategy"), "horovod", "spec.distributed.strategy: 'horovod' is not one of"),
         (("spec", "cluster", "worker", "cpu"), 1.5, "spec.cluster.worker.cpu"),
         (("spec", "model", "overrides", "text_encoder_3"), {}, "'text_encoder_3' was unexpected"),
+        (("spec", "distributed", "resources_per_worker"), {"GPU": -100},
+         "spec.distributed.resources_per_worker.GPU: -100 is less than the minimum of 0"),
+        (("spec", "train", "seed"), 2**70, "spec.train.seed: 1180591620717411303424 is greater than the maximum"),
+        (("spec", "storage", "credentials_secret"), "../other-tenant-secret",
+         "spec.storage.credentials_secret: '../other-tenant-secret' does not match"),
     ]:
         bad = copy.deepcopy(ok)
         node = bad

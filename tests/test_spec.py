@@ -6,7 +6,8 @@ import pytest
 import yaml
 from conftest import make_job
 
-from sdray.spec import SpecError, json_schema, load_job, parse_job, quantity_value
+from sdray.spec import (MAX_DOCUMENT_BYTES, SpecError, json_schema, load_job, parse_document_text, parse_job,
+                        quantity_value)
 
 
 def valid_doc():
@@ -276,3 +277,165 @@ def test_quantity_values():
     assert quantity_value("1e3") == 1000.0
     with pytest.raises(ValueError, match="Kubernetes quantity"):
         quantity_value("2 GB")
+
+
+# -- the document text: every entry point parses through parse_document_text ---------------------------------
+
+def alias_bomb(levels: int = 9) -> str:
+    """A job document of under 1 KiB whose model.overrides holds 9**levels strings, each level an anchored
+    list of nine aliases of the one before (the kind of body that was stored as a 58 MB document)."""
+    rows = ['        l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    rows += [f"        l{i}: &l{i} [{','.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return ("apiVersion: sdray.io/v1alpha1\nkind: DiffusionJob\nmetadata: {name: bomb}\nspec:\n"
+            "  model:\n    preset: tiny\n    overrides:\n      unet:\n" + "\n".join(rows) +
+            "\n  data: {uri: /tmp/data}\n  output: {uri: /tmp/out}\n")
+
+
+def _refusal(text, fmt="yaml") -> str:
+    with pytest.raises(SpecError) as err:
+        parse_document_text(text, fmt, "body")
+    assert len(err.value.errors) == 1 and err.value.source == "body"
+    return err.value.errors[0]
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    bomb = alias_bomb()
+    assert len(bomb.encode()) < 1024
+    assert _refusal(bomb) == "YAML anchors and aliases (&name / *name) are not accepted in a job document (line 9)"
+    (tmp_path / "bomb.yaml").write_text(bomb)  # the CLI's way in
+    with pytest.raises(SpecError, match="YAML anchors and aliases"):
+        load_job(tmp_path / "bomb.yaml")
+    assert "anchors" in _refusal("spec: &s {a: 1}\n")  # an anchor alone too: it exists only for aliases
+
+
+def test_duplicate_keys_are_refused_with_their_line():
+    assert _refusal("metadata: {name: a}\nspec:\n  train: {max_steps: 1}\n  train: {max_steps: 2}\n") == \
+        "duplicate key 'train' at line 4"
+    assert _refusal('{"metadata": {"name": "a"},\n "spec": {"x": 1,\n  "x": 2}}', "json") == \
+        "duplicate key 'x' at line 3"
+    # the same key in two objects is no repeat
+    assert parse_document_text('{"a": {"x": 1}, "b": {"x": 2}}', "json", "body") == {"a": {"x": 1}, "b": {"x": 2}}
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_depth_and_size_limits(fmt):
+    assert parse_document_text("[" * 64 + "]" * 64, fmt, "body") is not None
+    assert _refusal("[" * 65 + "]" * 65, fmt).startswith("the document nests deeper than 64 levels")
+    assert _refusal("[" * 100_000 + "]" * 100_000, fmt)  # refused, whatever the parser's own limit says
+    assert _refusal("[" + ",".join(["1"] * 100_001) + "]", fmt).startswith(
+        "the document holds more than 100000 values")
+    assert _refusal(" " * MAX_DOCUMENT_BYTES + "[]", fmt) == "the document is larger than 1048576 bytes (1 MiB)"
+
+
+def test_invalid_text_says_what_and_where():
+    assert _refusal("spec: [unclosed") == ("not valid YAML: while parsing a flow sequence: did not find expected "
+                                           "',' or ']' at line 2, column 1")
+    assert _refusal("a: 1\n---\nb: 2\n").startswith("not valid YAML: expected a single document")
+    assert _refusal('{"a": [1, 2', "json") == "not valid JSON: Expecting ',' delimiter at line 1, column 12"
+    assert _refusal('{"a": NaN}', "json") == "not valid JSON: NaN is not a number JSON allows"
+
+
+def test_yaml_gives_json_values_only():
+    assert parse_document_text("a: 2024-01-01\nb: [1, 2.5, x, null, true]\n", "yaml", "b") == {
+        "a": "2024-01-01", "b": [1, 2.5, "x", None, True]}  # a date stays a string, as in JSON
+    assert _refusal("a: !!binary aGVsbG8=\n").startswith("YAML tag !!binary is not accepted in a job document")
+    assert _refusal("a: !!set {x}\n").startswith("YAML tag !!set is not accepted")
+    assert "could not determine a constructor" in _refusal("a: !!python/object/apply:os.system [touch x]\n")
+
+
+def test_errors_never_echo_a_huge_input():
+    doc = valid_doc()
+    doc["spec"]["train"]["learning_rate"] = "x" * 500_000
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    line = next(e for e in err.value.errors if e.startswith("spec.train.learning_rate"))
+    assert len(line) < 400 and line.endswith("…)")
+    doc = valid_doc()
+    doc["spec"]["train"].update({f"unknown_{i}": i for i in range(200)})
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    assert len(err.value.errors) == 51 and err.value.errors[-1] == "… and 150 more errors"
+
+
+# -- numbers: finite and in range ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("section, values, expected", [
+    ("train", {"learning_rate": ".inf"}, "spec.train.learning_rate: Input should be a finite number"),
+    ("train", {"seed": 2**70}, "spec.train.seed: Input should be less than or equal to 4294967295"),
+    ("distributed", {"resources_per_worker": {"GPU": -100}},
+     "spec.distributed.resources_per_worker.GPU: Input should be greater than or equal to 0"),
+    ("distributed", {"resources_per_worker": {"CPU": ".nan"}},
+     "spec.distributed.resources_per_worker.CPU: Input should be a finite number"),
+    ("distributed", {"resources_per_worker": {"bad name!": 1}}, "spec.distributed.resources_per_worker.bad name!"),
+    ("train", {"max_steps": 10**9}, "spec.train.max_steps: Input should be less than or equal to 100000000"),
+    ("distributed", {"num_workers": 10**6}, "spec.distributed.num_workers: Input should be less than or equal"),
+])
+def test_numbers_out_of_range_are_refused_naming_the_field(section, values, expected):
+    doc = valid_doc()
+    doc["spec"][section].update(values)
+    text = yaml.safe_dump(doc).replace("'.inf'", ".inf").replace("'.nan'", ".nan")  # YAML's infinity and NaN
+    doc = parse_document_text(text, "yaml", "body")
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    assert any(line.startswith(expected) for line in err.value.errors), err.value.errors
+
+
+@pytest.mark.parametrize("where, value, expected", [
+    (("model", "overrides"), {"unet": {"x": [1, {"y": float("nan")}]}},
+     "spec.model.overrides.unet: expected a finite number, got nan (at x[1].y)"),
+    (("model", "overrides"), {"unet": {"when": __import__("datetime").date(2024, 1, 1)}},
+     "spec.model.overrides.unet: expected a JSON value"),
+    (("tune",), {"search_space": {"train.learning_rate": {"choice": [float("inf")]}}},
+     "spec.tune.search_space.train.learning_rate.choice: expected a finite number, got inf (at [0])"),
+    (("tune",), {"search_space": {"train.learning_rate": {"uniform": [0.0, float("inf")]}}},
+     "spec.tune.search_space.train.learning_rate.uniform.1: Input should be a finite number"),
+    (("tune",), {"seed": -1}, "spec.tune.seed: Input should be greater than or equal to 0"),
+    (("cluster",), {"worker": {"cpu": "1e400"}}, "spec.cluster.worker.cpu: a Kubernetes quantity must be below 2^63"),
+])
+def test_free_form_values_are_json_and_finite(where, value, expected):
+    doc = valid_doc()
+    node = doc["spec"]
+    for key in where[:-1]:
+        node = node.setdefault(key, {})
+    node[where[-1]] = value
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    assert any(line.startswith(expected) for line in err.value.errors), err.value.errors
+
+
+def test_seeds_and_resources_at_their_bounds_are_accepted():
+    doc = valid_doc()
+    doc["spec"]["train"]["seed"] = 2**32 - 1
+    doc["spec"]["distributed"]["resources_per_worker"] = {"CPU": 0.5, "GPU": 0, "accelerator_type:H100": 0.001,
+                                                          "memory": 8e9}
+    job = parse_job(doc)
+    assert job.spec.train.seed == 2**32 - 1 and job.spec.distributed.gpus_per_worker == 0
+
+
+# -- Kubernetes metadata and secret names ------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("metadata.labels", {"bad key!": "x"}, "metadata.labels.bad key!.[key]: expected a name of at most 63"),
+    ("metadata.labels", {"Example.com/team": "x"}, "metadata.labels.Example.com/team.[key]: the prefix before '/'"),
+    ("metadata.labels", {"a/b/c": "x"}, "metadata.labels.a/b/c.[key]"),
+    ("metadata.labels", {"x" * 64: "x"}, "metadata.labels.xxx"),
+    ("metadata.labels", {"team": "v" * 64}, "metadata.labels.team: String should have at most 63 characters"),
+    ("metadata.labels", {"team": "-a"}, "metadata.labels.team: String should match pattern"),
+    ("metadata.namespace", "Team_A", "metadata.namespace: String should match pattern"),
+    ("spec.cluster.node_selector", {"bad key!": "x"}, "spec.cluster.node_selector.bad key!.[key]"),
+    ("spec.data.credentials_secret", "../other-tenant-secret", "spec.data.credentials_secret: String should match"),
+    ("spec.storage.credentials_secret", "/etc/sdray", "spec.storage.credentials_secret: String should match"),
+])
+def test_kubernetes_names_are_checked_as_the_api_server_does(path, value, expected):
+    doc = _set(valid_doc(), path, value)
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    assert any(line.startswith(expected) for line in err.value.errors), err.value.errors
+
+
+def test_valid_labels_are_accepted():
+    labels = {"app.kubernetes.io/name": "sdray", "team": "", "a": "b.c-d_e", "x" * 63: "y" * 63,
+              "example.com/" + "k" * 63: "v"}
+    doc = _set(valid_doc(), "metadata.labels", labels)
+    doc["metadata"]["namespace"] = "team-a"
+    assert parse_job(doc).metadata.labels == labels

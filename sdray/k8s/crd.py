@@ -5,7 +5,8 @@ node, nothing but value checks inside ``anyOf``, no ``additionalProperties: fals
 pruned, or refused under kubectl's default strict field validation). pydantic writes JSON Schema 2020-12,
 so ``openapi_schema`` rewrites it: references inlined, ``anyOf [X, null]`` as ``nullable``, tuples as
 bounded arrays, free-form values as ``x-kubernetes-preserve-unknown-fields``, ``int | str`` as
-``x-kubernetes-int-or-string``. Defaults are left out on purpose: the API server would write them into
+``x-kubernetes-int-or-string``, maps with patterned keys as maps of their values (the API server refuses
+``patternProperties``; the job model checks such keys). Defaults are left out on purpose: the API server would write them into
 every stored object, and the job model tells a field set to its default from a field left out (a stage's
 settings are refused on the other stage).
 """
@@ -82,13 +83,21 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
         elif key == "additionalProperties":
             if value is True:
                 out["x-kubernetes-preserve-unknown-fields"] = True
-            elif isinstance(value, dict) and "propertyNames" not in node:
+            elif isinstance(value, dict) and "enum" not in node.get("propertyNames", {}):
                 out["additionalProperties"] = _convert(value, defs, f"{path}.*")
             # False: left out; structural schemas prune (or, strictly, refuse) unknown fields by themselves.
+        elif key == "patternProperties":
+            # The API server refuses patternProperties: a dict whose keys have a pattern (cluster.env,
+            # distributed.resources_per_worker) is a map of its values here, and the job model checks the keys.
+            if len(value) != 1:
+                raise SchemaConversionError(f"{path}: {len(value)} key patterns have no structural form")
+            out["additionalProperties"] = _convert(next(iter(value.values())), defs, f"{path}.*")
         elif key == "propertyNames":
-            # A dict keyed by an enum (model.overrides) becomes an object with those properties.
-            sub = _convert(node.get("additionalProperties") or {}, defs, f"{path}.*")
-            out["properties"] = {name: copy.deepcopy(sub) for name in value["enum"]}
+            # A dict keyed by an enum (model.overrides) becomes an object with those properties. Other key
+            # constraints (a length) have no structural form either: the job model checks them.
+            if "enum" in value:
+                sub = _convert(node.get("additionalProperties") or {}, defs, f"{path}.*")
+                out["properties"] = {name: copy.deepcopy(sub) for name in value["enum"]}
         else:
             out[key] = value
     if not out.get("type") and not out.get("x-kubernetes-preserve-unknown-fields"):
@@ -200,7 +209,8 @@ def structural_problems(schema: dict[str, Any], path: str = "", in_junctor: bool
 
     Checks the rules of apiextensions.k8s.io/v1: only JSONSchemaProps keys; a type on every node unless it
     preserves unknown fields or is int-or-string; ``properties`` and ``additionalProperties`` apart;
-    no ``additionalProperties: false`` or ``uniqueItems: true``; only value checks inside junctors.
+    no ``additionalProperties: false``, ``uniqueItems: true`` or ``patternProperties``; only value checks
+    inside junctors.
     """
     problems = [f"{path or '<root>'}: unknown key {key!r}" for key in schema if key not in OPENAPI_KEYS]
     where = path or "<root>"
@@ -215,6 +225,8 @@ def structural_problems(schema: dict[str, Any], path: str = "", in_junctor: bool
         problems.append(f"{where}: properties and additionalProperties together")
     if schema.get("additionalProperties") is False:
         problems.append(f"{where}: additionalProperties: false")
+    if "patternProperties" in schema:
+        problems.append(f"{where}: patternProperties is not supported")
     if schema.get("uniqueItems") is True:
         problems.append(f"{where}: uniqueItems: true")
     if "exclusiveMinimum" in schema and not isinstance(schema["exclusiveMinimum"], bool):
