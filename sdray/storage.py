@@ -1,7 +1,9 @@
 """Object storage: one way to reach a local path or an ``s3://`` URI (pyarrow filesystems, as Ray uses).
 
-Credentials are never part of a job document: they come from the environment
-(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) or from a named secret mounted as files.
+Credentials are never part of a job document. Without a named secret, the AWS SDK's default chain finds
+them (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, web identity as IRSA sets it,
+SSO, the instance profile); a named secret (``credentials_secret``) is a folder of files, as a Kubernetes
+Secret volume mounts it. Buckets are never created here: a write to a missing one is refused.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +19,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from sdray.spec import S3Settings
+from sdray.spec import DNS_SUBDOMAIN, S3Settings
 
 DEFAULT_SECRETS_DIR = "/var/run/secrets/sdray"
 
@@ -34,8 +37,16 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def _secret_credentials(name: str) -> tuple[str, str]:
-    root = Path(os.environ.get("SDRAY_SECRETS_DIR", DEFAULT_SECRETS_DIR)) / name
+def _secret_credentials(name: str) -> dict[str, str | None]:
+    """The keys in the secret ``name``: files under ``$SDRAY_SECRETS_DIR/<name>/``. The job model checks the
+    name already; it is checked again here, where it becomes a path, and the folder must stay inside."""
+    if not (len(name) <= 253 and re.fullmatch(DNS_SUBDOMAIN, name)):
+        raise StorageError(f"credentials_secret {name[:100]!r}: expected a Kubernetes Secret name (a DNS-1123 "
+                           "subdomain: lower-case letters, digits, '-' and '.')")
+    base = Path(os.environ.get("SDRAY_SECRETS_DIR", DEFAULT_SECRETS_DIR)).resolve()
+    root = (base / name).resolve()
+    if root.parent != base:
+        raise StorageError(f"credentials_secret {name!r}: {base / name} leads outside {base}")
     try:
         key = (root / "AWS_ACCESS_KEY_ID").read_text().strip()
         secret = (root / "AWS_SECRET_ACCESS_KEY").read_text().strip()
@@ -44,22 +55,24 @@ def _secret_credentials(name: str) -> tuple[str, str]:
             f"credentials_secret {name!r}: expected files AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             f"in {root} (set SDRAY_SECRETS_DIR or mount the secret there)"
         ) from None
-    return key, secret
+    token = root / "AWS_SESSION_TOKEN"  # temporary (STS) credentials come with one
+    return {"access_key": key, "secret_key": secret,
+            "session_token": token.read_text().strip() if token.is_file() else None}
 
 
 def s3_options(settings: S3Settings | None) -> dict:
-    """Resolved endpoint, region and keys for S3, from the spec's settings then the environment."""
+    """Resolved endpoint, region and keys for S3, from the spec's settings then the environment. Keys come
+    only from a named secret; without one they are None and the AWS SDK's default chain finds them."""
     settings = settings or S3Settings()
-    if settings.credentials_secret:
-        key, secret = _secret_credentials(settings.credentials_secret)
-    else:
-        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    return {
+    opts = {
         "endpoint": settings.endpoint or os.environ.get("AWS_ENDPOINT_URL"),
-        "region": settings.region or os.environ.get("AWS_REGION") or "us-east-1",
-        "access_key": key,
-        "secret_key": secret,
+        "region": (settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                   or "us-east-1"),
+        "access_key": None, "secret_key": None, "session_token": None,
     }
+    if settings.credentials_secret:
+        opts.update(_secret_credentials(settings.credentials_secret))
+    return opts
 
 
 def filesystem(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
@@ -67,13 +80,56 @@ def filesystem(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileS
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
     opts = s3_options(settings)
-    kwargs: dict = {"region": opts["region"], "allow_bucket_creation": True}
+    # allow_bucket_creation=False: a typo in a bucket name must not create that bucket.
+    kwargs: dict = {"region": opts["region"], "allow_bucket_creation": False}
     if opts["access_key"]:
         kwargs.update(access_key=opts["access_key"], secret_key=opts["secret_key"])
+        if opts["session_token"]:
+            kwargs["session_token"] = opts["session_token"]
     if opts["endpoint"]:
         parsed = urlparse(opts["endpoint"])
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
     return pafs.S3FileSystem(**kwargs), uri.removeprefix("s3://").rstrip("/")
+
+
+_BUCKETS_FOUND: set[tuple[str, str]] = set()  # (endpoint, bucket): looked up once per process
+
+
+def _bucket_of(uri: str, settings: S3Settings | None) -> tuple[str, str]:
+    """The bucket of an ``s3://`` URI and the server it is on (for messages)."""
+    opts = s3_options(settings)
+    return uri.removeprefix("s3://").split("/", 1)[0], opts["endpoint"] or f"AWS S3 ({opts['region']})"
+
+
+def _no_bucket(uri: str, bucket: str, where: str) -> StorageError:
+    return StorageError(f"no such bucket {bucket!r} at {where}: create it first ({uri} is written into it; "
+                        "sdray never creates buckets)")
+
+
+def require_bucket(uri: str, settings: S3Settings | None = None) -> None:
+    """Raise StorageError when the bucket of an ``s3://`` URI does not exist (nothing to check for a local
+    path). Writers call it first: AWS refuses a write to a missing bucket, but some S3 servers (SeaweedFS)
+    create it, and a typo would become a bucket. A lookup the credentials may not make (HeadBucket needs
+    s3:ListBucket) leaves the decision to the write itself."""
+    if not is_s3(uri):
+        return
+    bucket, where = _bucket_of(uri, settings)
+    if (where, bucket) in _BUCKETS_FOUND:
+        return
+    fs, _ = filesystem(uri, settings)
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError:
+        return
+    if not found:
+        raise _no_bucket(uri, bucket, where)
+    _BUCKETS_FOUND.add((where, bucket))
+
+
+def _write_error(uri: str, exc: OSError, settings: S3Settings | None) -> StorageError:
+    if "NO_SUCH_BUCKET" in str(exc) or "NoSuchBucket" in str(exc):
+        return _no_bucket(uri, *_bucket_of(uri, settings))
+    return StorageError(f"cannot write {uri}: {exc}")
 
 
 def exists(uri: str, settings: S3Settings | None = None) -> bool:
@@ -117,8 +173,12 @@ def write_bytes(uri: str, data: bytes, settings: S3Settings | None = None) -> No
             f.write(data)
         os.replace(tmp, path)
         return
-    with fs.open_output_stream(path) as f:  # an S3 PUT is atomic: the object appears whole or not at all
-        f.write(data)
+    require_bucket(uri, settings)
+    try:
+        with fs.open_output_stream(path) as f:  # an S3 PUT is atomic: the object appears whole or not at all
+            f.write(data)
+    except OSError as exc:
+        raise _write_error(uri, exc, settings) from None
 
 
 def upload_dir(local_dir: str | Path, uri: str, settings: S3Settings | None = None) -> None:
@@ -127,8 +187,12 @@ def upload_dir(local_dir: str | Path, uri: str, settings: S3Settings | None = No
     if not is_s3(uri):
         shutil.copytree(local_dir, path, dirs_exist_ok=True)
         return
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    require_bucket(uri, settings)
+    try:
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except OSError as exc:
+        raise _write_error(uri, exc, settings) from None
 
 
 def download_dir(uri: str, local_dir: str | Path, settings: S3Settings | None = None) -> Path:
