@@ -14,6 +14,9 @@ A checkpoint directory holds
 - ``rng_rank{N}.pt``: each worker's random state (every rank writes its own file);
 - ``sdray_checkpoint.json``: step, stage, job name, format (replicated, dcp or deepspeed), world size,
   ZeRO stage and what it holds of each component: what a resuming run checks first.
+Everything is read back with ``torch.load(weights_only=True)`` (``load_weights_only``): tensors and plain
+values only. ``checkpoint.resume`` may name a checkpoint someone else wrote, and a full unpickling would run
+whatever code its pickles name; the files hold nothing else (the RNG states are saved as tensors and ints).
 Where the directory goes (Ray Train storage, or a local folder renamed into place) is the caller's
 business: every writer here writes into a private staging directory first.
 """
@@ -21,7 +24,9 @@ business: every writer here writes into a private staging directory first.
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,13 +45,101 @@ class TrainState:
     images_seen: int = 0
 
 
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holding pickled objects other than tensors and plain values: never unpickled."""
+
+
+def load_weights_only(path, map_location="cpu", *, allowed=(), what: str | None = None):
+    """``torch.load`` of tensors and plain values (dicts, lists, tuples, numbers, strings) only, plus the
+    named harmless ``allowed`` types: a file naming anything else (a crafted pickle would name a function
+    to call) is refused with ``UnsafeCheckpoint`` before any of it runs. ``what`` names it in the message
+    (default: the file)."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        named = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(exc))
+        raise UnsafeCheckpoint(
+            f"{what or f'checkpoint file {path}'} holds pickled objects other than tensors and plain values"
+            f"{f' ({named[1] or named[2]})' if named else ''}, which could run code when loaded: refused. A "
+            "checkpoint written by sdray holds none; resume from one you trust, or start afresh "
+            "(checkpoint.resume: never)"
+        ) from None
+
+
+def _numpy_arrays() -> list:
+    """What a NumPy array needs to be unpickled (its reconstructor, type and dtype): the RNG files of earlier
+    sdray versions kept NumPy's state as an array. The reconstructor only builds an array; an object array's
+    items would still go through the weights-only unpickler."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]  # (the generator's keys are uint32)
+
+
+# What torch.distributed.checkpoint pickles into a sharded checkpoint's .metadata besides plain values.
+_DCP_METADATA_GLOBALS = frozenset({
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+    ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
+})
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _DCP_METADATA_GLOBALS or (module == "torch"
+                                                       and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+def _check_dcp_metadata(sharded: Path) -> None:
+    """torch.distributed.checkpoint unpickles its .metadata in full: check first that it names only DCP's
+    own metadata types (the same bytes are then read again by DCP)."""
+    for path in sorted(sharded.glob("*.metadata")):
+        try:
+            with path.open("rb") as f:
+                _DCPMetadataUnpickler(f).load()
+        except pickle.UnpicklingError as exc:
+            named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            raise UnsafeCheckpoint(f"checkpoint file {path} names {named[1] if named else 'objects'}, not only "
+                                   "torch.distributed.checkpoint's metadata types, which could run code when "
+                                   "loaded: refused") from None
+
+
+def _weights_only_planner():
+    """DCP's default load planner, with every non-tensor item (optimizer settings) checked by the
+    weights-only unpickler before DCP's own ``torch.load(weights_only=False)`` reads it."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            load_weights_only(value, what=f"item {read_item.dest_index.fqn} of a sharded checkpoint")
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return WeightsOnlyLoadPlanner()
+
+
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and ints (what ``load_weights_only`` reads back)."""
+    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        numpy = (numpy["algorithm"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                 numpy["cached_gaussian"])
+    np.random.set_state(numpy)  # (a tuple holding an array in files written before)
     torch.set_rng_state(state["torch"])
 
 
@@ -137,12 +230,19 @@ def load_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_sche
     import torch.distributed.checkpoint as dcp
 
     _check_layout(directory, _layout(sharded_root, engine), world_size, trainable.kinds)
-    trainer = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)
+    trainer = load_weights_only(directory / "trainer_state.pt")
     if sharded_root is not None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = _sharded_state(sharded_root, optimizer, ema)
-        dcp.load(state, checkpoint_id=str(directory / "sharded"))
+        _check_dcp_metadata(directory / "sharded")
+        try:
+            dcp.load(state, checkpoint_id=str(directory / "sharded"), planner=_weights_only_planner())
+        except dcp.CheckpointException as exc:  # DCP gathers each rank's (exception, traceback) into one
+            refused = [error for error, _ in exc.failures.values() if isinstance(error, UnsafeCheckpoint)]
+            if refused:
+                raise refused[0] from None
+            raise
         set_state_dict(sharded_root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         if ema is not None:
             for key, value in trainer.get("ema", {}).items():
@@ -156,12 +256,12 @@ def load_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_sche
                                     for name in trainable.components})
         optimizer.load_state_dict(trainer["optimizer"])
     if sharded_root is None and ema is not None and (directory / "ema.pt").exists():
-        ema.load_state_dict(torch.load(directory / "ema.pt", map_location="cpu", weights_only=False))
+        ema.load_state_dict(load_weights_only(directory / "ema.pt"))
     lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     scaler.load_state_dict(trainer["scaler"])
     rng = directory / f"rng_rank{rank}.pt"
     if rng.exists():  # a different world size than the saving run: keep this rank's fresh seed
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(load_weights_only(rng, allowed=_numpy_arrays()))
     return TrainState(**trainer["state"])
 
 

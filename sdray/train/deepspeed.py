@@ -9,7 +9,8 @@ would only add a second place where the configuration is decided.
 
 The engine then owns what the loop does itself for the other strategies: dividing the loss over
 ``gradient_accumulation_steps`` and stepping only at their end, fp16 loss scaling, gradient clipping, the
-optimizer and LR-schedule steps, and the checkpoint files (every rank writes its own).
+optimizer and LR-schedule steps, and the checkpoint files (every rank writes its own). It reads those files
+through ``checkpoint.load_weights_only``, not its own ``torch.load(weights_only=False)``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from sdray.spec import DeepSpeedSpec, JobSpec
+from sdray.train.checkpoint import load_weights_only
 
 
 def settings(spec: JobSpec) -> DeepSpeedSpec:
@@ -92,7 +94,22 @@ def make_engine(module: torch.nn.Module, optimizer, lr_scheduler, spec: JobSpec,
     _ensure_process_group(device)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                       config=engine_config(spec, dist.get_world_size()), dist_init_required=False)
+    _load_weights_only(engine)
     return engine
+
+
+def _load_weights_only(engine) -> None:
+    """DeepSpeed 0.19.8 reads every checkpoint file through its checkpoint engine's ``load``, which calls
+    ``torch.load(weights_only=False)``: a crafted file under a ``checkpoint.resume`` URI would run code. The
+    engine reads them weights-only instead, with the few plain data types its ZeRO files pickle (the loss
+    scaler's settings, the ZeRO stage, fragment offsets), which run nothing when rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    engine.checkpoint_engine.load = lambda path, map_location=None: load_weights_only(path, map_location,
+                                                                                       allowed=allowed)
 
 
 def _gather_units(model: torch.nn.Module):
