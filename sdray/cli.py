@@ -336,28 +336,42 @@ def serve(
     public_url: Annotated[str | None, typer.Option(
         help="URL the job drivers post progress to (default: http://HOST:PORT).")] = None,
     poll_interval: Annotated[float, typer.Option(help="Seconds between looks at running jobs.")] = 1.0,
+    policy: Annotated[Path | None, typer.Option(
+        help="Tenant policy (YAML): the paths, endpoints, secrets, ServiceAccounts, images, queues … each "
+        "tenant's jobs may name; default: nothing beyond the service's defaults (README: The service).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve /metrics (tenant and job names in its labels) on this port of --host instead of the API's, "
+        "so that a network policy can keep it for Prometheus.")] = None,
 ) -> None:
     """Run the sdray service: the REST job API (/docs), the job page (/) and Prometheus metrics (/metrics).
 
     Jobs survive a restart: they live in the SQLite store, and on start the service follows again what
-    still runs and marks failed what the backend lost.
+    still runs and marks failed what the backend lost. One service process owns one store.
     """
     import uvicorn
 
     from sdray.service.app import Settings, create_app
     from sdray.service.auth import AuthFileError, load_tokens
     from sdray.service.backends import BackendError, make_backend
+    from sdray.service.policy import Policy, PolicyError
 
     try:
+        tenant_policy = Policy.load(policy)
         if not load_tokens(tokens).tokens:
             raise _fail(f"--tokens {tokens}: no tokens yet; create one with `sdray token create --tenant NAME "
                         f"--tokens {tokens}`", EXIT_BAD_INPUT)
         runner = make_backend(backend, ray_address=ray_address, data_dir=db.parent, num_cpus=num_cpus,
                               namespace=namespace)
-    except (AuthFileError, BackendError) as exc:
+    except (AuthFileError, BackendError, PolicyError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     url = public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    api = create_app(Settings(tokens=tokens, db=db, public_url=url, poll_interval_s=poll_interval), runner)
+    api = create_app(Settings(tokens=tokens, db=db, public_url=url, poll_interval_s=poll_interval, policy=policy,
+                              metrics_on_api=metrics_port is None), runner, policy=tenant_policy)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=host, registry=api.state.metrics.registry)
+        err.print(f"metrics on http://{host}:{metrics_port}/metrics", highlight=False)
     err.print(f"sdray service on {url} (backend: {runner.name}, store: {db})", highlight=False)
     # Followed logs stream until their job ends: on SIGTERM, uvicorn cancels what is still open after 5 s
     # instead of waiting for those jobs.

@@ -63,7 +63,11 @@ def test_default_install():
     assert service["containers"][0]["args"] == [
         "serve", "--host", "0.0.0.0", "--port", "8000", "--tokens", "/etc/sdray/tokens/tokens.json",
         "--db", "/var/lib/sdray/jobs.db", "--backend", "kuberay", "--namespace", NAMESPACE,
-        "--public-url", f"http://sdray.{NAMESPACE}.svc:80", "--policy", "/etc/sdray/policy/policy.yaml"]
+        "--public-url", f"http://sdray.{NAMESPACE}.svc:80", "--policy", "/etc/sdray/policy/policy.yaml",
+        "--metrics-port", "9090"]
+    # /metrics on its own port, which the API's Service (and so any Ingress to it) does not carry
+    assert [p["name"] for p in named(objects, "Service", "sdray")["spec"]["ports"]] == ["http"]
+    assert named(objects, "Service", "sdray-service-metrics")["spec"]["ports"][0]["targetPort"] == "svc-metrics"
     volumes = {v["name"]: v for v in service["volumes"]}
     assert volumes["policy"]["configMap"]["name"] == "sdray-policy"
     assert Policy(PolicyFile.model_validate(yaml.safe_load(
@@ -152,7 +156,7 @@ def test_full_install():
     assert (env["SDRAY_JOB_SERVICE_ACCOUNT"], env["SDRAY_RAY_OPERATOR_NAMESPACE"]) == ("ray-pods", "ray-system")
     monitor = named(objects, "ServiceMonitor", "sdray")
     assert [(e["port"], e["relabelings"][0]["replacement"]) for e in monitor["spec"]["endpoints"]] == [
-        ("http", "sdray"), ("metrics", "sdray-controller")]  # job="sdray", as examples/alerts.yml selects
+        ("svc-metrics", "sdray"), ("metrics", "sdray-controller")]  # job="sdray", as examples/alerts.yml selects
     rule = named(objects, "PrometheusRule", "sdray")
     shipped = [yaml.safe_load((CHART / "files" / f).read_text())["groups"] for f in ("alerts.yml", "controller-alerts.yml")]
     assert rule["spec"]["groups"] == shipped[0] + shipped[1]

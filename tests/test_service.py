@@ -15,9 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import make_job, wait_for
-from service_helpers import ThreadedService
+from service_helpers import ThreadedService, tokens  # noqa: F401
 from sdray.cli import app as cli_app
-from sdray.service.auth import create_token, load_tokens
+from sdray.service.auth import load_tokens
 from sdray.service.backends.dryrun import DryRunBackend
 from sdray.spec import SpecError, load_job
 
@@ -26,14 +26,6 @@ def write_quotas(tokens: Path, quotas: dict) -> None:
     data = json.loads(tokens.read_text())
     data["quotas"] = quotas
     tokens.write_text(json.dumps(data))
-
-
-@pytest.fixture
-def tokens(tmp_path) -> tuple[Path, dict[str, str]]:
-    path = tmp_path / "tokens.json"
-    made = {name: create_token(path, name) for name in ("alice", "bob")}
-    made["root"] = create_token(path, "ops", role="admin")
-    return path, made
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -24,6 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 TENANT_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+log = logging.getLogger("sdray.service")
 
 
 class AuthFileError(ValueError):
@@ -84,7 +86,7 @@ def load_tokens(path: str | Path) -> TokensFile:
 def create_token(path: str | Path, tenant: str, role: str = "user") -> str:
     """Add a token for ``tenant`` to the file (created if missing, rewritten atomically, mode 600) and
     return it: the only time it is shown."""
-    if not re.match(TENANT_PATTERN, tenant) or len(tenant) > 63:
+    if not re.fullmatch(TENANT_PATTERN, tenant) or len(tenant) > 63:
         raise AuthFileError(f"--tenant: expected a DNS-1123 label (lower-case letters, digits, '-'), got {tenant!r}")
     if role not in ("user", "admin"):
         raise AuthFileError(f"--role: expected user or admin, got {role!r}")
@@ -111,22 +113,37 @@ class Authenticator:
         self._mtime: float | None = None
         self._by_hash: dict[str, TokenEntry] = {}
         self._quotas: dict[str, Quota] = {}
+        self._loaded = False
         self._reload()
 
     def _reload(self) -> None:
-        mtime = self.path.stat().st_mtime if self.path.exists() else None
-        if mtime == self._mtime and self._by_hash:
+        """Read the file again when it changed. A file that no longer parses (half written, edited by hand)
+        keeps the tokens read last, and the problem is logged once per change: requests keep working."""
+        try:
+            mtime = self.path.stat().st_mtime if self.path.exists() else None
+        except OSError:
             return
-        data = load_tokens(self.path)
+        if self._loaded and mtime == self._mtime:
+            return
+        try:
+            data = load_tokens(self.path)
+        except AuthFileError as exc:
+            if not self._loaded:
+                raise  # at start: refuse to run on a broken file
+            log.error("%s; keeping the tokens and quotas read before", exc)
+            self._mtime = mtime
+            return
         self._by_hash = {t.sha256: t for t in data.tokens}
         self._quotas = data.quotas
         self._mtime = mtime
+        self._loaded = True
 
     def principal(self, authorization: str | None) -> Principal | None:
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():  # RFC 7235: the scheme is case-insensitive
             return None
         self._reload()
-        entry = self._by_hash.get(hash_token(authorization.removeprefix("Bearer ").strip()))
+        entry = self._by_hash.get(hash_token(token.strip()))
         return Principal(entry.tenant, entry.role, entry.id) if entry else None
 
     def quota(self, tenant: str) -> Quota:

@@ -13,8 +13,10 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from sdray.progress import Progress
 from sdray.service.auth import Authenticator, Principal, hash_token
 from sdray.service.backends.base import FINAL, Backend, BackendError
 from sdray.service.store import JobRecord, JobStore
@@ -22,15 +24,8 @@ from sdray.spec import DiffusionJob
 
 log = logging.getLogger("sdray.service")
 
-# Progress fields a driver may send, and the loss-curve points kept from them.
-PROGRESS_FIELDS = {
-    "step": int, "max_steps": int, "epoch": int, "loss": float, "val_loss": float, "lr": float,
-    "images_per_s": float, "step_s": float, "data_wait_s": float, "data_wait_share": float,
-    "checkpoint_step": int, "checkpoint_s": float, "checkpoint": str, "gpu_memory_bytes": int,
-    "skipped_images": int, "images_seen": int, "elapsed_s": float, "sample": str, "output": str,
-    "best": float, "trials_ended": int, "trials_total": int,
-}
-CURVE = ("loss", "val_loss")
+# A submission the backend refused for a passing reason is tried again after 1, 2, 4 … s, at most a minute apart.
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
 
 
 class QuotaExceeded(Exception):
@@ -73,12 +68,16 @@ def condition(rec: JobRecord, type_: str, status: bool, reason: str, message: st
 
 class JobManager:
     def __init__(self, store: JobStore, backend: Backend, auth: Authenticator | None, *, public_url: str,
-                 on_transition=None):
+                 on_transition=None, namespace_of: Callable[[str], str | None] | None = None):
         self.store = store
         self.backend = backend
         self.auth = auth
         self.public_url = public_url.rstrip("/")
         self.on_transition = on_transition or (lambda state, tenant: None)
+        # Where a tenant's jobs run (its policy's namespace); None: the backend's own.
+        self.namespace_of = namespace_of or (lambda tenant: None)
+        # Submissions the backend refused for a passing reason: job id -> (failures so far, next try's time).
+        self._retry: dict[str, tuple[int, float]] = {}
         # One decision at a time: a quota check and its insert, an admission round, a cancel.
         self._lock = threading.RLock()
 
@@ -149,6 +148,9 @@ class JobManager:
                 continue
             if rec.tenant in blocked:
                 continue
+            if self._retry.get(rec.id, (0, 0.0))[1] > time.monotonic():  # backing off: it keeps its place
+                blocked.add(rec.tenant)
+                continue
             if capacity is not None:
                 if any(used[k] + rec.demand.get(k, 0) > capacity.get(k, 0) for k in used):
                     blocked.add(rec.tenant)
@@ -166,11 +168,20 @@ class JobManager:
         }
         self.store.update(rec.id, progress_token_hash=hash_token(token))
         try:
-            handle = self.backend.submit(rec.id, rec.tenant, rec.document, env)
+            handle = self.backend.submit(rec.id, rec.tenant, rec.document, env, namespace=self.namespace_of(rec.tenant))
         except BackendError as exc:
-            log.warning("job %s: submission failed: %s", rec.id, exc)
-            self.store.update(rec.id, conditions=condition(rec, "Admitted", False, "SubmitFailed", str(exc)))
+            if exc.permanent:  # the cluster refused the job itself: retrying would hold the quota forever
+                self._retry.pop(rec.id, None)
+                self._finish(rec, "failed", "SubmitRefused", str(exc))
+                return
+            failures = self._retry.get(rec.id, (0, 0.0))[0] + 1
+            delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (failures - 1))
+            self._retry[rec.id] = (failures, time.monotonic() + delay)
+            log.warning("job %s: submission failed (try %d, next in %.0f s): %s", rec.id, failures, delay, exc)
+            self.store.update(rec.id, conditions=condition(
+                rec, "Admitted", False, "SubmitFailed", f"{exc} (try {failures}; trying again in {delay:.0f} s)"))
             return
+        self._retry.pop(rec.id, None)
         rec = self.store.update(rec.id, handle=handle, attempts=rec.attempts + 1,
                                 conditions=condition(rec, "Admitted", True, "Submitted",
                                                      f"submitted to the {self.backend.name} backend as {handle}"))
@@ -210,6 +221,7 @@ class JobManager:
             self._admit()
 
     def _finish(self, rec: JobRecord, state: str, reason: str, message: str) -> None:
+        self._retry.pop(rec.id, None)
         conds = condition(rec, "Running", False, reason, message)
         rec.conditions = conds
         if state == "succeeded":
@@ -243,37 +255,15 @@ class JobManager:
         return bool(rec.progress_token_hash) and secrets.compare_digest(hash_token(token), rec.progress_token_hash)
 
     def record_progress(self, job_id: str, payload: dict) -> JobRecord | None:
+        """Merge a driver's (untrusted) update into the job's progress; its loss-curve points go to the
+        curve. Non-finite numbers are stored as unknown (None): NaN is no JSON, and would break every list."""
         rec = self.store.get(job_id)
         if rec is None:
             return None
-        clean = {}
-        for key, kind in PROGRESS_FIELDS.items():
-            value = payload.get(key)
-            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-                try:
-                    clean[key] = kind(value)
-                except (TypeError, ValueError):
-                    continue
-        trials = payload.get("trials")
-        if isinstance(trials, list):
-            clean["trials"] = [t for t in trials if isinstance(t, dict)][:1000]
+        update = Progress.from_payload(payload)
+        self.store.add_points(job_id, [(name, step, value) for name, points in update.curve_points().items()
+                                       for step, value in points])
+        clean = update.to_payload()
+        clean.pop("curve", None)
         clean["time"] = time.time()
-        self.store.add_points(job_id, [(name, step, value) for name, points in
-                                       self._curve_points(payload.get("curve")).items() for step, value in points])
         return self.store.update(job_id, progress={**rec.progress, **clean})
-
-    @staticmethod
-    def _curve_points(curve) -> dict[str, list[tuple[int, float]]]:
-        """``{"loss": [[step, value], …]}`` from a driver, keeping only well-formed points (10,000 at most)."""
-        out: dict[str, list] = {}
-        if not isinstance(curve, dict):
-            return out
-        for name in CURVE:
-            points = curve.get(name)
-            if not isinstance(points, list):
-                continue
-            for p in points[:10_000]:
-                if (isinstance(p, list) and len(p) == 2 and isinstance(p[0], int)
-                        and isinstance(p[1], (int, float)) and not isinstance(p[1], bool)):
-                    out.setdefault(name, []).append((p[0], float(p[1])))
-        return out

@@ -46,6 +46,8 @@ class ServiceMetrics:
                                  registry=self.registry)
         self.validation_failures = Counter("sdray_validation_failures", "Refused job documents by field.",
                                            ["field"], registry=self.registry)
+        self.policy_refusals = Counter("sdray_policy_refusals", "Fields the tenant policy refused, by rule.",
+                                       ["rule"], registry=self.registry)
         self.transitions = Counter("sdray_job_transitions", "Jobs entering a state.", ["state", "tenant"],
                                    registry=self.registry)
         self.registry.register(_JobCollector(store))

@@ -1,8 +1,11 @@
 """The job store: SQLite in WAL mode, behind a small repository (plain ``sqlite3``).
 
 One row per job (its document, state, conditions and latest progress) plus the loss curve and the latest
-sample grid. Every write is one transaction, so a killed service leaves the store consistent; on restart
-the service reconciles what the store says is running with the backend.
+sample grid. Every write is one ``BEGIN IMMEDIATE`` transaction (it takes SQLite's write lock before it
+reads, so two writers cannot both read the same next sequence number), and the sequence column is
+UNIQUE; a killed service leaves the store consistent, and on restart the service reconciles what the
+store says is running with the backend. One service replica owns one database: the queue, quotas and
+retries are decided in the process, not in SQL.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +96,32 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it consistent
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._unique_seq()
+
+    def _unique_seq(self) -> None:
+        """The UNIQUE index on ``seq``; a store written before it, whose racing writers left duplicate sequence
+        numbers, is renumbered in insertion order first."""
+        with self._write():
+            try:
+                self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_seq ON jobs (seq)")
+            except sqlite3.IntegrityError:
+                self._db.execute("UPDATE jobs SET seq = seq + (SELECT MAX(seq) FROM jobs) + rowid")
+                self._db.execute("UPDATE jobs SET seq = (SELECT COUNT(*) FROM jobs AS j WHERE j.rowid <= jobs.rowid)")
+                self._db.execute("CREATE UNIQUE INDEX jobs_seq ON jobs (seq)")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: SQLite's write lock from its first statement (BEGIN IMMEDIATE), committed
+        at the end, rolled back on an error. (The connection is in autocommit mode, where ``with db:``
+        alone would open no transaction at all.)"""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def ping(self) -> bool:
         with self._lock:
@@ -103,7 +133,7 @@ class JobStore:
 
     # -- jobs ---------------------------------------------------------------------------------------
     def insert(self, rec: JobRecord) -> JobRecord:
-        with self._lock, self._db:
+        with self._write():
             rec.seq = (self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0])
             row = self._row_of(rec)
             self._db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
@@ -113,7 +143,7 @@ class JobStore:
     def update(self, job_id: str, **fields) -> JobRecord | None:
         fields["updated"] = time.time()
         row = {k: json.dumps(v) if k in _JSON else v for k, v in fields.items()}
-        with self._lock, self._db:
+        with self._write():
             self._db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
                              [*row.values(), job_id])
         return self.get(job_id)
@@ -184,7 +214,7 @@ class JobStore:
     def add_points(self, job_id: str, points: Iterable[tuple[str, int, float]]) -> None:
         """Curve points ``(name, step, value)``, in one transaction; a repeated (name, step) is replaced."""
         now = time.time()
-        with self._lock, self._db:
+        with self._write():
             self._db.executemany("INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?)",
                                  [(job_id, step, name, value, now) for name, step, value in points])
 
@@ -198,7 +228,7 @@ class JobStore:
         return out
 
     def put_sample(self, job_id: str, png: bytes, step: int | None) -> None:
-        with self._lock, self._db:
+        with self._write():
             self._db.execute("INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?)", (job_id, png, step, time.time()))
 
     def sample(self, job_id: str) -> tuple[bytes, int | None] | None:

@@ -25,7 +25,14 @@ def tail_lines(text: str, tail: int | None) -> str:
 
 
 class BackendError(RuntimeError):
-    """The backend could not do what was asked (unreachable, refused); the message says why."""
+    """The backend could not do what was asked (unreachable, refused); the message says why.
+
+    ``permanent``: asking again cannot succeed (the cluster refused the object itself, e.g. the API
+    server's 400/422), so a submission fails the job instead of being retried."""
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass
@@ -50,8 +57,10 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str]) -> str:
-        """Start the job; returns the handle the other calls take. ``env`` is set for the job's driver."""
+    def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str], *,
+               namespace: str | None = None) -> str:
+        """Start the job; returns the handle the other calls take. ``env`` is set for the job's driver;
+        ``namespace``: where the tenant's jobs run (its policy's), on backends that have namespaces."""
 
     @abstractmethod
     def status(self, handle: str) -> BackendStatus:

@@ -28,7 +28,8 @@ class DryRunBackend(Backend):
     def ready(self) -> tuple[bool, str]:
         return True, "dry run: jobs are accepted, not run"
 
-    def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str]) -> str:
+    def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str], *,
+               namespace: str | None = None) -> str:
         handle = f"dry-{next(self._ids)}"
         self._jobs[handle] = "running" if self.hold else "succeeded"
         self._logs[handle] = "dry run: the job was accepted and not run\n"

@@ -17,6 +17,7 @@ it, and the DiffusionJob's status says how it goes. This backend reads that stat
 
 from __future__ import annotations
 
+import json
 import re
 
 from sdray.service.backends.base import Backend, BackendError, BackendStatus
@@ -26,6 +27,14 @@ _STATES = {"Pending": "pending", "Queued": "pending", "Running": "running", "Suc
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 JOB_ID_LABEL = "sdray.io/service-job-id"
 TENANT_LABEL = "sdray.io/tenant"
+
+
+def _api_message(exc: Exception) -> str | None:
+    """The API server's own message in an ApiException's JSON body (a Status object), if it has one."""
+    try:
+        return json.loads(getattr(exc, "body", None) or "").get("message")
+    except (ValueError, AttributeError):
+        return None
 
 
 class KubeRayBackend(Backend):
@@ -48,15 +57,17 @@ class KubeRayBackend(Backend):
         return self._clients
 
     def _api_error(self, exc: Exception, what: str, not_found: str = "the DiffusionJob CRD is not installed "
-                   "(kubectl apply -f k8s/crd.yaml)") -> BackendError:
+                   "(kubectl apply -f k8s/crd.yaml)", namespace: str | None = None) -> BackendError:
         status = getattr(exc, "status", None)
         if status == 404:
             return BackendError(f"{what}: {not_found}")
         if status == 403:
             return BackendError(f"{what}: the service's ServiceAccount may not do this in namespace "
-                                f"{self.namespace} (the helm chart's Role grants it)")
-        reason = getattr(exc, "reason", None) or str(exc)
-        return BackendError(f"{what}: {f'{status} ' if status else ''}{reason}".strip())
+                                f"{namespace or self.namespace} (the helm chart's Role grants it)")
+        reason = _api_message(exc) or getattr(exc, "reason", None) or str(exc)
+        # The API server refused the object itself (invalid, malformed): sending it again cannot succeed.
+        return BackendError(f"{what}: {f'{status} ' if status else ''}{reason}".strip(),
+                            permanent=status in (400, 422))
 
     def _split(self, handle: str) -> tuple[str, str]:
         namespace, _, name = handle.rpartition("/")
@@ -74,11 +85,13 @@ class KubeRayBackend(Backend):
             return False, str(self._api_error(exc, f"listing DiffusionJobs in {self.namespace}"))
         return True, f"DiffusionJobs in namespace {self.namespace}"
 
-    def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str]) -> str:
+    def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str], *,
+               namespace: str | None = None) -> str:
         from sdray.k8s.kube import create_diffusionjob, delete_diffusionjob
         from sdray.k8s.render import RenderError
         from sdray.spec import SpecError, parse_job
 
+        namespace = namespace or self.namespace
         name = f"sdray-{job_id}"
         secret = f"{name}-env"
         doc = {**document, "spec": {**document.get("spec", {})}}
@@ -91,26 +104,26 @@ class KubeRayBackend(Backend):
             labels[TENANT_LABEL] = tenant
         try:
             job = parse_job(doc, f"job {job_id}")
-            created = create_diffusionjob(self.clients, job, self.namespace, labels, name=name)
+            created = create_diffusionjob(self.clients, job, namespace, labels, name=name)
         except (SpecError, RenderError) as exc:
-            raise BackendError(str(exc)) from None
+            raise BackendError(str(exc), permanent=True) from None
         except BackendError:
             raise
         except Exception as exc:
-            raise self._api_error(exc, f"creating DiffusionJob {self.namespace}/{name}") from None
+            raise self._api_error(exc, f"creating DiffusionJob {namespace}/{name}", namespace=namespace) from None
         if env:
             try:
-                self.clients.core.create_namespaced_secret(self.namespace, {
+                self.clients.core.create_namespaced_secret(namespace, {
                     "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                    "metadata": {"name": secret, "namespace": self.namespace, "labels": labels,
+                    "metadata": {"name": secret, "namespace": namespace, "labels": labels,
                                  "ownerReferences": [{"apiVersion": created["apiVersion"], "kind": created["kind"],
                                                       "name": name, "uid": created["metadata"]["uid"],
                                                       "blockOwnerDeletion": True}]},
                     "stringData": dict(env)})
             except Exception as exc:
-                delete_diffusionjob(self.clients, self.namespace, name)  # no job without its environment
-                raise self._api_error(exc, f"creating Secret {self.namespace}/{secret}") from None
-        return f"{self.namespace}/{name}"
+                delete_diffusionjob(self.clients, namespace, name)  # no job without its environment
+                raise self._api_error(exc, f"creating Secret {namespace}/{secret}", namespace=namespace) from None
+        return f"{namespace}/{name}"
 
     def status(self, handle: str) -> BackendStatus:
         from sdray.k8s.kube import get_diffusionjob

@@ -126,7 +126,8 @@ class LocalRayBackend(Backend):
                 total[key] += float((node.resources_total or {}).get(key, 0))
         return total
 
-    def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str]) -> str:
+    def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str], *,
+               namespace: str | None = None) -> str:
         handle = f"sdray-{job_id}"
         runtime_env = {"env_vars": {**JOB_ENV, **env, "SDRAY_JOB_DOCUMENT": json.dumps(document)}}
         if os.environ.get("SDRAY_CACHE_DIR"):
