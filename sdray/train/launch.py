@@ -11,6 +11,7 @@ Both read the data with Ray Data and run the same per-worker loop (``sdray.train
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -258,4 +259,7 @@ def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads:
         )
         start = time.perf_counter()
         train_worker(job, ctx)
+        # The loop leaves its last epoch half-read, and Ray Data's iterators sit in reference cycles: collect
+        # them while Ray is up. Collected after ray.shutdown(), one starts a new Ray and the process never ends.
+        gc.collect()
         return finish_summary(job, data, {"elapsed_s": time.perf_counter() - start, "run": ctx.run_dir.name})
