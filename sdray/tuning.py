@@ -340,6 +340,7 @@ def _tuner(job: DiffusionJob, restore: bool | str, on_progress=None):
 
     tune_spec = job.spec.tune
     exp = experiment_uri(job)
+    storage.require_bucket(exp, job.spec.storage)  # Ray Tune's writes would create a mistyped bucket
     fs, path = storage.filesystem(exp, job.spec.storage)
     fs = fs if storage.is_s3(exp) else None  # a local experiment needs no explicit filesystem
     trainable = tune.with_parameters(run_trial, job_doc=job.model_dump(mode="json", exclude_unset=True))

@@ -80,3 +80,24 @@ def test_a_secret_name_cannot_lead_out_of_the_secrets_dir(seaweed, tmp_path, mon
     with pytest.raises(storage.StorageError, match=f"{secrets / 'linked'} leads outside {secrets}"):
         storage.s3_options(S3Settings(credentials_secret="linked"))
     assert storage.s3_options(S3Settings(credentials_secret="mine"))["access_key"] == seaweed.access_key
+
+
+def test_ray_train_tune_and_data_writers_check_the_bucket_before_writing(seaweed, tmp_path):
+    # Ray Train, Tune and Data write through pyarrow themselves: each writer of sdray checks first.
+    from conftest import make_job
+
+    from sdray.data.precompute import _prepare_destination
+    from sdray.spec import parse_job
+    from sdray.train.launch import torch_trainer
+    from sdray.tuning import _tuner
+
+    job = parse_job(make_job("typo", tmp_path, "s3://digits/imagefolder", checkpoint={"uri": "s3://typo-ckpt/runs"},
+                             data={"uri": "s3://digits/imagefolder", "validation_fraction": 0.1},
+                             tune={"search_space": {"train.learning_rate": {"choice": [1e-3]}}}))
+    with pytest.raises(storage.StorageError, match="no such bucket 'typo-ckpt'"):
+        torch_trainer(job, data=None)
+    with pytest.raises(storage.StorageError, match="no such bucket 'typo-ckpt'"):
+        _tuner(job, restore=False)
+    with pytest.raises(storage.StorageError, match="no such bucket 'typo-cache'"):
+        _prepare_destination("s3://typo-cache/latents", job.spec.storage, overwrite=False)
+    assert not {"typo-ckpt", "typo-cache"} & _buckets(seaweed)

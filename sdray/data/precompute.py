@@ -125,6 +125,7 @@ def _refuse_uncacheable(spec: JobSpec) -> None:
 
 
 def _prepare_destination(out: str, settings: S3Settings, overwrite: bool) -> None:
+    storage.require_bucket(out, settings)  # Ray Data's writes would create a mistyped bucket
     if not storage.exists(out, settings):
         return
     fs, path = storage.filesystem(out, settings)

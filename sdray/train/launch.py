@@ -172,6 +172,7 @@ def torch_trainer(job: DiffusionJob, data: JobData, *, board=None, name: str | N
 
     spec = job.spec
     storage_uri = storage_uri or spec.checkpoint_uri
+    storage.require_bucket(storage_uri, spec.storage)  # Ray Train's writes would create a mistyped bucket
     fs, path = storage.filesystem(storage_uri, spec.storage)
     if not storage.is_s3(storage_uri):
         Path(path).mkdir(parents=True, exist_ok=True)
