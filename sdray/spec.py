@@ -317,7 +317,10 @@ class TrainSpec(_Strict):
     max_steps: int = Field(default=1000, gt=0, le=MAX_STEPS, description="Optimizer steps.")
     batch_size: int = Field(default=16, gt=0, le=65536, description="Images per worker per micro-step.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=10_000)
-    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    learning_rate: float = Field(
+        default=1e-4, gt=0.0, le=1e6,
+        description="Peak learning rate: positive and finite. The cap only keeps absurd values out; a search "
+                    "may well try a rate that diverges.")
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -618,8 +621,10 @@ class ClusterSpec(_Strict):
         default=None, pattern=DNS_SUBDOMAIN, max_length=253, description="PriorityClass of the Ray pods.")
     service_account: str | None = Field(
         default=None, pattern=DNS_SUBDOMAIN, max_length=253,
-        description="ServiceAccount of the Ray pods (e.g. one bound to an S3 role); default: the controller's "
-        "--job-service-account.")
+        description="ServiceAccount of the Ray pods (e.g. one bound to an S3 role; sdray grants it nothing). "
+        "Only the accounts the controller's --allow-service-account (and the service's tenant policy) list are "
+        "accepted. Default: the controller's --job-service-account, else one made for the job, "
+        "sdray-job-<name>, that may only patch this job's status.")
     node_selector: dict[LabelKey, LabelValue] = Field(
         default_factory=dict, description="Node labels the Ray pods need.")
     tolerations: list[Toleration] = Field(default_factory=list)
