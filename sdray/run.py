@@ -115,6 +115,7 @@ def train(job: DiffusionJob, *, address: str | None = None, in_process: bool = F
         else:
             summary = run_job(job, address=address, on_progress=update, worker_logs=worker_logs)
         final = {k: summary.get(k) for k in ("step", "loss", "checkpoint", "skipped_images")}
+        final["sample"] = summary.get("samples")  # the final grid, drawn after the last in-run update
         _finish(reporters, on_progress, Progress(**{k: v for k, v in final.items() if v is not None}))
     return summary
 
