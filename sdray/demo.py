@@ -44,7 +44,7 @@ def demo_jobs(root: Path, *, workers: int = 2, vae_steps: int = 600, unet_steps:
         "output": {"uri": str(root / "vae")},
     })
     unet = _job("digits-unet", {
-        "stage": "unet",
+        "stage": "denoiser",
         "model": {"preset": "tiny", "vae": {"pretrained": str(root / "vae")}},
         "data": common_data,
         "train": {"max_steps": unet_steps, "batch_size": 32, "learning_rate": 1e-3, "lr_scheduler": "cosine",

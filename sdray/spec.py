@@ -24,6 +24,9 @@ from yaml.nodes import MappingNode
 API_VERSION = "sdray.io/v1alpha1"
 KIND = "DiffusionJob"
 PRESETS = ("tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base")
+# sdray.models.families: the families sdray trains (the spec does not import the models; a test keeps these
+# equal to the registry).
+FAMILY_NAMES = ("sd", "sdxl")
 
 # What one document text may be: every entry point (CLI, REST service) parses through parse_document_text.
 MAX_DOCUMENT_BYTES = 1 << 20
@@ -151,11 +154,11 @@ class LoRASpec(_Strict):
         default=None, gt=0.0, le=65536.0,
         description="Scale numerator: the update is multiplied by alpha/rank; default: rank."
     )
-    targets: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+    targets: list[str] | None = Field(
+        default=None,
         min_length=1,
-        description="UNet module names (or name suffixes) that get adapters; default: the attention projections, "
-        "as diffusers' text_to_image LoRA example.",
+        description="Denoiser module names (or name suffixes) that get adapters; default: the family's, as "
+        "diffusers' LoRA examples (the attention projections; Flux and SD3 also their context projections).",
     )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input in training.")
 
@@ -167,6 +170,11 @@ class LoRASpec(_Strict):
 
 
 class ModelSpec(_Strict):
+    family: Literal["sd", "sdxl"] | None = Field(
+        default=None,
+        description="Model family: sd (Stable Diffusion 1.x/2.x), sdxl. Default: the preset's, or the pretrained "
+        "pipeline's (model_index.json); a family that contradicts either is refused.",
+    )
     preset: Literal["tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base"] | None = Field(
         default=None,
         description="Named architecture built without weights: tiny and tiny-xl (tests, demos), sd15, "
@@ -174,15 +182,18 @@ class ModelSpec(_Strict):
     )
     pretrained: str | None = Field(
         default=None,
-        description="Local dir or s3:// URI of a diffusers StableDiffusionPipeline, or of one component.",
+        description="Local dir or s3:// URI of a diffusers pipeline of the family (StableDiffusionPipeline, "
+        "StableDiffusionXLPipeline), or of one component.",
     )
     vae: VAESource | None = Field(default=None, description="Use a VAE trained earlier.")
     tokenizer: str | None = Field(
         default=None, description="Local dir or s3:// URI of a CLIPTokenizer; default: the preset's."
     )
-    overrides: dict[Literal["unet", "vae", "text_encoder", "text_encoder_2", "scheduler"], JsonObject] = Field(
+    overrides: dict[Literal["unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+                            "scheduler"], JsonObject] = Field(
         default_factory=dict,
-        description="Per-component config overrides applied to the preset's configs (scheduler: always).",
+        description="Per-component config overrides applied to the preset's configs (scheduler: always); the "
+        "denoiser is unet or transformer, as the family's pipeline names it.",
     )
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     resolution: int | None = Field(
@@ -194,7 +205,8 @@ class ModelSpec(_Strict):
     )
     lora: LoRASpec | None = Field(
         default=None,
-        description="Train LoRA adapters on the pretrained UNet instead of its weights (needs model.pretrained).",
+        description="Train LoRA adapters on the pretrained denoiser (UNet or transformer) instead of its weights "
+        "(needs model.pretrained).",
     )
 
     @model_validator(mode="after")
@@ -331,6 +343,10 @@ class TrainSpec(_Strict):
         default=0.1, ge=0.0, lt=1.0, description="Share of captions replaced by '' (classifier-free guidance)."
     )
     kl_weight: float = Field(default=1e-6, ge=0.0, le=1e3, description="KL term weight (stage: autoencoder).")
+    guidance: float = Field(
+        default=1.0, ge=0.0, le=100.0,
+        description="Flux: the guidance value embedded during training (1.0 keeps a guidance-distilled model's "
+        "distilled guidance; larger values teach real classifier-free guidance). Other families: unused.")
     ema: EMASpec | None = Field(default=None, description="Keep an exponential moving average of the weights.")
     snr_gamma: float | None = Field(
         default=None, gt=0.0, le=1e3, description="Min-SNR-γ loss weighting (5.0 is usual).")
@@ -662,7 +678,11 @@ class ClusterSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    stage: Literal["unet", "autoencoder"] = "unet"
+    stage: Literal["denoiser", "autoencoder"] = Field(
+        default="denoiser",
+        description="What trains: denoiser (the family's UNet or transformer; 'unet', its earlier name, is still "
+        "accepted) or autoencoder (the family's VAE shape).",
+    )
     model: ModelSpec
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -680,6 +700,11 @@ class JobSpec(_Strict):
     cluster: ClusterSpec = Field(
         default_factory=ClusterSpec, description="Kubernetes settings: image, Kueue queue, pod resources, placement."
     )
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _unet_is_the_denoiser(cls, stage: Any) -> Any:
+        return "denoiser" if stage == "unet" else stage
 
     @model_validator(mode="after")
     def _fields_of_the_other_stage(self) -> JobSpec:
@@ -699,9 +724,9 @@ class JobSpec(_Strict):
         if self.stage == "autoencoder":
             used = [name for name, set_ in unet_only.items() if set_]
             if used:
-                raise ValueError(f"{used[0]} applies to stage: unet only (this job has stage: autoencoder)")
+                raise ValueError(f"{used[0]} applies to stage: denoiser only (this job has stage: autoencoder)")
         elif "kl_weight" in self.train.model_fields_set:
-            raise ValueError("spec.train.kl_weight applies to stage: autoencoder only (this job has stage: unet)")
+            raise ValueError("spec.train.kl_weight applies to stage: autoencoder only (this job has stage: denoiser)")
         if self.train.train_text_encoder and self.data.format == "latents":
             raise ValueError("spec.train.train_text_encoder: a latent cache holds fixed prompt embeddings; train "
                              "the text encoder on the images (format: imagefolder, webdataset or parquet)")

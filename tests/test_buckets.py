@@ -159,12 +159,20 @@ def test_pipeline_batches_hold_one_bucket_and_sdxl_gets_the_crop(ray_session, mi
 
     # SDXL's time ids: original size, crop corner, then the bucket as target size
     from sdray.models.build import build_components
-    from sdray.models.conditioning import encode_prompts, unet_conditioning
+    from sdray.models.conditioning import encode_prompts
 
     comps = build_components(spec.model, seed=0)
-    cond = unet_conditioning(encode_prompts(comps, batch), batch, resolution=comps.resolution)
+    seen = {}
+
+    def unet(noisy, timesteps, **kwargs):  # what the family passes the UNet
+        seen.update(kwargs)
+        return SimpleNamespace(sample=noisy)
+
+    n = len(batch["key"])
+    comps.family.predict(unet, torch.zeros(n, 4, 4, 4), torch.zeros(n), encode_prompts(comps, batch), batch,
+                         resolution=comps.resolution)
     expected = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
-    assert torch.equal(cond["added_cond_kwargs"]["time_ids"], expected.float())
+    assert torch.equal(seen["added_cond_kwargs"]["time_ids"], expected.float())
 
 
 def test_in_process_run_conditions_the_sdxl_unet_on_each_bucketed_crop(ray_session, mixed_aspect_root, tmp_path):

@@ -214,7 +214,7 @@ def test_settings_a_cache_cannot_honour_are_refused(ray_session, digits_root, tm
         parse_job(doc(data={"crop": "random"}))
     with pytest.raises(SpecError, match="spec.data.caption_column does not apply to format: latents"):
         parse_job(doc(data={"caption_column": "text"}))
-    with pytest.raises(SpecError, match="spec.data.format: latents applies to stage: unet only"):
+    with pytest.raises(SpecError, match="spec.data.format: latents applies to stage: denoiser only"):
         parse_job(doc(stage="autoencoder"))
     random_crop = parse_job(make_job("crop", tmp_path / "out", str(digits_root / "imagefolder"),
                                      data={"crop": "random"}))

@@ -59,42 +59,50 @@ def test_prediction_type_reaches_the_scheduler():
 @pytest.mark.parametrize("preset", ["sd15", "sd2-base"])
 def test_large_presets_have_release_shapes(preset):
     p = PRESETS[preset]
-    assert p.resolution == 512 and p.unet["block_out_channels"] == [320, 640, 1280, 1280]
-    assert p.unet["cross_attention_dim"] == p.text_encoder["hidden_size"]
+    assert p.family == "sd" and p.resolution == 512 and p.denoiser["block_out_channels"] == [320, 640, 1280, 1280]
+    assert p.denoiser["cross_attention_dim"] == p.text_encoders["text_encoder"]["hidden_size"]
 
 
 @pytest.mark.parametrize("preset", ["sdxl-base", "tiny-xl"])
 def test_xl_presets_wire_two_text_encoders_into_the_unet(preset):
     p = PRESETS[preset]
-    assert p.is_xl
-    assert p.unet["cross_attention_dim"] == p.text_encoder["hidden_size"] + p.text_encoder_2["hidden_size"]
-    assert p.unet["projection_class_embeddings_input_dim"] == (
-        p.text_encoder_2["projection_dim"] + 6 * p.unet["addition_time_embed_dim"])
+    first, second = p.text_encoders["text_encoder"], p.text_encoders["text_encoder_2"]
+    assert p.family == "sdxl"
+    assert p.denoiser["cross_attention_dim"] == first["hidden_size"] + second["hidden_size"]
+    assert p.denoiser["projection_class_embeddings_input_dim"] == (
+        second["projection_dim"] + 6 * p.denoiser["addition_time_embed_dim"])
     if preset == "sdxl-base":
-        assert p.resolution == 1024 and p.unet["transformer_layers_per_block"] == [1, 2, 10]
+        assert p.resolution == 1024 and p.denoiser["transformer_layers_per_block"] == [1, 2, 10]
 
 
 def test_tiny_xl_conditioning_drives_the_unet(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from sdray.models.conditioning import encode_prompts, unconditional_prompts, unet_conditioning
+    from sdray.models.conditioning import drop_captions, encode_prompts, unconditional_prompts
 
     c = build_components(ModelSpec(preset="tiny-xl"))
-    assert c.is_xl and len(c.tokenizers) == 2
+    assert c.family.name == "sdxl" and len(c.tokenizers) == 2
     batch = {"input_ids": c.tokenizer(["a digit"] * 3, padding="max_length", return_tensors="pt").input_ids,
              "input_ids_2": c.tokenizer_2(["a digit"] * 3, padding="max_length", return_tensors="pt").input_ids,
              "original_size": torch.tensor([[16, 16]] * 3), "crop_top_left": torch.tensor([[0, 0]] * 3)}
-    cond = unet_conditioning(encode_prompts(c, batch), batch, resolution=c.resolution,
-                             unconditional=unconditional_prompts(c), drop=torch.tensor([False, True, False]))
-    assert cond["encoder_hidden_states"].shape == (3, 16, 64)
-    assert cond["added_cond_kwargs"]["time_ids"].tolist()[0] == [16, 16, 0, 0, 16, 16]
-    assert not cond["encoder_hidden_states"][1].any() and cond["encoder_hidden_states"][0].any()
-    out = c.unet(torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3]), **cond).sample
+    embeds = drop_captions(encode_prompts(c, batch), unconditional=unconditional_prompts(c),
+                           drop=torch.tensor([False, True, False]))
+    assert embeds["prompt_embeds"].shape == (3, 16, 64)
+    assert not embeds["prompt_embeds"][1].any() and embeds["prompt_embeds"][0].any()  # SDXL's unconditional: zeros
+    seen = {}
+
+    def unet(noisy, timesteps, **kwargs):
+        seen.update(kwargs)
+        return c.unet(noisy, timesteps, **kwargs)
+
+    out = c.family.predict(unet, torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3]), embeds, batch,
+                           resolution=c.resolution)
+    assert seen["added_cond_kwargs"]["time_ids"].tolist()[0] == [16, 16, 0, 0, 16, 16]
     assert out.shape == (3, 4, 8, 8)
     assemble_pipeline(c).save_pretrained(tmp_path / "xl")
     assert isinstance(StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl"), StableDiffusionXLPipeline)
     again = build_components(ModelSpec(pretrained=str(tmp_path / "xl")))
-    assert again.is_xl and _same(again.text_encoder_2, c.text_encoder_2)
+    assert again.family.name == "sdxl" and _same(again.text_encoder_2, c.text_encoder_2)
 
 
 def _save_pipeline(path, seed=7):
@@ -158,5 +166,5 @@ def test_missing_or_wrong_sources_are_named(tmp_path):
     with pytest.raises(ModelError, match="spec.model.pretrained: .*expected a diffusers pipeline"):
         build_components(ModelSpec(pretrained=str(tmp_path / "empty")))
     _save_pipeline(tmp_path / "pipe")
-    with pytest.raises(ModelError, match="spec.model.vae.pretrained: .* holds a unet, not a VAE"):
+    with pytest.raises(ModelError, match="spec.model.vae.pretrained: .* holds a denoiser, not a VAE"):
         build_components(ModelSpec(preset="tiny", vae={"pretrained": str(tmp_path / "pipe" / "unet")}))

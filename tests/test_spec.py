@@ -17,7 +17,7 @@ def valid_doc():
 def test_valid_document_parses_with_defaults():
     job = parse_job(valid_doc())
     assert job.metadata.name == "spec-test"
-    assert job.spec.stage == "unet"
+    assert job.spec.stage == "denoiser"
     assert job.spec.train.lr_scheduler == "constant"
     assert job.spec.distributed.strategy == "ddp"
     assert job.spec.checkpoint.resume == "auto"
@@ -199,7 +199,7 @@ def lora_doc(**lora):
 def test_lora_defaults_and_trip_to_the_workers():
     job = parse_job(lora_doc())
     lora = job.spec.model.lora
-    assert (lora.alpha, lora.targets, lora.dropout) == (4.0, ["to_q", "to_k", "to_v", "to_out.0"], 0.0)
+    assert (lora.alpha, lora.targets, lora.dropout) == (4.0, None, 0.0)  # targets: the family's
     assert parse_job(job.model_dump(mode="json", exclude_unset=True)) == job
     assert parse_job(lora_doc(alpha=8)).spec.model.lora.alpha == 8.0
 
@@ -209,7 +209,7 @@ def test_lora_defaults_and_trip_to_the_workers():
      "spec.model.lora adapts pretrained weights: set spec.model.pretrained"),
     (lambda d: d["spec"]["model"]["lora"].update(rank=0), "spec.model.lora.rank: Input should be greater than 0"),
     (lambda d: d["spec"]["model"]["lora"].update(targets=[]), "spec.model.lora.targets"),
-    (lambda d: d["spec"].update(stage="autoencoder"), "spec.model.lora applies to stage: unet only"),
+    (lambda d: d["spec"].update(stage="autoencoder"), "spec.model.lora applies to stage: denoiser only"),
     (lambda d: d["spec"].update(distributed={"num_workers": 2, "strategy": "fsdp"}),
      "spec.model.lora is not available with strategy: fsdp"),
 ])
@@ -222,7 +222,7 @@ def test_lora_refusals_name_the_field(change, expected):
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ({"stage": "autoencoder"}, "spec.train.train_text_encoder applies to stage: unet only"),
+    ({"stage": "autoencoder"}, "spec.train.train_text_encoder applies to stage: denoiser only"),
     ({"distributed": {"num_workers": 2, "strategy": "fsdp"}}, "spec.train.train_text_encoder is not available with "
                                                               "strategy: fsdp"),
 ])
@@ -439,3 +439,12 @@ def test_valid_labels_are_accepted():
     doc = _set(valid_doc(), "metadata.labels", labels)
     doc["metadata"]["namespace"] = "team-a"
     assert parse_job(doc).metadata.labels == labels
+
+
+def test_stage_unet_is_still_read_as_the_denoiser_stage():
+    doc = valid_doc()
+    doc["spec"]["stage"] = "unet"  # documents written before model families
+    assert parse_job(doc).spec.stage == "denoiser"
+    doc["spec"]["stage"] = "transformer"
+    with pytest.raises(SpecError, match="spec.stage"):
+        parse_job(doc)

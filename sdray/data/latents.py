@@ -8,11 +8,11 @@ A cache (written by ``sdray data precompute``, ``sdray.data.precompute``) is a f
   made with ``data.bucketing`` holds each image at its own bucket's shape: its latent columns are
   variable-shaped tensors and each row carries the bucket as ``target_size`` (height, width) in pixels;
 - ``unconditional.safetensors``: the embeddings a dropped caption is replaced by (classifier-free guidance);
-- ``manifest.json``, written last: the encoders (source and content fingerprints), the transforms, the
-  VAE's scaling factor, dtype, row and skipped-image counts, sdray version and creation time.
+- ``manifest.json``, written last: the model family, the encoders (source and content fingerprints), the
+  transforms, the VAE's scaling (and shift) factor, dtype, row and skipped-image counts, sdray version and creation time.
 
 A job with ``data.format: latents`` is checked against the manifest on the driver, before any worker
-starts: another VAE, text encoder or tokenizer, another resolution, resize, flip or bucketing setting makes
+starts: another model family (refused first), another VAE, text encoder or tokenizer, another resolution, resize, flip or bucketing setting makes
 the cache stale, and the job is refused with the fields that differ. (A manifest written before bucketing
 existed has no ``bucketing`` entry and reads as an unbucketed cache.)
 """
@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from sdray import storage
 from sdray.data.buckets import bucket_bounds
 from sdray.data.formats import DataError
-from sdray.models.build import data_requirements, frozen_fingerprints
+from sdray.models.build import data_requirements, frozen_fingerprints, model_family
 from sdray.models.encoding import CachedEncoder
 from sdray.spec import JobSpec
 
@@ -82,6 +82,11 @@ def check_cache(spec: JobSpec) -> dict:
         raise StaleCacheError(f"spec.data.uri: the latent cache at {uri} has format version "
                               f"{manifest.get('version')}, this sdray reads {VERSION}; rerun `sdray data precompute`")
     resolution, _ = data_requirements(spec.model, s3=spec.storage)
+    family = model_family(spec.model, spec.storage).name
+    made_for = manifest.get("family", "sdxl" if "tokenizer_2" in manifest.get("fingerprints", {}) else "sd")
+    if made_for != family:
+        raise StaleCacheError(f"spec.data.uri: the latent cache at {uri} was made for a {made_for} model, this job "
+                              f"trains a {family} model (spec.model.family); precompute a cache with this job")
     differences = []
     made = manifest["transform"]
     ours = transform_settings(spec, resolution)
@@ -106,4 +111,5 @@ def cached_encoder(spec: JobSpec, device: torch.device) -> CachedEncoder:
     uri, settings = spec.data.uri, spec.data_s3
     manifest = read_manifest(uri, settings)
     unconditional = load_safetensors(storage.read_bytes(storage.join(uri, UNCONDITIONAL), settings))
-    return CachedEncoder(scaling_factor=manifest["scaling_factor"], unconditional=unconditional, device=device)
+    return CachedEncoder(scaling_factor=manifest["scaling_factor"], shift_factor=manifest.get("shift_factor"),
+                         unconditional=unconditional, device=device)

@@ -38,7 +38,7 @@ from sdray.data.formats import DataError, read_dataset
 from sdray.data.latents import KIND, MANIFEST, UNCONDITIONAL, VERSION, transform_settings
 from sdray.data.pipeline import quiet_ray_data
 from sdray.models.build import build_components, data_requirements, frozen_fingerprints
-from sdray.models.conditioning import encode_prompts, unconditional_prompts
+from sdray.models.conditioning import encode_prompts, token_ids, unconditional_prompts
 from sdray.models.encoding import LATENT_DIST, LATENT_DIST_FLIPPED, latent_distribution
 from sdray.spec import DiffusionJob, JobSpec, ModelSpec, S3Settings
 
@@ -52,10 +52,9 @@ class Encode:
                  threads: int):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.comps = build_components(model, s3=s3, seed=seed, unet=False)
-        for frozen in (self.comps.vae, self.comps.text_encoder, self.comps.text_encoder_2):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval().to(self.device)
+        self.comps = build_components(model, s3=s3, seed=seed, denoiser=False)
+        for frozen in self.comps.frozen_modules().values():
+            frozen.requires_grad_(False).eval().to(self.device)
         self.flip = flip
         self.dtype = np.dtype(dtype)
 
@@ -64,7 +63,7 @@ class Encode:
         if len(batch["key"]) == 0:  # (Ray 2.60 drops empty blocks before this step; nothing to encode)
             return {}
         out = {"key": batch["key"], **self.latents(batch)}
-        ids = {k: torch.from_numpy(batch[k]) for k in ("input_ids", "input_ids_2") if k in batch}
+        ids = {k: torch.from_numpy(v) for k, v in token_ids(self.comps, batch).items()}
         out.update({k: self.to_numpy(v) for k, v in encode_prompts(self.comps, ids, device=self.device).items()})
         out.update({k: batch[k] for k in ("original_size", "crop_top_left", "target_size") if k in batch})
         if "target_size" not in batch:
@@ -115,7 +114,7 @@ def default_destination(spec: JobSpec) -> str:
 
 
 def _refuse_uncacheable(spec: JobSpec) -> None:
-    if spec.stage != "unet":
+    if spec.stage != "denoiser":
         raise DataError("spec.stage: a latent cache feeds the UNet stage; this job has stage: autoencoder")
     if spec.data.format == "latents":
         raise DataError("spec.data.format: this job already reads a latent cache; precompute from the images")
@@ -186,7 +185,7 @@ def precompute(job: DiffusionJob, out: str | None = None, *, batch_size: int = 6
         raise DataError(f"spec.data.uri: no readable image in {spec.data.uri} ({skipped} unreadable or corrupt "
                         "files skipped); nothing was cached")
 
-    comps = build_components(spec.model, s3=spec.storage, seed=spec.train.seed, unet=False)
+    comps = build_components(spec.model, s3=spec.storage, seed=spec.train.seed, denoiser=False)
     unconditional = {k: v.contiguous() for k, v in unconditional_prompts(comps).items()}
     storage.write_bytes(storage.join(out, UNCONDITIONAL), save_safetensors(unconditional), settings)
     columns = pq.read_schema(files[0], filesystem=fs)
@@ -198,12 +197,14 @@ def precompute(job: DiffusionJob, out: str | None = None, *, batch_size: int = 6
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {"uri": spec.data.uri, "format": spec.data.format, "image_column": spec.data.image_column,
                    "caption_column": spec.data.caption_column},
-        "model": {"preset": model.preset, "pretrained": model.pretrained,
+        "model": {"family": model.family, "preset": model.preset, "pretrained": model.pretrained,
                   "vae": model.vae.pretrained if model.vae else None, "tokenizer": model.tokenizer,
                   "overrides": model.overrides, "seed": spec.train.seed},
         "fingerprints": fingerprints,
         "transform": transform_settings(spec, resolution),
+        "family": comps.family.name,
         "scaling_factor": float(comps.vae.config.scaling_factor),
+        "shift_factor": getattr(comps.vae.config, "shift_factor", None),
         "dtype": dtype,
         "columns": [name for name in columns.names if not name.startswith("__")],
         "files": [f.rsplit("/", 1)[-1] for f in files],

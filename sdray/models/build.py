@@ -1,9 +1,11 @@
-"""Build the Stable Diffusion components of a job: from a preset's configs, or from pretrained weights.
+"""Build the components of a job of any model family: from a preset's configs, or from pretrained weights.
 
 A pretrained source is a local directory or an ``s3://`` URI holding either a whole diffusers pipeline
-(``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) or one
-component (a ``config.json`` naming its class). Components a pretrained source does not hold come from
-the preset. Nothing is fetched from a hub.
+(``model_index.json`` with its family's folders: ``unet/`` or ``transformer/``, ``vae/``, ``text_encoder/``,
+``tokenizer/`` …, ``scheduler/``) or one component (a ``config.json`` naming its class). Components a
+pretrained source does not hold come from the preset. Nothing is fetched from a hub. Which family the
+components belong to (``sdray.models.families``) is the spec's ``model.family``, else the preset's, else the
+pretrained pipeline's ``_class_name``; a contradiction is refused.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import AutoencoderKL
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 from sdray import storage
+from sdray.models.families import FAMILIES, ModelFamily, TextSlot, family_named, family_of_pipeline
 from sdray.models.presets import PRESETS, Preset
 from sdray.models.tokenizer import build_tokenizer
 from sdray.spec import ModelSpec, S3Settings
@@ -30,31 +34,65 @@ class ModelError(ValueError):
 
 @dataclass
 class Components:
-    unet: UNet2DConditionModel | None
+    """A job's models, by diffusers pipeline slot; ``family`` knows what to do with them."""
+
+    family: ModelFamily
+    denoiser: torch.nn.Module | None  # the UNet or transformer
     vae: AutoencoderKL | None
-    text_encoder: CLIPTextModel | None
-    tokenizer: CLIPTokenizer | None
-    noise_scheduler: DDPMScheduler
+    text_encoders: dict[str, torch.nn.Module]  # slot ("text_encoder", "text_encoder_2", …) → model
+    tokenizers_by_slot: dict[str, Any]  # slot ("tokenizer", …) → tokenizer
+    noise_scheduler: Any  # the family's training scheduler
     resolution: int
-    # SDXL only: the second text encoder, whose pooled projection also conditions the UNet.
-    text_encoder_2: CLIPTextModelWithProjection | None = None
-    tokenizer_2: CLIPTokenizer | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def is_xl(self) -> bool:
-        return self.text_encoder_2 is not None
+    def unet(self):
+        """The denoiser (the name the UNet families' code and tests know it by)."""
+        return self.denoiser
 
     @property
-    def tokenizers(self) -> list[CLIPTokenizer]:
-        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+    def text_encoder(self):
+        return self.text_encoders.get("text_encoder")
 
+    @property
+    def text_encoder_2(self):
+        return self.text_encoders.get("text_encoder_2")
 
-_CLASSES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    @property
+    def tokenizer(self):
+        return self.tokenizers_by_slot.get("tokenizer")
+
+    @property
+    def tokenizer_2(self):
+        return self.tokenizers_by_slot.get("tokenizer_2")
+
+    @property
+    def tokenizers(self) -> list:
+        """The tokenizers in slot order: the data pipeline's ``input_ids``, ``input_ids_2``, … columns."""
+        return [self.tokenizers_by_slot[s.tokenizer] for s in self.family.text_slots
+                if s.tokenizer in self.tokenizers_by_slot]
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """The VAE and text encoders that were built (slot → model)."""
+        out = {"vae": self.vae} if self.vae is not None else {}
+        out.update({k: v for k, v in self.text_encoders.items() if v is not None})
+        return out
+
+    def with_models(self, **models) -> Components:
+        """A copy with some models replaced (``denoiser=…``, ``text_encoder=…``, ``vae=…``)."""
+        text = dict(self.text_encoders)
+        rest = {}
+        for name, model in models.items():
+            if name in text or name.startswith("text_encoder"):
+                text[name] = model
+            else:
+                rest[name] = model
+        return Components(**{**self.__dict__, "text_encoders": text, **rest})
+
 
 # Each component starts from its own seed, so building some of them (the frozen encoders alone, for a
-# latent cache; the UNet alone, to train on one) initialises each exactly as building them all does.
-_SEED_OFFSETS = {"vae": 0, "unet": 1, "text_encoder": 2, "text_encoder_2": 3}
-FROZEN = ("vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+# latent cache; the denoiser alone, to train on one) initialises each exactly as building them all does.
+_SEED_OFFSETS = {"vae": 0, "denoiser": 1, "text_encoder": 2, "text_encoder_2": 3, "text_encoder_3": 4}
 
 
 def _check_overrides(component: str, overrides: dict, accepted: set[str]) -> None:
@@ -70,29 +108,40 @@ def _init_params(cls) -> set[str]:
     return {p for p in inspect.signature(cls.__init__).parameters if p != "self"}
 
 
+_VAE_CLASSES = {"AutoencoderKL": AutoencoderKL}
+
+
+def _denoiser_kinds() -> dict[str, type]:
+    return {f.denoiser_class.__name__: f.denoiser_class for f in FAMILIES.values()}
+
+
 def _source_kind(path: Path) -> tuple[str, Path]:
-    """('pipeline', dir) or (component name, dir) for a pretrained directory."""
+    """('pipeline', dir) or (component: 'denoiser', 'vae', 'text_encoder', dir) for a pretrained directory."""
     if (path / "model_index.json").exists():
         return "pipeline", path
     config = path / "config.json"
     if config.exists():
-        name = json.loads(config.read_text()).get("_class_name") or ""
-        if not name and json.loads(config.read_text()).get("model_type") == "clip_text_model":
+        data = json.loads(config.read_text())
+        name = data.get("_class_name") or ""
+        if not name and data.get("model_type") == "clip_text_model":
             name = "CLIPTextModel"
-        kinds = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "CLIPTextModel": "text_encoder"}
-        if name in kinds:
-            return kinds[name], path
+        if name in _denoiser_kinds():
+            return "denoiser", path
+        if name in _VAE_CLASSES:
+            return "vae", path
+        if name == "CLIPTextModel":
+            return "text_encoder", path
         if name == "CLIPTextModelWithProjection":
-            raise ModelError(f"{path}: a CLIPTextModelWithProjection alone cannot be used; give the whole SDXL pipeline")
+            raise ModelError(f"{path}: a CLIPTextModelWithProjection alone cannot be used; give the whole pipeline")
     if (path / "vae" / "config.json").exists():  # the output folder of an autoencoder-stage job
         return "vae", path / "vae"
     raise ModelError(
         f"{path}: expected a diffusers pipeline (model_index.json) or one component "
-        "(config.json of UNet2DConditionModel, AutoencoderKL or CLIPTextModel)"
+        f"(config.json of {', '.join(sorted(_denoiser_kinds()))}, AutoencoderKL or CLIPTextModel)"
     )
 
 
-def _text_encoder_from_config(cls, config: dict, tokenizer: CLIPTokenizer, overrides: dict):
+def _clip_encoder(cls, config: dict, tokenizer, overrides: dict):
     config = {
         **config,
         "vocab_size": len(tokenizer),
@@ -104,8 +153,45 @@ def _text_encoder_from_config(cls, config: dict, tokenizer: CLIPTokenizer, overr
     return cls(CLIPTextConfig(**config))
 
 
+def _t5_encoder(cls, config: dict, tokenizer, overrides: dict):
+    from transformers import T5Config
+
+    config = {**config, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "decoder_start_token_id": tokenizer.pad_token_id, **overrides}
+    return cls(T5Config(**config))
+
+
+def _t5_config_fields() -> set[str]:
+    from transformers import T5Config
+
+    return set(T5Config().to_dict())
+
+
+# How a preset builds each kind of text encoder and tokenizer, and loads a pretrained tokenizer.
+_ENCODER_FROM_CONFIG = {"clip": _clip_encoder, "t5": _t5_encoder}
+_ENCODER_FIELDS = {"clip": lambda: set(CLIPTextConfig().to_dict()), "t5": _t5_config_fields}
+
+
+def _load_tokenizer(kind: str, path: Path, subfolder: str | None = None):
+    if kind == "t5":
+        from transformers import T5TokenizerFast
+
+        return T5TokenizerFast.from_pretrained(path, subfolder=subfolder) if subfolder else \
+            T5TokenizerFast.from_pretrained(path)
+    return CLIPTokenizer.from_pretrained(path, subfolder=subfolder) if subfolder else CLIPTokenizer.from_pretrained(path)
+
+
+def _build_tokenizer(kind: str, max_length: int):
+    if kind == "t5":
+        from sdray.models.tokenizer import build_t5_tokenizer
+
+        return build_t5_tokenizer(max_length)
+    return build_tokenizer(max_length)
+
+
 class _Sources:
-    """Where each component of ``spec`` comes from: a pipeline dir, a component dir, or the preset."""
+    """Where each component of ``spec`` comes from: a pipeline dir, a component dir, or the preset; and
+    which family they make."""
 
     def __init__(self, spec: ModelSpec, s3: S3Settings | None):
         self.spec = spec
@@ -119,10 +205,13 @@ class _Sources:
                 self.pipeline_dir = path
             else:
                 self.component_dirs[kind] = path
-            for name in ("unet", "vae", "text_encoder"):
-                if name in spec.overrides and self.is_pretrained(name):
+        self.family = self._family()
+        if spec.pretrained:
+            for name in ("denoiser", "vae", "text_encoder"):
+                key = self.override_key(name)
+                if key in spec.overrides and self.is_pretrained(name):
                     raise ModelError(
-                        f"spec.model.overrides.{name}: cannot change the architecture of pretrained weights "
+                        f"spec.model.overrides.{key}: cannot change the architecture of pretrained weights "
                         "(overrides apply to preset components only)"
                     )
         if spec.vae:
@@ -131,11 +220,38 @@ class _Sources:
                 raise ModelError(f"spec.model.vae.pretrained: {spec.vae.pretrained} holds a {kind}, not a VAE")
             self.component_dirs["vae"] = path / "vae" if kind == "pipeline" else path
 
+    def _family(self) -> ModelFamily:
+        """The family the spec, the preset and the pretrained pipeline agree on."""
+        claims: list[tuple[str, str]] = []
+        if self.spec.family:
+            claims.append(("spec.model.family", self.spec.family))
+        if self.preset is not None:
+            claims.append((f"spec.model.preset ({self.spec.preset})", self.preset.family))
+        if self.pipeline_dir is not None:
+            class_name = json.loads((self.pipeline_dir / "model_index.json").read_text()).get("_class_name", "")
+            found = family_of_pipeline(class_name)
+            if found is None:
+                raise ModelError(f"spec.model.pretrained: a {class_name or 'pipeline without _class_name'} is "
+                                 f"not a pipeline of a family sdray trains ({', '.join(FAMILIES)})")
+            claims.append((f"spec.model.pretrained ({class_name})", found.name))
+        names = {name for _, name in claims}
+        if len(names) > 1:
+            raise ModelError("spec.model.family: the model's sources disagree on its family: "
+                             + ", ".join(f"{where} is {name}" for where, name in claims))
+        return family_named(names.pop() if names else "sd")
+
     def _resolve(self, field: str, uri: str) -> tuple[str, Path]:
         try:
             return _source_kind(storage.local_copy(uri, self.s3))
         except (storage.StorageError, ModelError) as exc:
             raise ModelError(f"{field}: {exc}") from None
+
+    def override_key(self, name: str) -> str:
+        """The ``spec.model.overrides`` key of a component (the denoiser's is its slot, unet or transformer)."""
+        return self.family.denoiser if name == "denoiser" else name
+
+    def folder(self, name: str) -> str:
+        return self.family.denoiser if name == "denoiser" else name
 
     def is_pretrained(self, name: str) -> bool:
         return name in self.component_dirs or self.pipeline_dir is not None
@@ -148,58 +264,68 @@ class _Sources:
         return self.preset
 
     def model(self, name: str):
-        cls = _CLASSES[name]
+        """The denoiser or the VAE."""
+        cls = self.family.denoiser_class if name == "denoiser" else AutoencoderKL
         if name in self.component_dirs:
             return cls.from_pretrained(self.component_dirs[name])
         if self.pipeline_dir is not None:
-            return cls.from_pretrained(self.pipeline_dir, subfolder=name)
-        overrides = self.spec.overrides.get(name, {})
-        _check_overrides(name, overrides, _init_params(cls))
-        return cls.from_config({**getattr(self.need_preset(name), name), **overrides})
+            return cls.from_pretrained(self.pipeline_dir, subfolder=self.folder(name))
+        key = self.override_key(name)
+        overrides = self.spec.overrides.get(key, {})
+        _check_overrides(key, overrides, _init_params(cls))
+        preset = self.need_preset(key)
+        return cls.from_config({**(preset.denoiser if name == "denoiser" else preset.vae), **overrides})
 
-    @property
-    def is_xl(self) -> bool:
+    def text_slots(self) -> tuple[TextSlot, ...]:
+        """The text encoders this job uses: the family's, less an optional one the spec or the pretrained
+        pipeline leaves out."""
+        slots = self.family.active_text_slots(self.spec)
         if self.pipeline_dir is not None:
-            return (self.pipeline_dir / "text_encoder_2").exists()
-        return bool(self.preset and self.preset.is_xl)
+            slots = tuple(s for s in slots if not s.optional or (self.pipeline_dir / s.encoder).is_dir())
+        return slots
 
-    def tokenizer(self, slot: str = "tokenizer") -> CLIPTokenizer:
-        if self.spec.tokenizer and slot == "tokenizer":
-            tok = CLIPTokenizer.from_pretrained(storage.local_copy(self.spec.tokenizer, self.s3))
+    def tokenizer(self, slot: TextSlot):
+        max_length = self.family.max_token_length(slot, self.spec, self.preset)
+        if self.spec.tokenizer and slot.tokenizer == "tokenizer":
+            tok = _load_tokenizer(slot.kind, storage.local_copy(self.spec.tokenizer, self.s3))
         elif self.pipeline_dir is not None:
-            tok = CLIPTokenizer.from_pretrained(self.pipeline_dir, subfolder=slot)
+            tok = _load_tokenizer(slot.kind, self.pipeline_dir, slot.tokenizer)
         else:
-            tok = build_tokenizer(self.need_preset(slot).tokenizer_max_length)
+            tok = _build_tokenizer(slot.kind, max_length or self.need_preset(slot.tokenizer).tokenizer_max_length)
+        if max_length:
+            tok.model_max_length = max_length
         if len(tok) < 3:
-            raise ModelError(f"spec.model.tokenizer: the {slot} loaded is empty (is the directory complete?)")
+            raise ModelError(f"spec.model.tokenizer: the {slot.tokenizer} loaded is empty (is the directory complete?)")
         return tok
 
-    def text_encoder(self, tokenizer: CLIPTokenizer, slot: str = "text_encoder"):
-        cls = CLIPTextModelWithProjection if slot == "text_encoder_2" else CLIPTextModel
-        if slot in self.component_dirs:
-            enc = cls.from_pretrained(self.component_dirs[slot])
+    def text_encoder(self, slot: TextSlot, tokenizer):
+        if slot.encoder in self.component_dirs:
+            enc = slot.encoder_class.from_pretrained(self.component_dirs[slot.encoder])
         elif self.pipeline_dir is not None:
-            enc = cls.from_pretrained(self.pipeline_dir, subfolder=slot)
+            enc = slot.encoder_class.from_pretrained(self.pipeline_dir, subfolder=slot.encoder)
         else:
-            overrides = self.spec.overrides.get(slot, {})
-            _check_overrides(slot, overrides, set(CLIPTextConfig().to_dict()))
-            enc = _text_encoder_from_config(cls, getattr(self.need_preset(slot), slot), tokenizer, overrides)
+            overrides = self.spec.overrides.get(slot.encoder, {})
+            _check_overrides(slot.encoder, overrides, _ENCODER_FIELDS[slot.kind]())
+            config = self.need_preset(slot.encoder).text_encoders[slot.encoder]
+            enc = _ENCODER_FROM_CONFIG[slot.kind](slot.encoder_class, config, tokenizer, overrides)
         if enc.config.vocab_size < len(tokenizer):
             raise ModelError(
-                f"spec.model.tokenizer: {len(tokenizer)} tokens, but the {slot} knows only "
+                f"spec.model.tokenizer: {len(tokenizer)} tokens, but the {slot.encoder} knows only "
                 f"{enc.config.vocab_size}"
             )
         return enc
 
-    def noise_scheduler(self) -> DDPMScheduler:
+    def noise_scheduler(self):
+        cls = self.family.scheduler_class
         if self.pipeline_dir is not None and (self.pipeline_dir / "scheduler").exists():
-            config = DDPMScheduler.load_config(self.pipeline_dir, subfolder="scheduler")
+            config = dict(cls.load_config(self.pipeline_dir, subfolder="scheduler"))
+        elif self.preset is not None:
+            config = dict(self.preset.scheduler)
         else:
-            config = dict((self.preset or PRESETS["tiny"]).scheduler)
+            config = dict(PRESETS[self.family.default_preset].scheduler)
         overrides = self.spec.overrides.get("scheduler", {})
-        _check_overrides("scheduler", overrides, _init_params(DDPMScheduler))
-        return DDPMScheduler.from_config({**config, **overrides, "prediction_type": self.spec.prediction_type,
-                                          "rescale_betas_zero_snr": self.spec.rescale_betas_zero_snr})
+        _check_overrides("scheduler", overrides, _init_params(cls))
+        return self.family.training_scheduler({**config, **overrides}, self.spec)
 
     def pretrained_dir(self, slot: str) -> Path | None:
         """The directory a pretrained ``slot`` (a model, tokenizer or text encoder) is loaded from, or None
@@ -212,14 +338,14 @@ class _Sources:
             return self.pipeline_dir / slot
         return None
 
-    def build(self, slot: str, seed: int, tokenizer: CLIPTokenizer | None = None):
-        """One model (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``) from its own seed; the
-        caller's random state is left as it was (a trainer may build the frozen ones mid-run)."""
+    def build(self, name: str, seed: int, slot: TextSlot | None = None, tokenizer=None):
+        """One model (``denoiser``, ``vae``, or a text slot's encoder) from its own seed; the caller's random
+        state is left as it was (a trainer may build the frozen ones mid-run)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + _SEED_OFFSETS[slot])
-            if slot in _CLASSES:
-                return self.model(slot)
-            return self.text_encoder(tokenizer, slot)
+            torch.manual_seed(seed + _SEED_OFFSETS[name])
+            if slot is None:
+                return self.model(name)
+            return self.text_encoder(slot, tokenizer)
 
     def resolution(self) -> int:
         if self.spec.resolution:
@@ -230,42 +356,50 @@ class _Sources:
         return int(AutoencoderKL.load_config(vae_dir)["sample_size"])
 
 
-def data_requirements(spec: ModelSpec, *, stage: str = "unet", s3: S3Settings | None = None
-                      ) -> tuple[int, list[CLIPTokenizer]]:
-    """What the data pipeline needs from the model (image size, tokenizers) without building the models."""
+def model_family(spec: ModelSpec, s3: S3Settings | None = None) -> ModelFamily:
+    """The family of ``spec``'s model (from the spec, the preset, or the pretrained pipeline)."""
+    return _Sources(spec, s3).family
+
+
+def data_requirements(spec: ModelSpec, *, stage: str = "denoiser", s3: S3Settings | None = None
+                      ) -> tuple[int, list]:
+    """What the data pipeline needs from the model (image size, tokenizers in slot order) without building
+    the models."""
     sources = _Sources(spec, s3)
-    if stage != "unet":
+    if stage == "autoencoder":
         return sources.resolution(), []
-    slots = ["tokenizer", "tokenizer_2"] if sources.is_xl else ["tokenizer"]
-    return sources.resolution(), [sources.tokenizer(slot) for slot in slots]
+    return sources.resolution(), [sources.tokenizer(slot) for slot in sources.text_slots()]
 
 
-def build_components(spec: ModelSpec, *, stage: str = "unet", s3: S3Settings | None = None,
-                     seed: int = 0, unet: bool = True, frozen: bool = True) -> Components:
+def build_components(spec: ModelSpec, *, stage: str = "denoiser", s3: S3Settings | None = None,
+                     seed: int = 0, denoiser: bool = True, frozen: bool = True) -> Components:
     """Every component a job of ``stage`` needs, weights loaded where a pretrained source names them.
 
-    ``seed`` makes preset initialisation identical on every worker. For ``stage: unet``, ``unet=False``
-    leaves out the UNet and ``frozen=False`` the VAE, tokenizers and text encoders (training on a latent
-    cache needs none of them); each component is the same whichever others are built.
+    ``seed`` makes preset initialisation identical on every worker. For the denoiser stage,
+    ``denoiser=False`` leaves out the denoiser and ``frozen=False`` the VAE, tokenizers and
+    text encoders (training on a latent cache needs none of them); each component is the same whichever
+    others are built.
     """
     sources = _Sources(spec, s3)
-    if stage != "unet":
-        return Components(None, sources.build("vae", seed), None, None, sources.noise_scheduler(),
+    family = sources.family
+    if stage == "autoencoder":
+        return Components(family, None, sources.build("vae", seed), {}, {}, sources.noise_scheduler(),
                           sources.resolution())
-    parts: dict = dict.fromkeys(("unet", *FROZEN))
-    if unet:
-        if spec.lora is not None and not sources.is_pretrained("unet"):
-            raise ModelError("spec.model.lora: spec.model.pretrained holds no UNet, so the adapters would sit on "
-                             "the preset's random weights; give a pipeline or UNet to adapt")
-        parts["unet"] = sources.build("unet", seed)
+    model = vae = None
+    encoders: dict = {}
+    tokenizers: dict = {}
+    if denoiser:
+        if spec.lora is not None and not sources.is_pretrained("denoiser"):
+            raise ModelError(f"spec.model.lora: spec.model.pretrained holds no {family.denoiser}, so the adapters "
+                             "would sit on the preset's random weights; give a pipeline or "
+                             f"{family.denoiser} to adapt")
+        model = sources.build("denoiser", seed)
     if frozen:
-        parts["vae"] = sources.build("vae", seed)
-        pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
-        for tokenizer, encoder in pairs[: 2 if sources.is_xl else 1]:
-            parts[tokenizer] = sources.tokenizer(tokenizer)
-            parts[encoder] = sources.build(encoder, seed, parts[tokenizer])
-    return Components(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
-                      sources.noise_scheduler(), sources.resolution(), parts["text_encoder_2"], parts["tokenizer_2"])
+        vae = sources.build("vae", seed)
+        for slot in sources.text_slots():
+            tokenizers[slot.tokenizer] = sources.tokenizer(slot)
+            encoders[slot.encoder] = sources.build(slot.encoder, seed, slot, tokenizers[slot.tokenizer])
+    return Components(family, model, vae, encoders, tokenizers, sources.noise_scheduler(), sources.resolution())
 
 
 def _hash_files(directory: Path) -> str:
@@ -290,21 +424,21 @@ def _hash_model(model) -> str:
 
 
 def frozen_fingerprints(spec: ModelSpec, *, s3: S3Settings | None = None, seed: int = 0) -> dict[str, str]:
-    """A content digest of each frozen component of a UNet job (VAE, tokenizers, text encoders): what a
+    """A content digest of each frozen component of a denoiser job (VAE, tokenizers, text encoders): what a
     latent cache depends on. A pretrained component is hashed from its files (config and weights; nothing
     is loaded), a preset one from its configuration and the weights ``seed`` initialises."""
     sources = _Sources(spec, s3)
-    slots = FROZEN if sources.is_xl else FROZEN[:3]
     out: dict[str, str] = {}
-    for slot in slots:
-        directory = sources.pretrained_dir(slot)
-        if directory is not None:
-            out[slot] = "files:" + _hash_files(directory)
-        elif slot.startswith("tokenizer"):
-            tok = sources.tokenizer(slot)
-            out[slot] = "preset:" + hashlib.sha256(
-                f"{tok.model_max_length}:{tok.backend_tokenizer.to_str()}".encode()).hexdigest()
-        else:
-            tokenizer = sources.tokenizer(slot.replace("text_encoder", "tokenizer")) if slot != "vae" else None
-            out[slot] = "preset:" + _hash_model(sources.build(slot, seed, tokenizer))
+    directory = sources.pretrained_dir("vae")
+    out["vae"] = "files:" + _hash_files(directory) if directory else "preset:" + _hash_model(sources.build("vae", seed))
+    for slot in sources.text_slots():
+        tok = sources.tokenizer(slot)
+        directory = sources.pretrained_dir(slot.tokenizer)
+        out[slot.tokenizer] = ("files:" + _hash_files(directory) if directory is not None else "preset:" + hashlib.sha256(
+            f"{tok.model_max_length}:{tok.backend_tokenizer.to_str()}".encode()).hexdigest())
+        if directory is not None and slot.kind == "t5":
+            out[slot.tokenizer] += f":{tok.model_max_length}"  # the T5 length the spec sets changes the rows
+        directory = sources.pretrained_dir(slot.encoder)
+        out[slot.encoder] = ("files:" + _hash_files(directory) if directory is not None
+                             else "preset:" + _hash_model(sources.build(slot.encoder, seed, slot, tok)))
     return out

@@ -1,11 +1,11 @@
-"""Assemble, load and sample the stock diffusers ``StableDiffusionPipeline`` that sdray trains and exports."""
+"""Assemble, load and sample the stock diffusers pipeline of the family that sdray trains and exports."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from sdray import storage
@@ -13,18 +13,10 @@ from sdray.models.build import Components
 from sdray.spec import S3Settings
 
 
-def assemble_pipeline(comps: Components, unet=None) -> DiffusionPipeline:
-    """A stock pipeline around trained components (``unet`` replaces ``comps.unet`` when given):
-    ``StableDiffusionXLPipeline`` for SDXL-shaped models, else ``StableDiffusionPipeline``. Both sample
-    with DPM-Solver++ (good images in ~20 steps)."""
-    common = dict(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-                  unet=unet if unet is not None else comps.unet,
-                  scheduler=DPMSolverMultistepScheduler.from_config(comps.noise_scheduler.config))
-    if comps.is_xl:
-        return StableDiffusionXLPipeline(**common, text_encoder_2=comps.text_encoder_2,
-                                         tokenizer_2=comps.tokenizer_2, add_watermarker=False)
-    return StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+def assemble_pipeline(comps: Components, denoiser=None) -> DiffusionPipeline:
+    """The family's stock pipeline around trained components (``denoiser`` replaces ``comps.denoiser``
+    when given): ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, … (``ModelFamily.assemble_pipeline``)."""
+    return comps.family.assemble_pipeline(comps, denoiser)
 
 
 def pipeline_dir(path: Path) -> Path:
@@ -45,11 +37,12 @@ def load_pipeline(uri: str, s3: S3Settings | None = None) -> DiffusionPipeline:
 @torch.no_grad()
 def generate(pipe: DiffusionPipeline, prompts: list[str], *, images_per_prompt: int = 1,
              num_inference_steps: int = 25, guidance_scale: float = 5.0, seed: int = 0,
-             resolution: int | None = None) -> list[list[Image.Image]]:
-    """``images_per_prompt`` images for each prompt (one list per prompt), reproducible from ``seed``."""
+             resolution: int | None = None, **kwargs) -> list[list[Image.Image]]:
+    """``images_per_prompt`` images for each prompt (one list per prompt), reproducible from ``seed``;
+    ``kwargs`` go to the pipeline (a family's own, as T5's ``max_sequence_length``)."""
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out = pipe(prompts, num_images_per_prompt=images_per_prompt, num_inference_steps=num_inference_steps,
                guidance_scale=guidance_scale, generator=generator, height=resolution, width=resolution,
-               output_type="pil").images
+               output_type="pil", **kwargs).images
     return [out[i * images_per_prompt:(i + 1) * images_per_prompt] for i in range(len(prompts))]

@@ -25,18 +25,17 @@ SD_NOISE_SCHEDULE = {
 
 @dataclass(frozen=True)
 class Preset:
-    resolution: int
-    unet: dict[str, Any]
-    vae: dict[str, Any]
-    text_encoder: dict[str, Any]
-    tokenizer_max_length: int
-    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_NOISE_SCHEDULE))
-    # SDXL: a second text encoder (CLIPTextModelWithProjection) whose pooled output conditions the UNet.
-    text_encoder_2: dict[str, Any] | None = None
+    """A named architecture of one model family: each component's config, by pipeline slot."""
 
-    @property
-    def is_xl(self) -> bool:
-        return self.text_encoder_2 is not None
+    family: str  # sdray.models.families: sd, sdxl, sd3, flux
+    resolution: int
+    denoiser: dict[str, Any]  # the UNet's or transformer's config
+    vae: dict[str, Any]
+    # text encoder slot ("text_encoder", "text_encoder_2", …) → its config (CLIPTextConfig / T5Config fields)
+    text_encoders: dict[str, dict[str, Any]]
+    tokenizer_max_length: int  # the CLIP tokenizers'
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_NOISE_SCHEDULE))
+    t5_max_length: int | None = None  # the T5 tokenizer's (families with a T5 encoder)
 
 
 _SD_VAE = {
@@ -102,10 +101,12 @@ _SD_UNET = {
 }
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(resolution=16, unet=_TINY_UNET, vae=_TINY_VAE, text_encoder=_TINY_TEXT, tokenizer_max_length=16),
+    "tiny": Preset(family="sd", resolution=16, denoiser=_TINY_UNET, vae=_TINY_VAE,
+                   text_encoders={"text_encoder": _TINY_TEXT}, tokenizer_max_length=16),
     "tiny-xl": Preset(
+        family="sdxl",
         resolution=16,
-        unet={
+        denoiser={
             **_TINY_UNET,
             "cross_attention_dim": 64,  # the two text encoders' hidden states, concatenated
             "use_linear_projection": True,
@@ -114,15 +115,15 @@ PRESETS: dict[str, Preset] = {
             "projection_class_embeddings_input_dim": 32 + _XL_TIME_IDS * 8,
         },
         vae=_TINY_VAE,
-        text_encoder=_TINY_TEXT,
-        text_encoder_2=_TINY_TEXT,
+        text_encoders={"text_encoder": _TINY_TEXT, "text_encoder_2": _TINY_TEXT},
         tokenizer_max_length=16,
     ),
     "sd15": Preset(
+        family="sd",
         resolution=512,
-        unet={**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8},
+        denoiser={**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8},
         vae=_SD_VAE,
-        text_encoder={
+        text_encoders={"text_encoder": {
             "hidden_size": 768,
             "intermediate_size": 3072,
             "num_hidden_layers": 12,
@@ -130,19 +131,20 @@ PRESETS: dict[str, Preset] = {
             "projection_dim": 768,
             "max_position_embeddings": 77,
             "hidden_act": "quick_gelu",
-        },
+        }},
         tokenizer_max_length=77,
     ),
     "sd2-base": Preset(
+        family="sd",
         resolution=512,
-        unet={
+        denoiser={
             **_SD_UNET,
             "cross_attention_dim": 1024,
             "attention_head_dim": [5, 10, 20, 20],
             "use_linear_projection": True,
         },
         vae=_SD_VAE,
-        text_encoder={
+        text_encoders={"text_encoder": {
             "hidden_size": 1024,
             "intermediate_size": 4096,
             "num_hidden_layers": 23,
@@ -150,12 +152,13 @@ PRESETS: dict[str, Preset] = {
             "projection_dim": 512,
             "max_position_embeddings": 77,
             "hidden_act": "gelu",
-        },
+        }},
         tokenizer_max_length=77,
     ),
     "sdxl-base": Preset(
+        family="sdxl",
         resolution=1024,
-        unet={
+        denoiser={
             "sample_size": 128,
             "in_channels": 4,
             "out_channels": 4,
@@ -173,7 +176,7 @@ PRESETS: dict[str, Preset] = {
             "projection_class_embeddings_input_dim": 1280 + _XL_TIME_IDS * 256,
         },
         vae={**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025},
-        text_encoder={
+        text_encoders={"text_encoder": {
             "hidden_size": 768,
             "intermediate_size": 3072,
             "num_hidden_layers": 12,
@@ -181,8 +184,7 @@ PRESETS: dict[str, Preset] = {
             "projection_dim": 768,
             "max_position_embeddings": 77,
             "hidden_act": "quick_gelu",
-        },
-        text_encoder_2={
+        }, "text_encoder_2": {
             "hidden_size": 1280,
             "intermediate_size": 5120,
             "num_hidden_layers": 32,
@@ -190,7 +192,7 @@ PRESETS: dict[str, Preset] = {
             "projection_dim": 1280,
             "max_position_embeddings": 77,
             "hidden_act": "gelu",
-        },
+        }},
         tokenizer_max_length=77,
         scheduler={**SD_NOISE_SCHEDULE, "timestep_spacing": "leading"},
     ),

@@ -1,9 +1,10 @@
 """The per-worker training loop: plain PyTorch, independent of Ray.
 
-``train_worker(job, ctx)`` trains the UNet (``stage: unet``; what exactly trains, LoRA adapters or the
-text encoder too, is ``sdray.train.trainable``'s decision) or the AutoencoderKL (``stage: autoencoder``),
-checkpoints, validates and, on rank 0, exports the result: a stock diffusers ``StableDiffusionPipeline``
-(with LoRA: also the adapters in diffusers' LoRA format) or an ``AutoencoderKL``, under ``spec.output.uri``.
+``train_worker(job, ctx)`` trains the model family's denoiser (``stage: denoiser``; what exactly trains,
+LoRA adapters or the text encoders too, is ``sdray.train.trainable``'s decision) or the AutoencoderKL
+(``stage: autoencoder``), checkpoints, validates and, on rank 0, exports the result: the family's stock
+diffusers pipeline (with LoRA: also the adapters in diffusers' LoRA format) or an ``AutoencoderKL``, under
+``spec.output.uri``. What differs between families is asked of ``Components.family``.
 
 On a latent cache (``data.format: latents``) the VAE and text encoders are not built for training:
 rank 0 builds them on first use, for sample grids and the export.
@@ -92,20 +93,16 @@ class Trainer:
                                                   frozen=not cached)
         seed_everything(self.cfg.seed + 1000 * ctx.rank)  # each worker draws its own noise
         self.encoder = None
-        if spec.stage == "unet":
-            for name in ("vae", "text_encoder", "text_encoder_2"):
-                module = getattr(self.comps, name)
-                if module is not None:
-                    module.to(self.device)
+        if spec.stage == "denoiser":
+            for module in self.comps.frozen_modules().values():
+                module.to(self.device)
             # Where latents and prompt embeddings come from: the frozen encoders, or the cache's rows.
             self.encoder = cached_encoder(spec, self.device) if cached else OnlineEncoder(self.comps, self.device)
         self.trainable = Trainable(self.comps, spec, self.encoder)  # decides what trains (requires_grad)
-        if spec.stage == "unet":
-            self.model = self.comps.unet
-            for name in ("vae", "text_encoder", "text_encoder_2"):
-                module = getattr(self.comps, name)
-                if module is not None:
-                    module.train(name in self.trainable.components)
+        if spec.stage == "denoiser":
+            self.model = self.comps.denoiser
+            for name, module in self.comps.frozen_modules().items():
+                module.train(name in self.trainable.components)
         else:
             self.model = self.comps.vae
             self.recent_latents: deque[torch.Tensor] = deque(maxlen=32)  # for the exported scaling_factor
@@ -120,7 +117,8 @@ class Trainer:
         # Wrap first: FSDP2 turns the parameters into sharded DTensors, which the optimizer must hold.
         # DeepSpeed goes the other way: its engine is made from the optimizer and the LR schedule.
         self.wrapped = self.objective if use_deepspeed else parallelize(
-            self.objective, spec.distributed, self.device, self.amp_dtype, self.cfg.compile)
+            self.objective, spec.distributed, self.device, self.amp_dtype, self.cfg.compile,
+            units=self.trainable.shard_units())
         self.sharded = is_sharded(self.wrapped)
         self.sharded_root = unwrap_compiled(self.wrapped) if self.sharded else None
 
@@ -151,11 +149,10 @@ class Trainer:
         """The components with the VAE, tokenizers and text encoders, built on first use when training
         on a latent cache (sampling and the export need them; training steps do not)."""
         if self.comps.vae is None:
-            frozen = build_components(self.spec.model, s3=self.spec.storage, seed=self.cfg.seed, unet=False)
-            for module in (frozen.vae, frozen.text_encoder, frozen.text_encoder_2):
-                if module is not None:
-                    module.requires_grad_(False).eval().to(self.device)
-            self.comps = self.trainable.comps = dataclasses.replace(frozen, unet=self.comps.unet)
+            frozen = build_components(self.spec.model, s3=self.spec.storage, seed=self.cfg.seed, denoiser=False)
+            for module in frozen.frozen_modules().values():
+                module.requires_grad_(False).eval().to(self.device)
+            self.comps = self.trainable.comps = dataclasses.replace(frozen, denoiser=self.comps.denoiser)
         return self.comps
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -362,7 +359,8 @@ class Trainer:
         full = full_state_dict(self.wrapped)
         if not self.is_main:
             return None
-        prefix = "vae." if self.spec.stage == "autoencoder" else "unet."  # the sharded root wraps the model
+        # the sharded root wraps the model: the VAE, or the denoiser under its pipeline slot name
+        prefix = "vae." if self.spec.stage == "autoencoder" else self.trainable.denoiser_slot + "."
         plain = type(self.model).from_config(self.model.config)
         plain.load_state_dict({k[len(prefix):]: v for k, v in full.items()})
         return plain.to(self.device)
@@ -450,11 +448,12 @@ class Trainer:
             name = "final" if final else f"step_{step:08d}"
             grid = None
             objective = self.trainable.objective(model).eval()  # the model and any trained text encoder
-            if self.spec.stage == "unet" and self.spec.validation.prompts:
+            if self.spec.stage == "denoiser" and self.spec.validation.prompts:
                 v = self.spec.validation
-                rows = generate(assemble_pipeline(self._with_encoders(), model), v.prompts, images_per_prompt=v.images_per_prompt,
+                comps = self._with_encoders()
+                rows = generate(assemble_pipeline(comps, model), v.prompts, images_per_prompt=v.images_per_prompt,
                                 num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
-                                seed=v.seed, resolution=self.comps.resolution)
+                                seed=v.seed, resolution=self.comps.resolution, **comps.family.sampling_kwargs(comps))
                 grid = self.report.save_image(f"samples/{name}.png", image_grid(rows, v.prompts))
             elif self.spec.stage == "autoencoder" and self.last_pixels is not None:
                 pixels = self.last_pixels[:8].to(self.device)
@@ -490,7 +489,7 @@ class Trainer:
         """Save the stock diffusers pipeline (or the VAE) under spec.output.uri (rank 0)."""
         out = self.spec.output.uri
         with tempfile.TemporaryDirectory(prefix="sdray-export-") as tmp:
-            if self.spec.stage == "unet":
+            if self.spec.stage == "denoiser":
                 pipe = assemble_pipeline(self._with_encoders(), model)
                 if self.trainable.lora:
                     pipe.save_lora_weights(Path(tmp) / "lora", **self.trainable.lora_layers())
@@ -501,7 +500,7 @@ class Trainer:
                 storage.upload_dir(Path(tmp) / "pipeline", storage.join(out, "pipeline"), self.spec.storage)
                 summary["pipeline"] = storage.join(out, "pipeline")
                 return
-            if self.recent_latents:  # unit-variance latents for the UNet stage, as Stable Diffusion does
+            if self.recent_latents:  # unit-variance latents for the denoiser stage, as Stable Diffusion does
                 std = torch.cat([latents.flatten() for latents in self.recent_latents]).std().item()
                 model.register_to_config(scaling_factor=1.0 / std)
                 summary["scaling_factor"] = 1.0 / std

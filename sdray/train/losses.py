@@ -53,7 +53,8 @@ def diffusion_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, cond: 
         input_noise = noise + input_perturbation * torch.randn(noise.shape, generator=generator, device=noise.device,
                                                                dtype=noise.dtype)
     noisy = scheduler.add_noise(latents, input_noise, timesteps)
-    pred = unet(noisy, timesteps, **cond).sample
+    pred = unet(noisy, timesteps, **cond)
+    pred = getattr(pred, "sample", pred)  # a diffusers model's output, or a conditioned denoiser's tensor
     target = diffusion_target(scheduler, latents, noise, timesteps)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
     if snr_gamma:

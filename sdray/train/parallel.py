@@ -20,12 +20,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sdray.spec import DistributedSpec, FSDPSpec
 
-# The containers of repeated blocks in diffusers' UNets and VAEs: FSDP shards each block on its own, so
-# only one block's parameters are gathered at a time.
-_BLOCK_LISTS = ("down_blocks", "up_blocks")
-_SINGLE_BLOCKS = ("mid_block",)
-
-
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -36,18 +30,8 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(getattr(module, "_orig_mod", module), FSDPModule)
 
 
-def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    blocks = []
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in _BLOCK_LISTS and isinstance(module, torch.nn.ModuleList):
-            blocks.extend(module)
-        elif leaf in _SINGLE_BLOCKS and module is not None:
-            blocks.append(module)
-    return blocks
-
-
-def _shard(model: torch.nn.Module, fsdp: FSDPSpec, device: torch.device, amp_dtype: torch.dtype | None):
+def _shard(model: torch.nn.Module, fsdp: FSDPSpec, device: torch.device, amp_dtype: torch.dtype | None,
+           units: list[torch.nn.Module]):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -64,19 +48,22 @@ def _shard(model: torch.nn.Module, fsdp: FSDPSpec, device: torch.device, amp_dty
         mp_policy=MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32 if amp_dtype else None),
         offload_policy=CPUOffloadPolicy() if fsdp.cpu_offload else OffloadPolicy(),
     )
-    for block in _blocks(model):
+    for block in units:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
 
 
 def parallelize(model: torch.nn.Module, spec: DistributedSpec, device: torch.device,
-                amp_dtype: torch.dtype | None = None, compile: bool = False) -> torch.nn.Module:
+                amp_dtype: torch.dtype | None = None, compile: bool = False,
+                units: list[torch.nn.Module] = ()) -> torch.nn.Module:
     """The module to run forward/backward through: ``model`` itself on one process, DDP-wrapped or
-    FSDP-sharded (in place) on many; ``torch.compile``-d last when ``compile``."""
+    FSDP-sharded (in place) on many; ``torch.compile``-d last when ``compile``. FSDP shards each of
+    ``units`` (the model family's blocks) on its own, then the root, so only one block's parameters are
+    gathered at a time."""
     wrapped = model
     if is_distributed() and spec.strategy == "fsdp":
-        wrapped = _shard(model, spec.fsdp or FSDPSpec(), device, amp_dtype)
+        wrapped = _shard(model, spec.fsdp or FSDPSpec(), device, amp_dtype, list(units))
     elif is_distributed():
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(wrapped) if compile else wrapped

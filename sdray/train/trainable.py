@@ -1,58 +1,70 @@
 """What a run trains, decided in one place from the spec.
 
 - ``stage: autoencoder``: the VAE.
-- ``stage: unet``: the UNet, or LoRA adapters on it (``model.lora``; the UNet's own weights stay frozen);
-  with ``train.train_text_encoder`` also the text encoder (SDXL: both), or, with ``model.lora``, LoRA
-  adapters on its attention projections (as diffusers' LoRA training examples do).
+- ``stage: denoiser``: the family's denoiser (UNet or transformer), or LoRA adapters on it (``model.lora``;
+  its own weights stay frozen); with ``train.train_text_encoder`` also the text encoders, or, with
+  ``model.lora``, LoRA adapters on their attention projections (as diffusers' LoRA training examples do).
 Everything else is frozen. ``Trainable`` gives the module the parallel strategy wraps (one module, so one
-DDP wrap covers the UNet and the trained text encoders), the parameters the optimizer and EMA hold, the
-weights a checkpoint saves (the adapters alone, for LoRA), and the LoRA exports.
+DDP wrap covers the denoiser and the trained text encoders), the parameters the optimizer and EMA hold, the
+weights a checkpoint saves (the adapters alone, for LoRA), and the LoRA exports. Components are named by
+their pipeline slot (``unet`` or ``transformer``, ``text_encoder``, …), in checkpoints too.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import torch
 from diffusers.training_utils import cast_training_params
 
 from sdray.models.build import Components, ModelError
-from sdray.models.conditioning import unet_conditioning
+from sdray.models.conditioning import drop_captions
+from sdray.models.families.sd import unet_blocks
 from sdray.models.pipeline import assemble_pipeline
 from sdray.spec import JobSpec, LoRASpec
 from sdray.train.losses import AutoencoderObjective
 
-# The CLIP text encoders' attention projections, the adapters' targets in diffusers' LoRA examples.
+# The text encoders' attention projections (CLIP and T5 name them alike), the adapters' targets in
+# diffusers' LoRA examples.
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-class ConditionedUNet(torch.nn.Module):
-    """The UNet with its text conditioning computed inside ``forward``: with grad through the text
+class ConditionedDenoiser(torch.nn.Module):
+    """The denoiser with its text conditioning computed inside ``forward``: with grad through the text
     encoders in ``trained_text`` (registered as submodules, so a DDP wrap of this module covers them),
-    without grad when none trains. Called as ``module(noisy, timesteps, batch=..., drop=...)``; the
-    prompt embeddings come from ``encoder`` (the text encoders, or a latent cache's rows)."""
+    without grad when none trains. Called as ``module(noisy, timesteps, batch=..., drop=...)``; returns the
+    prediction in the latents' shape (``ModelFamily.predict``). The prompt embeddings come from ``encoder``
+    (the text encoders, or a latent cache's rows). The denoiser is registered under its pipeline slot name
+    (``unet``, ``transformer``), which sharded checkpoints' keys start with."""
 
-    def __init__(self, comps: Components, unet, encoder, trained_text: list[torch.nn.Module] = ()):
+    def __init__(self, comps: Components, denoiser, encoder, trained_text: list[torch.nn.Module] = (),
+                 guidance: float = 1.0):
         super().__init__()
-        self.unet = unet
+        self.slot = comps.family.denoiser
+        self.add_module(self.slot, denoiser)
         self.text_encoders = torch.nn.ModuleList(trained_text)
         self.comps = comps
         self.encoder = encoder
+        self.guidance = guidance
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self, self.slot)
 
     def forward(self, sample, timestep, *, batch: dict, drop: torch.Tensor | None = None):
+        family = self.comps.family
         trains_text = len(self.text_encoders) > 0
-        unconditional = self.encoder.unconditional
-        if trains_text and drop is not None and not self.comps.is_xl:
+        if trains_text and drop is not None and not family.zero_unconditional:
             # A trained encoder's empty-caption embedding moves with it: encode the empty caption's ids
-            # in place of the dropped captions' (SDXL's unconditional input stays zeros).
-            batch = {**batch, "input_ids": torch.where(drop[:, None], self.encoder.empty_ids, batch["input_ids"])}
+            # in place of the dropped captions' (a zeros-unconditional family's input stays zeros).
+            batch = {**batch, **{k: torch.where(drop[:, None], empty, batch[k])
+                                 for k, empty in self.encoder.empty_ids.items() if k in batch}}
             drop = None
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains_text):
             prompts = self.encoder.prompts(batch)
-        cond = unet_conditioning(prompts, batch, resolution=self.comps.resolution, unconditional=unconditional,
-                                 drop=drop, device=sample.device)
-        return self.unet(sample, timestep, **cond)
+        embeds = drop_captions(prompts, unconditional=self.encoder.unconditional, drop=drop, device=sample.device)
+        return family.predict(self.denoiser, sample, timestep, embeds, batch, resolution=self.comps.resolution,
+                              guidance=self.guidance)
 
 
 def _lora_config(lora: LoRASpec, targets: list[str]):
@@ -67,25 +79,27 @@ class Trainable:
 
     def __init__(self, comps: Components, spec: JobSpec, encoder=None):
         self.comps = comps
-        self.encoder = encoder  # stage unet: where latents and prompt embeddings come from
+        self.encoder = encoder  # stage denoiser: where latents and prompt embeddings come from
         self.lora = spec.model.lora
+        self.guidance = spec.train.guidance
+        family = comps.family
+        self.denoiser_slot = family.denoiser
         if spec.stage == "autoencoder":
             self.components = {"vae": comps.vae}
         else:
-            names = ["unet"] + (["text_encoder", "text_encoder_2"] if spec.train.train_text_encoder else [])
-            self.components = {n: getattr(comps, n) for n in names if getattr(comps, n) is not None}
-        for name in ("vae", "unet", "text_encoder", "text_encoder_2"):
-            module = getattr(comps, name)
+            self.components = {family.denoiser: comps.denoiser}
+            if spec.train.train_text_encoder:
+                self.components.update({s.encoder: comps.text_encoders[s.encoder]
+                                        for s in family.text_slots_of(comps) if s.trainable})
+        for name, module in {family.denoiser: comps.denoiser, **comps.frozen_modules()}.items():
             if module is not None:
                 module.requires_grad_(name in self.components and self.lora is None)
         if self.lora is not None:
             self._add_adapters()
-        if comps.is_xl and "text_encoder" in self.components:
-            # SDXL conditions on the first encoder's penultimate layer: its last layer gets no gradient,
-            # and DDP refuses parameters that never get one.
-            model = comps.text_encoder
-            for unused in (model.encoder.layers[-1], model.final_layer_norm):
-                unused.requires_grad_(False)
+        for slot, encoder in comps.text_encoders.items():
+            if slot in self.components:
+                for unused in family.text_parameters_without_gradient(slot, encoder):
+                    unused.requires_grad_(False)
         # Trained weights are fp32 whatever the source's precision (autocast does the half-precision math).
         cast_training_params(list(self.components.values()), dtype=torch.float32)
         self.kl_weight = spec.train.kl_weight
@@ -95,10 +109,12 @@ class Trainable:
         from peft.tuners.tuners_utils import check_target_module_exists
 
         for name, module in self.components.items():
-            config = _lora_config(self.lora, self.lora.targets if name == "unet" else TEXT_ENCODER_LORA_TARGETS)
+            config = _lora_config(self.lora, self.lora_targets() if name == self.denoiser_slot
+                                  else TEXT_ENCODER_LORA_TARGETS)
             if not any(check_target_module_exists(config, key) for key, _ in module.named_modules()):
-                raise ModelError(f"spec.model.lora.targets: none of {self.lora.targets} names a module of the {name}")
-            if name == "unet":
+                raise ModelError(f"spec.model.lora.targets: none of {sorted(config.target_modules)} names a module "
+                                 f"of the {name}")
+            if name == self.denoiser_slot:
                 module.add_adapter(config)
             else:  # transformers' own add_adapter wants a newer peft than diffusers does; this is what it calls
                 inject_adapter_in_model(config, module)
@@ -112,8 +128,19 @@ class Trainable:
         """The module a batch's loss runs through, around ``model`` (default: the trained one)."""
         if "vae" in self.components:
             return AutoencoderObjective(model if model is not None else self.comps.vae, self.kl_weight)
-        text = [m for n, m in self.components.items() if n != "unet"]
-        return ConditionedUNet(self.comps, model if model is not None else self.comps.unet, self.encoder, text)
+        text = [m for n, m in self.components.items() if n != self.denoiser_slot]
+        return ConditionedDenoiser(self.comps, model if model is not None else self.comps.denoiser, self.encoder,
+                                   text, guidance=self.guidance)
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        """The blocks a sharding strategy wraps one by one: the family's denoiser blocks, or the VAE's."""
+        if "vae" in self.components:
+            return unet_blocks(self.comps.vae)
+        return self.comps.family.shard_units(self.comps.denoiser)
+
+    def lora_targets(self) -> list[str]:
+        """The denoiser's adapter targets: the spec's, else the family's defaults."""
+        return list(self.lora.targets or self.comps.family.lora_targets)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The parameters that train. Call after wrapping: FSDP replaces them with sharded ones."""
@@ -152,11 +179,14 @@ class Trainable:
             layers[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
         return layers
 
-    def merged_pipeline(self, unet):
+    def merged_pipeline(self, denoiser):
         """A stock pipeline whose components hold the adapters merged into their weights, with the peft
         layers removed: plain diffusers/transformers models (the trained ones are left as they are)."""
-        copies = {name: copy.deepcopy(unet if name == "unet" else module) for name, module in self.components.items()}
-        pipe = assemble_pipeline(replace(self.comps, **copies))
+        copies = {name: copy.deepcopy(denoiser if name == self.denoiser_slot else module)
+                  for name, module in self.components.items()}
+        denoiser_copy = copies.pop(self.denoiser_slot)
+        pipe = assemble_pipeline(self.comps.with_models(denoiser=denoiser_copy, **copies))
+        copies[self.denoiser_slot] = denoiser_copy
         pipe.fuse_lora(components=list(copies))
         pipe.unload_lora_weights()
         return pipe

@@ -1,0 +1,177 @@
+"""The model-family seam: what differs between Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux, in one interface.
+
+A family is one module of ``sdray.models.families`` with one ``ModelFamily`` subclass. It declares its
+components (the denoiser's pipeline slot and class, its text encoders and their tokenizers, the training
+noise scheduler, the stock pipeline it exports) and implements what its models do differently: turning
+token ids into cacheable prompt embeddings, the embeddings a dropped caption becomes, the denoiser call
+(SDXL's size ids, Flux's packed latents and guidance), its latent normalisation, the blocks a sharded or
+checkpointed run treats as units, and its default LoRA targets and objective.
+
+Everything else (the loop, the objectives, the strategies, the data pipeline, the latent cache) asks the
+family through ``Components.family`` and never which family it has. Slot names are diffusers' pipeline
+component names (``unet``/``transformer``, ``text_encoder``, ``tokenizer_2`` …), so a pretrained
+pipeline's folders, a preset's configs and the exported pipeline agree; the token-id column of slot
+``text_encoder_N`` is ``input_ids_N`` (``input_ids`` for the first).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from sdray.models.build import Components
+
+
+@dataclass(frozen=True)
+class TextSlot:
+    """One text encoder of a family and its tokenizer, by pipeline component name."""
+
+    encoder: str  # "text_encoder", "text_encoder_2", "text_encoder_3"
+    tokenizer: str  # "tokenizer", "tokenizer_2", "tokenizer_3"
+    encoder_class: type
+    kind: Literal["clip", "t5"]  # how a preset builds its config and its offline tokenizer
+    optional: bool = False  # SD3 runs without T5 (model.text_encoders leaves it out)
+    trainable: bool = True  # train.train_text_encoder trains it (T5 stays frozen, as every trainer keeps it)
+
+    @property
+    def ids(self) -> str:
+        """The batch column holding this tokenizer's ids."""
+        suffix = self.tokenizer.removeprefix("tokenizer")
+        return "input_ids" + suffix
+
+
+class ModelFamily(ABC):
+    """One model family. Subclasses set the class attributes and implement the abstract methods."""
+
+    name: ClassVar[str]  # the value of spec.model.family
+    denoiser: ClassVar[str]  # the denoiser's pipeline slot: "unet" or "transformer"
+    denoiser_class: ClassVar[type]
+    pipeline_class: ClassVar[type]
+    # model_index.json ``_class_name``s of pretrained pipelines of this family (the first: what it exports)
+    pipeline_names: ClassVar[tuple[str, ...]]
+    text_slots: ClassVar[tuple[TextSlot, ...]]
+    scheduler_class: ClassVar[type]  # the training noise scheduler (DDPMScheduler, FlowMatchEulerDiscreteScheduler)
+    objective: ClassVar[Literal["ddpm", "flow_matching"]]
+    # flow matching: the published timestep shift (a number, or "auto": Flux's resolution-dependent one)
+    flow_shift: ClassVar[float | Literal["auto"] | None] = None
+    pixel_multiple: ClassVar[int] = 8  # image sides are multiples of this (buckets, resolution)
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    # the unconditional input of classifier-free guidance is zeros (SDXL, SD3) rather than the empty
+    # caption's embedding (SD 1.x/2.x, Flux)
+    zero_unconditional: ClassVar[bool] = False
+    default_preset: ClassVar[str]  # the preset whose scheduler config a pretrained source without one gets
+
+    # -- components ----------------------------------------------------------------------------------
+    def active_text_slots(self, model_spec: Any) -> tuple[TextSlot, ...]:
+        """The text encoders a job of this family uses (all, unless an optional one is left out)."""
+        return self.text_slots
+
+    def max_token_length(self, slot: TextSlot, model_spec: Any, preset: Any) -> int | None:
+        """The token length of ``slot``'s tokenizer, when the family sets it (T5's); None: the tokenizer's."""
+        return None
+
+    def training_scheduler(self, config: dict, model_spec: Any):
+        """The training noise scheduler from its config (a preset's or a pipeline's, with overrides)."""
+        return self.scheduler_class.from_config(config)
+
+    # -- text ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, comps: Components, ids: dict[str, torch.Tensor], *,
+                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The cacheable prompt embeddings of a batch's token ids (``prompt_embeds``, and
+        ``pooled_prompt_embeds`` where the family has one). Gradients flow into the text encoders unless
+        the caller runs this under ``torch.no_grad()``."""
+
+    def text_slots_of(self, comps: Components) -> tuple[TextSlot, ...]:
+        """The slots this job's components fill (an optional encoder may be left out)."""
+        return tuple(s for s in self.text_slots if comps.text_encoders.get(s.encoder) is not None)
+
+    @torch.no_grad()
+    def unconditional(self, comps: Components, *, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """What a dropped caption's embeddings become (classifier-free guidance), one row without a batch
+        axis: the empty caption's embeddings, or zeros shaped like them for ``zero_unconditional`` families."""
+        ids = {}
+        for slot in self.text_slots_of(comps):
+            tok = comps.tokenizers_by_slot[slot.tokenizer]
+            ids[slot.ids] = tok([""], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                                return_tensors="pt").input_ids
+        embeds = self.encode_prompts(comps, ids, device=device)
+        if self.zero_unconditional:
+            embeds = {k: torch.zeros_like(v) for k, v in embeds.items()}
+        return {k: v[0] for k, v in embeds.items()}
+
+    def text_parameters_without_gradient(self, slot: str, encoder: torch.nn.Module) -> list[torch.nn.Module]:
+        """Modules of a trained text encoder whose output the family does not use (a penultimate-layer
+        family's last layer): frozen, since DDP refuses parameters that never get a gradient."""
+        return []
+
+    # -- the denoiser --------------------------------------------------------------------------------
+    @abstractmethod
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                embeds: dict[str, torch.Tensor], batch: dict, *, resolution: int, guidance: float = 1.0
+                ) -> torch.Tensor:
+        """The denoiser's prediction for ``noisy`` latents (B, C, h, w), in the same shape. ``timesteps``
+        are on the 0‥1000 scale (integers for DDPM, σ × 1000 for flow matching); ``embeds`` are
+        ``encode_prompts``' output (captions already dropped); ``batch`` holds per-image extras
+        (SDXL's sizes); ``guidance`` is Flux's embedded guidance value."""
+
+    def shard_units(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The blocks FSDP shards one by one and activation checkpointing recomputes: the outermost
+        instances of the classes the model itself names in ``_no_split_modules``."""
+        names = set(getattr(denoiser, "_no_split_modules", None) or ())
+        units: list[torch.nn.Module] = []
+        inside: set[int] = set()
+        for module in denoiser.modules():
+            if id(module) in inside:
+                continue
+            if type(module).__name__ in names and module is not denoiser:
+                units.append(module)
+                inside.update(id(m) for m in module.modules())
+        return units
+
+    # -- latents -------------------------------------------------------------------------------------
+    @staticmethod
+    def scale_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
+        """VAE latents → the denoiser's unit-variance space: ``(x - shift_factor) × scaling_factor``
+        (SD 1.x/2.x and SDXL VAEs have no shift factor)."""
+        shift = _config_value(vae_config, "shift_factor") or 0.0
+        return (latents - shift) * _config_value(vae_config, "scaling_factor")
+
+    @staticmethod
+    def unscale_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
+        """The exact inverse of ``scale_latents``."""
+        shift = _config_value(vae_config, "shift_factor") or 0.0
+        return latents / _config_value(vae_config, "scaling_factor") + shift
+
+    # -- the stock pipeline ----------------------------------------------------------------------------
+    def assemble_pipeline(self, comps: Components, denoiser: torch.nn.Module | None = None) -> DiffusionPipeline:
+        """The family's stock diffusers pipeline around the components (``denoiser`` replaces the
+        job's when given), sampling with ``inference_scheduler``."""
+        parts: dict[str, Any] = {self.denoiser: denoiser if denoiser is not None else comps.denoiser,
+                                 "vae": comps.vae, "scheduler": self.inference_scheduler(comps)}
+        for slot in self.text_slots:
+            parts[slot.encoder] = comps.text_encoders.get(slot.encoder)
+            parts[slot.tokenizer] = comps.tokenizers_by_slot.get(slot.tokenizer)
+        return self.pipeline_class(**parts, **self.pipeline_extras())
+
+    def inference_scheduler(self, comps: Components):
+        """The scheduler the exported pipeline samples with (default: the training scheduler's config)."""
+        return type(comps.noise_scheduler).from_config(comps.noise_scheduler.config)
+
+    def pipeline_extras(self) -> dict[str, Any]:
+        """Constructor arguments of ``pipeline_class`` beyond its components."""
+        return {}
+
+    def sampling_kwargs(self, comps: Components) -> dict[str, Any]:
+        """Extra arguments of the pipeline's ``__call__`` for validation samples (T5's sequence length)."""
+        return {}
+
+
+def _config_value(config: Any, key: str):
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
