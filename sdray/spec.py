@@ -199,6 +199,16 @@ class ModelSpec(_Strict):
     resolution: int | None = Field(
         default=None, ge=8, le=8192, description="Training image size in pixels; default: the preset's."
     )
+    max_sequence_length: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="T5 tokens per caption (families with a T5 encoder): Flux dev 512, schnell 256, SD3 at most "
+        "154 recommended; default: the preset's, or the pretrained tokenizer's.",
+    )
+    use_t5: bool = Field(
+        default=True,
+        description="SD3: encode captions with T5 too (false: the two CLIP encoders alone, zeros in T5's place, "
+        "as SD3 allows, to save memory). Families without an optional T5 refuse false.",
+    )
     rescale_betas_zero_snr: bool = Field(
         default=False,
         description="Rescale the noise schedule to zero terminal SNR (Lin et al., 2023); needs v_prediction.",

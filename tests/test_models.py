@@ -168,3 +168,39 @@ def test_missing_or_wrong_sources_are_named(tmp_path):
     _save_pipeline(tmp_path / "pipe")
     with pytest.raises(ModelError, match="spec.model.vae.pretrained: .* holds a denoiser, not a VAE"):
         build_components(ModelSpec(preset="tiny", vae={"pretrained": str(tmp_path / "pipe" / "unet")}))
+
+
+def test_family_comes_from_the_preset_or_the_pipeline_and_a_contradiction_is_refused(tmp_path):
+    from sdray.models.build import check_job, model_family
+    from sdray.spec import parse_job
+
+    assert model_family(ModelSpec(preset="tiny")).name == "sd"
+    assert model_family(ModelSpec(preset="tiny-xl")).name == "sdxl"
+    assemble_pipeline(build_components(ModelSpec(preset="tiny-xl"))).save_pretrained(tmp_path / "xl")
+    assert model_family(ModelSpec(pretrained=str(tmp_path / "xl"))).name == "sdxl"  # from model_index.json
+    with pytest.raises(ModelError, match=r"spec.model.family: .*spec.model.family is sd, "
+                                         r"spec.model.pretrained \(StableDiffusionXLPipeline\) is sdxl"):
+        build_components(ModelSpec(family="sd", pretrained=str(tmp_path / "xl")))
+    with pytest.raises(ModelError, match=r"spec.model.preset \(tiny\) is sd"):
+        build_components(ModelSpec(family="sdxl", preset="tiny"))
+    doc = {"apiVersion": "sdray.io/v1alpha1", "kind": "DiffusionJob", "metadata": {"name": "f"},
+           "spec": {"model": {"preset": "tiny", "use_t5": False}, "data": {"uri": "/d"}, "output": {"uri": "/o"}}}
+    with pytest.raises(ModelError, match="spec.model.use_t5: a sd model has no optional T5"):
+        check_job(parse_job(doc).spec)
+    doc["spec"]["model"] = {"preset": "tiny"}
+    doc["spec"]["train"] = {"guidance": 3.5}
+    with pytest.raises(ModelError, match="spec.train.guidance: a sd model embeds no guidance"):
+        check_job(parse_job(doc).spec)
+
+
+def test_the_documents_family_and_preset_names_are_the_registrys():
+    import typing
+
+    from sdray.models.families import FAMILIES
+    from sdray.spec import FAMILY_NAMES, PRESETS as PRESET_NAMES
+
+    assert FAMILY_NAMES == tuple(FAMILIES)
+    assert typing.get_args(ModelSpec.model_fields["family"].annotation)[0] == typing.Literal[FAMILY_NAMES]
+    assert PRESET_NAMES == tuple(PRESETS)
+    assert typing.get_args(ModelSpec.model_fields["preset"].annotation)[0] == typing.Literal[PRESET_NAMES]
+    assert {p.family for p in PRESETS.values()} <= set(FAMILIES)

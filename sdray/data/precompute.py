@@ -37,7 +37,7 @@ from sdray.data.buckets import buckets_for
 from sdray.data.formats import DataError, read_dataset
 from sdray.data.latents import KIND, MANIFEST, UNCONDITIONAL, VERSION, transform_settings
 from sdray.data.pipeline import quiet_ray_data
-from sdray.models.build import build_components, data_requirements, frozen_fingerprints
+from sdray.models.build import build_components, check_job, data_requirements, frozen_fingerprints
 from sdray.models.conditioning import encode_prompts, token_ids, unconditional_prompts
 from sdray.models.encoding import LATENT_DIST, LATENT_DIST_FLIPPED, latent_distribution
 from sdray.spec import DiffusionJob, JobSpec, ModelSpec, S3Settings
@@ -150,6 +150,7 @@ def precompute(job: DiffusionJob, out: str | None = None, *, batch_size: int = 6
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     _refuse_uncacheable(spec)
+    check_job(spec)
     settings = spec.data_s3
     _prepare_destination(out, settings, overwrite)
     start = time.perf_counter()

@@ -361,6 +361,17 @@ def model_family(spec: ModelSpec, s3: S3Settings | None = None) -> ModelFamily:
     return _Sources(spec, s3).family
 
 
+def check_job(spec) -> ModelFamily:
+    """The family of a job (``JobSpec``) after it has checked the job's settings suit it (``ModelError``
+    naming the field otherwise). Drivers call it before reading data or starting workers."""
+    family = model_family(spec.model, spec.storage)
+    try:
+        family.check_job(spec)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
+    return family
+
+
 def data_requirements(spec: ModelSpec, *, stage: str = "denoiser", s3: S3Settings | None = None
                       ) -> tuple[int, list]:
     """What the data pipeline needs from the model (image size, tokenizers in slot order) without building

@@ -1,4 +1,4 @@
-"""An offline CLIP-style BPE tokenizer, for presets built without weights.
+"""Offline tokenizers for presets built without weights: a CLIP-style BPE one and a T5-style unigram one.
 
 Nothing is fetched from a hub: the vocabulary holds every printable ASCII character (alone and as a
 word end, ``c</w>``) and the merges that build a fixed list of words left to right, so any ASCII prompt
@@ -13,7 +13,7 @@ import string
 import tempfile
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5TokenizerFast
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -57,3 +57,26 @@ def build_tokenizer(model_max_length: int = 16, words: tuple[str, ...] | list[st
         # Load everything now: the files go away with the temporary directory.
         assert len(tok) == len(vocab)
     return tok
+
+
+def build_t5_tokenizer(model_max_length: int = 32, words: tuple[str, ...] | list[str] = WORDS) -> T5TokenizerFast:
+    """A small T5-style tokenizer made offline (SentencePiece unigram over the same words and every
+    printable character, ``</s>`` appended, ``<pad>`` = 0), saved and loaded as stock ``T5TokenizerFast``
+    (tokenizer.json), as SD3's and Flux's pipelines load theirs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    seen = {p for p, _ in pieces}
+    candidates = [("\u2581" + w, -1.0) for w in words] + [("\u2581", -3.0)]
+    candidates += [(p, -5.0) for c in string.printable if not c.isspace() for p in (c, "\u2581" + c)]
+    for piece, score in candidates:
+        if piece not in seen:
+            pieces.append((piece, score))
+            seen.add(piece)
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                           model_max_length=model_max_length)

@@ -27,7 +27,7 @@ import torch
 
 from sdray import storage
 from sdray.data.pipeline import JobData, build_datasets
-from sdray.models.build import data_requirements
+from sdray.models.build import check_job, data_requirements
 from sdray.progress import Progress
 from sdray.spec import DiffusionJob
 from sdray.train.context import LocalContext, iterate
@@ -150,6 +150,7 @@ def run_name(job: DiffusionJob) -> str:
 
 def prepare_data(job: DiffusionJob) -> JobData:
     spec = job.spec
+    check_job(spec)
     resolution, tokenizers = data_requirements(spec.model, stage=spec.stage, s3=spec.storage)
     return build_datasets(spec, resolution=resolution, tokenizers=tokenizers)
 

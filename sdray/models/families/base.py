@@ -65,6 +65,7 @@ class ModelFamily(ABC):
     # the unconditional input of classifier-free guidance is zeros (SDXL, SD3) rather than the empty
     # caption's embedding (SD 1.x/2.x, Flux)
     zero_unconditional: ClassVar[bool] = False
+    embeds_guidance: ClassVar[bool] = False  # the denoiser takes a guidance value (Flux dev)
     default_preset: ClassVar[str]  # the preset whose scheduler config a pretrained source without one gets
 
     # -- components ----------------------------------------------------------------------------------
@@ -73,8 +74,23 @@ class ModelFamily(ABC):
         return self.text_slots
 
     def max_token_length(self, slot: TextSlot, model_spec: Any, preset: Any) -> int | None:
-        """The token length of ``slot``'s tokenizer, when the family sets it (T5's); None: the tokenizer's."""
-        return None
+        """The token length of ``slot``'s tokenizer when the job sets it: T5's is ``model.max_sequence_length``,
+        else the preset's ``t5_max_length``; None: the tokenizer's own (CLIP's 77, a tiny preset's)."""
+        if slot.kind != "t5":
+            return None
+        return model_spec.max_sequence_length or (preset.t5_max_length if preset is not None else None)
+
+    def check_job(self, spec: Any) -> None:
+        """Raise ``ValueError`` naming the field when a job's settings do not suit this family (called
+        before anything is built; the spec alone cannot tell a pretrained pipeline's family)."""
+        t5 = [s for s in self.text_slots if s.kind == "t5"]
+        if not spec.model.use_t5 and not any(s.optional for s in t5):
+            raise ValueError(f"spec.model.use_t5: a {self.name} model has no optional T5 encoder to leave out")
+        if spec.model.max_sequence_length and not t5:
+            raise ValueError(f"spec.model.max_sequence_length: a {self.name} model has no T5 encoder; its CLIP "
+                             "tokenizers' length is fixed")
+        if "guidance" in spec.train.model_fields_set and not self.embeds_guidance:
+            raise ValueError(f"spec.train.guidance: a {self.name} model embeds no guidance value (Flux does)")
 
     def training_scheduler(self, config: dict, model_spec: Any):
         """The training noise scheduler from its config (a preset's or a pipeline's, with overrides)."""
