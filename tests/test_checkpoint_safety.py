@@ -194,7 +194,7 @@ import torch
 
 from sdray.spec import parse_job
 from sdray.train.checkpoint import DEEPSPEED_TAG, UnsafeCheckpoint
-from sdray.train.deepspeed import make_engine
+from sdray.train.strategies.deepspeed import make_engine
 
 
 class Payload:

@@ -13,7 +13,7 @@ from test_train import losses, metrics, ray_checkpoints
 
 from sdray.spec import parse_job
 from sdray.train.checkpoint import CheckpointMismatch, read_manifest
-from sdray.train.deepspeed import engine_config, make_engine
+from sdray.train.strategies.deepspeed import engine_config, make_engine
 from sdray.train.launch import run_in_process, run_job
 
 

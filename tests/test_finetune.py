@@ -162,7 +162,7 @@ def test_sdxl_trains_both_text_encoders(ray_session, digits_root, tmp_path):
     initial = build_components(ModelSpec(preset="tiny-xl"), seed=0)
     exported = StableDiffusionXLPipeline.from_pretrained(out / "pipeline")
     for name in ("text_encoder", "text_encoder_2"):
-        changed = differing(weights(getattr(exported, name)), weights(getattr(initial, name)))
+        changed = differing(weights(getattr(exported, name)), weights(initial.text_encoders[name]))
         assert changed, name
     # the first encoder's last layer does not condition SDXL's UNet: it is left out (and stays as it was)
     last = f"encoder.layers.{initial.text_encoder.config.num_hidden_layers - 1}."

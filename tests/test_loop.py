@@ -115,11 +115,9 @@ def test_sd_training_options_run_together(ray_session, digits_root, tmp_path):
 
 def test_compiled_model_trains(ray_session, digits_root, tmp_path):
     """train.compile: the loop runs through torch.compile's module (first step compiles, ~1 min on CPU)."""
-    from sdray.spec import DistributedSpec
-    from sdray.train.parallel import parallelize
+    from sdray.train.parallel import compiled
 
-    compiled = parallelize(torch.nn.Linear(2, 2), DistributedSpec(), torch.device("cpu"), compile=True)
-    assert type(compiled).__name__ == "OptimizedModule"
+    assert type(compiled(torch.nn.Linear(2, 2), True)).__name__ == "OptimizedModule"
     summary, out = _run(digits_root, tmp_path, train={"compile": True, "max_steps": 3})
     assert summary["step"] == 3 and all(math.isfinite(r["loss"]) for r in records(out) if "loss" in r)
     assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").exists()

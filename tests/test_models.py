@@ -83,7 +83,7 @@ def test_tiny_xl_conditioning_drives_the_unet(tmp_path):
     c = build_components(ModelSpec(preset="tiny-xl"))
     assert c.family.name == "sdxl" and len(c.tokenizers) == 2
     batch = {"input_ids": c.tokenizer(["a digit"] * 3, padding="max_length", return_tensors="pt").input_ids,
-             "input_ids_2": c.tokenizer_2(["a digit"] * 3, padding="max_length", return_tensors="pt").input_ids,
+             "input_ids_2": c.tokenizers_by_slot["tokenizer_2"](["a digit"] * 3, padding="max_length", return_tensors="pt").input_ids,
              "original_size": torch.tensor([[16, 16]] * 3), "crop_top_left": torch.tensor([[0, 0]] * 3)}
     embeds = drop_captions(encode_prompts(c, batch), unconditional=unconditional_prompts(c),
                            drop=torch.tensor([False, True, False]))
@@ -102,7 +102,7 @@ def test_tiny_xl_conditioning_drives_the_unet(tmp_path):
     assemble_pipeline(c).save_pretrained(tmp_path / "xl")
     assert isinstance(StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl"), StableDiffusionXLPipeline)
     again = build_components(ModelSpec(pretrained=str(tmp_path / "xl")))
-    assert again.family.name == "sdxl" and _same(again.text_encoder_2, c.text_encoder_2)
+    assert again.family.name == "sdxl" and _same(again.text_encoders["text_encoder_2"], c.text_encoders["text_encoder_2"])
 
 
 def _save_pipeline(path, seed=7):

@@ -83,8 +83,8 @@ def check_cache(spec: JobSpec) -> dict:
                               f"{manifest.get('version')}, this sdray reads {VERSION}; rerun `sdray data precompute`")
     resolution, _ = data_requirements(spec.model, s3=spec.storage)
     family = model_family(spec.model, spec.storage).name
-    made_for = manifest.get("family", "sdxl" if "tokenizer_2" in manifest.get("fingerprints", {}) else "sd")
-    if made_for != family:
+    made_for = manifest.get("family")  # (caches made before families: the fingerprints tell)
+    if made_for is not None and made_for != family:
         raise StaleCacheError(f"spec.data.uri: the latent cache at {uri} was made for a {made_for} model, this job "
                               f"trains a {family} model (spec.model.family); precompute a cache with this job")
     differences = []

@@ -55,16 +55,8 @@ class Components:
         return self.text_encoders.get("text_encoder")
 
     @property
-    def text_encoder_2(self):
-        return self.text_encoders.get("text_encoder_2")
-
-    @property
     def tokenizer(self):
         return self.tokenizers_by_slot.get("tokenizer")
-
-    @property
-    def tokenizer_2(self):
-        return self.tokenizers_by_slot.get("tokenizer_2")
 
     @property
     def tokenizers(self) -> list:
@@ -92,7 +84,11 @@ class Components:
 
 # Each component starts from its own seed, so building some of them (the frozen encoders alone, for a
 # latent cache; the denoiser alone, to train on one) initialises each exactly as building them all does.
-_SEED_OFFSETS = {"vae": 0, "denoiser": 1, "text_encoder": 2, "text_encoder_2": 3, "text_encoder_3": 4}
+def _seed_offset(name: str) -> int:
+    """vae 0, denoiser 1, text_encoder 2, text_encoder_N N + 1."""
+    if name.startswith("text_encoder"):
+        return 1 + int(name.removeprefix("text_encoder").lstrip("_") or 1)
+    return {"vae": 0, "denoiser": 1}[name]
 
 
 def _check_overrides(component: str, overrides: dict, accepted: set[str]) -> None:
@@ -342,7 +338,7 @@ class _Sources:
         """One model (``denoiser``, ``vae``, or a text slot's encoder) from its own seed; the caller's random
         state is left as it was (a trainer may build the frozen ones mid-run)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + _SEED_OFFSETS[name])
+            torch.manual_seed(seed + _seed_offset(name))
             if slot is None:
                 return self.model(name)
             return self.text_encoder(slot, tokenizer)

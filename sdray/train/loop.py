@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from sdray import storage
@@ -37,19 +36,9 @@ from sdray.progress import Progress
 from sdray.spec import DiffusionJob
 from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sdray.train.context import WorkerContext
-from sdray.train.deepspeed import adamw_class as deepspeed_adamw
-from sdray.train.deepspeed import full_copy, make_engine
 from sdray.train.losses import diffusion_loss
-from sdray.train.parallel import (
-    full_state_dict,
-    in_lockstep,
-    is_sharded,
-    mean_across_workers,
-    no_gradient_sync,
-    parallelize,
-    sum_counts_across_workers,
-    unwrap_compiled,
-)
+from sdray.train.parallel import in_lockstep, mean_across_workers, sum_counts_across_workers
+from sdray.train.strategies import strategy_for
 from sdray.train.reporting import RunReport, image_grid, tensor_to_images
 from sdray.train.trainable import Trainable
 
@@ -113,27 +102,11 @@ class Trainer:
         if self.cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.amp_dtype = AMP_DTYPES.get(self.cfg.mixed_precision)
-        use_deepspeed = spec.distributed.strategy == "deepspeed"
-        # Wrap first: FSDP2 turns the parameters into sharded DTensors, which the optimizer must hold.
-        # DeepSpeed goes the other way: its engine is made from the optimizer and the LR schedule.
-        self.wrapped = self.objective if use_deepspeed else parallelize(
-            self.objective, spec.distributed, self.device, self.amp_dtype, self.cfg.compile,
-            units=self.trainable.shard_units())
-        self.sharded = is_sharded(self.wrapped)
-        self.sharded_root = unwrap_compiled(self.wrapped) if self.sharded else None
-
-        opt = self.cfg.optimizer
-        adamw = deepspeed_adamw(spec) if use_deepspeed else torch.optim.AdamW
-        self.optimizer = adamw(self.trainable.parameters(), lr=self.cfg.learning_rate, betas=opt.betas,
-                               weight_decay=opt.weight_decay, eps=opt.eps)
-        self.lr_scheduler = get_scheduler(self.cfg.lr_scheduler, self.optimizer,
-                                          num_warmup_steps=self.cfg.warmup_steps, num_training_steps=self.cfg.max_steps)
-        self.engine = (make_engine(self.objective, self.optimizer, self.lr_scheduler, spec, self.device)
-                       if use_deepspeed else None)
-        if self.engine is not None:
-            self.wrapped = self.engine
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.cfg.mixed_precision == "fp16" and self.engine is None)
+        # How the objective is distributed, stepped and saved (DDP, FSDP2, DeepSpeed): the strategy's say.
+        self.strategy = strategy_for(spec, self.device, self.amp_dtype)
+        self.strategy.prepare(self.objective, self.trainable)
+        self.wrapped = self.strategy.wrapped
+        self.optimizer, self.lr_scheduler = self.strategy.optimizer, self.strategy.lr_scheduler
         # fp32 shadows even where DeepSpeed keeps 16-bit weights: small EMA updates vanish in 16 bits.
         self.ema = (EMAModel([p.detach().float() for p in self.trainable.parameters()], decay=self.cfg.ema.decay,
                              update_after_step=self.cfg.ema.update_after_step)
@@ -164,9 +137,9 @@ class Trainer:
         if source is None:
             return
         self.state = load_checkpoint(Path(source), rank=self.ctx.rank, trainable=self.trainable,
-                                     optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.scaler,
-                                     ema=self.ema, sharded_root=self.sharded_root, engine=self.engine,
-                                     world_size=self.ctx.world_size)
+                                     optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                                     scaler=self.strategy.scaler, ema=self.ema, world_size=self.ctx.world_size,
+                                     **self.strategy.checkpoint_layout())
         self.resumed_from = self.state.step
         self._apply_learning_rate()
         if self.is_main:
@@ -195,9 +168,9 @@ class Trainer:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="sdray-ckpt-") as tmp:
             save_checkpoint(Path(tmp), rank=self.ctx.rank, trainable=self.trainable, optimizer=self.optimizer,
-                            lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema, state=self.state,
-                            stage=self.spec.stage, job_name=self.job.metadata.name,
-                            sharded_root=self.sharded_root, engine=self.engine, world_size=self.ctx.world_size)
+                            lr_scheduler=self.lr_scheduler, scaler=self.strategy.scaler, ema=self.ema,
+                            state=self.state, stage=self.spec.stage, job_name=self.job.metadata.name,
+                            world_size=self.ctx.world_size, **self.strategy.checkpoint_layout())
             self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
         self._tell(checkpoint_step=self.state.step, checkpoint_s=time.perf_counter() - started)
 
@@ -226,24 +199,8 @@ class Trainer:
                                   snr_gamma=self.cfg.snr_gamma, noise_offset=self.cfg.noise_offset,
                                   input_perturbation=self.cfg.input_perturbation if training else 0.0), {}
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.engine is None:
-            self.scaler.scale(loss / self.cfg.gradient_accumulation_steps).backward()
-            return
-        # DeepSpeed divides by gradient_accumulation_steps and scales fp16 losses itself; step() is called
-        # after every micro-step and steps the optimizer, clipping and the schedule at the boundary only.
-        self.engine.backward(loss)
-        self.engine.step()
-
     def _optimizer_step(self) -> None:
-        if self.engine is None:
-            if self.cfg.max_grad_norm:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.max_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.optimizer_step(self.trainable.parameters())
         if self.ema is not None:
             self.ema.step(self.trainable.parameters())
         self.state.step += 1
@@ -269,9 +226,9 @@ class Trainer:
                 if "target_size" in batch:  # a bucket's (height, width), whether it holds pixels or latents
                     self.batch_shapes["x".join(map(str, batch["target_size"][0].tolist()))] += 1
                 sync = (micro + 1) % accum == 0
-                with contextlib.nullcontext() if sync else no_gradient_sync(self.wrapped):
+                with contextlib.nullcontext() if sync else self.strategy.no_sync():
                     loss, extra = self._loss(batch, self.wrapped, training=True)
-                    self._backward(loss)
+                    self.strategy.backward(loss)
                 micro += 1
                 window["loss"] += loss.item()
                 window["n"] += 1
@@ -350,20 +307,10 @@ class Trainer:
 
     def _plain_model(self):
         """The trained model with complete weights for sampling and export: the model itself when it is
-        replicated; when sharded, a fresh unsharded copy on rank 0 (None elsewhere). Collective: every
-        rank calls it."""
-        if self.engine is not None:
-            return full_copy(self.model, self.engine, self.is_main)
-        if not self.sharded:
-            return self.model
-        full = full_state_dict(self.wrapped)
-        if not self.is_main:
-            return None
-        # the sharded root wraps the model: the VAE, or the denoiser under its pipeline slot name
+        replicated; when sharded, a gathered copy on rank 0 (None elsewhere). Collective: every rank calls it."""
+        # the wrapped objective holds the model as the VAE, or the denoiser under its pipeline slot name
         prefix = "vae." if self.spec.stage == "autoencoder" else self.trainable.denoiser_slot + "."
-        plain = type(self.model).from_config(self.model.config)
-        plain.load_state_dict({k[len(prefix):]: v for k, v in full.items()})
-        return plain.to(self.device)
+        return self.strategy.full_model(self.model, prefix, self.is_main)
 
     def _validation_set(self) -> list[dict]:
         """The held-out images the validation loss is measured on, read once (rank 0): the

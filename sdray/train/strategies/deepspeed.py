@@ -1,6 +1,6 @@
-"""DeepSpeed ZeRO (stages 1, 2 and 3), applied to the finished trainable model from outside, as
-``parallel.parallelize`` applies DDP and FSDP2; the model code knows nothing of it and the frozen VAE and
-text encoders stay plain replicas.
+"""``deepspeed``: DeepSpeed ZeRO (stages 1, 2 and 3), applied to the finished trainable model from outside,
+as the ``ddp`` and ``fsdp`` strategies apply theirs; the model code knows nothing of it and the frozen VAE
+and text encoders stay plain replicas.
 
 The engine is made with ``deepspeed.initialize`` itself, not through accelerate: accelerate's DeepSpeed
 plugin silently runs plain DDP on CPU unless ``ACCELERATE_USE_DEEPSPEED=true`` and a gloo
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from sdray.spec import DeepSpeedSpec, JobSpec
 from sdray.train.checkpoint import load_weights_only
+from sdray.train.strategies.base import Strategy
 
 
 def settings(spec: JobSpec) -> DeepSpeedSpec:
@@ -141,3 +142,35 @@ def full_copy(model: torch.nn.Module, engine, is_main: bool):
                 target = plain.get_submodule(name) if name else plain
                 target.load_state_dict({k: v.detach().float() for k, v in own.items()}, strict=recurse)
     return plain.to(engine.device) if is_main else None
+
+
+class DeepSpeed(Strategy):
+    """``deepspeed``: the engine owns accumulation, loss scaling, clipping and the optimizer and schedule
+    steps; ``optimizer_step`` has nothing left to do."""
+
+    name = "deepspeed"
+
+    def __init__(self, spec, device, amp_dtype):
+        super().__init__(spec, device, amp_dtype)
+        self.engine = None
+
+    def prepare(self, objective, trainable):
+        # The engine is made from the optimizer and the LR schedule (the other way round from FSDP).
+        self._optimizer(trainable.parameters(), adamw_class(self.spec))
+        self.engine = self.wrapped = make_engine(objective, self.optimizer, self.lr_scheduler, self.spec,
+                                                 self.device)
+
+    def backward(self, loss):
+        # DeepSpeed divides by gradient_accumulation_steps and scales fp16 losses itself; step() is called
+        # after every micro-step and steps the optimizer, clipping and the schedule at the boundary only.
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def optimizer_step(self, parameters):
+        pass
+
+    def checkpoint_layout(self):
+        return {"engine": self.engine}
+
+    def full_model(self, model, prefix, is_main):
+        return full_copy(model, self.engine, is_main)
