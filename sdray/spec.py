@@ -335,6 +335,43 @@ class EMASpec(_Strict):
         default=0, ge=0, le=MAX_STEPS, description="Optimizer steps before the average starts.")
 
 
+class FlowMatchingSpec(_Strict):
+    """Rectified flow matching (SD3, Flux, Sana): how noise levels σ are drawn and how the loss weighs them."""
+
+    timestep_sampling: Literal["logit_normal", "mode", "uniform"] = Field(
+        default="logit_normal",
+        description="How noise levels are drawn: logit_normal (sigmoid of a normal draw; the SD3 paper's "
+        "best), mode (uniform bent towards the middle by mode_scale), uniform.",
+    )
+    logit_mean: float = Field(
+        default=0.0, ge=-10.0, le=10.0,
+        description="Mean of logit_normal's normal draw; above 0 leans towards noisier steps (σ is the noise "
+        "share; diffusers' scripts flip this sign).",
+    )
+    logit_std: float = Field(default=1.0, gt=0.0, le=10.0, description="Spread of logit_normal's normal draw.")
+    mode_scale: float = Field(
+        default=1.29, ge=-1.0, le=1.75,
+        description="Strength of mode sampling's pull towards the middle (negative: towards the ends); "
+        "beyond [-1, 2/(π-2)] the draw leaves [0, 1].",
+    )
+    shift: Annotated[float, Field(gt=0.0, le=100.0)] | Literal["auto"] | None = Field(
+        default=None,
+        description="Noise-level shift σ' = shift·σ/(1+(shift-1)·σ); above 1 trains more on noisy steps, which "
+        "larger images need (SD3: 3.0). auto: Flux's shift from each batch's resolution. Default: the model "
+        "family's.",
+    )
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        default="none",
+        description="Per-sample loss weight by noise level, as diffusers' SD3 scripts: none, sigma_sqrt (σ⁻²; "
+        "numerically unstable near σ = 0), cosmap.",
+    )
+    precondition_outputs: bool = Field(
+        default=False,
+        description="SD3 scripts' output preconditioning: the loss compares x_t - σ·prediction with the clean "
+        "latents instead of the prediction with the velocity.",
+    )
+
+
 class TrainSpec(_Strict):
     max_steps: int = Field(default=1000, gt=0, le=MAX_STEPS, description="Optimizer steps.")
     batch_size: int = Field(default=16, gt=0, le=65536, description="Images per worker per micro-step.")
@@ -363,6 +400,10 @@ class TrainSpec(_Strict):
     noise_offset: float = Field(default=0.0, ge=0.0, le=1.0, description="Offset noise strength (0.05–0.1 is usual).")
     input_perturbation: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Input perturbation strength (0.1 is usual).")
+    flow: FlowMatchingSpec = Field(
+        default_factory=FlowMatchingSpec,
+        description="Flow-matching options, for model families trained by rectified flow (SD3, Flux).",
+    )
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward: less memory, more compute.")
     allow_tf32: bool = Field(default=False, description="Let CUDA matmuls and convolutions use TF32 (Ampere and newer).")
     compile: bool = Field(

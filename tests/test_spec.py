@@ -403,6 +403,35 @@ def test_free_form_values_are_json_and_finite(where, value, expected):
     assert any(line.startswith(expected) for line in err.value.errors), err.value.errors
 
 
+@pytest.mark.parametrize("flow", [{}, {"shift": "auto"}, {"shift": 3}, {"shift": 100.0, "mode_scale": -1.0},
+                                  {"timestep_sampling": "mode", "mode_scale": 1.75, "loss_weighting": "cosmap",
+                                   "precondition_outputs": True}])
+def test_flow_matching_settings_accepted(flow):
+    doc = valid_doc()
+    doc["spec"]["train"]["flow"] = flow
+    settings = parse_job(doc).spec.train.flow
+    assert settings.model_dump(include=set(flow)) == flow
+    assert parse_job(valid_doc()).spec.train.flow.shift is None  # the model family's default
+
+
+@pytest.mark.parametrize("flow, expected", [
+    ({"shift": 0}, "spec.train.flow.shift.constrained-float: Input should be greater than 0"),
+    ({"shift": "fast"}, "spec.train.flow.shift.literal['auto']: Input should be 'auto'"),
+    ({"shift": float("nan")}, "spec.train.flow.shift.constrained-float: Input should be a finite number"),
+    ({"mode_scale": 2.0}, "spec.train.flow.mode_scale: Input should be less than or equal to 1.75"),
+    ({"logit_std": 0}, "spec.train.flow.logit_std: Input should be greater than 0"),
+    ({"logit_mean": float("inf")}, "spec.train.flow.logit_mean: Input should be a finite number"),
+    ({"timestep_sampling": "sigmoid"}, "spec.train.flow.timestep_sampling: Input should be 'logit_normal', 'mode'"),
+    ({"loss_weighting": "snr"}, "spec.train.flow.loss_weighting: Input should be 'none', 'sigma_sqrt' or 'cosmap'"),
+])
+def test_flow_matching_settings_refused_naming_the_field(flow, expected):
+    doc = valid_doc()
+    doc["spec"]["train"]["flow"] = flow
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    assert any(line.startswith(expected) for line in err.value.errors), err.value.errors
+
+
 def test_seeds_and_resources_at_their_bounds_are_accepted():
     doc = valid_doc()
     doc["spec"]["train"]["seed"] = 2**32 - 1
