@@ -354,11 +354,15 @@ class FlowMatchingSpec(_Strict):
         description="Strength of mode sampling's pull towards the middle (negative: towards the ends); "
         "beyond [-1, 2/(π-2)] the draw leaves [0, 1].",
     )
-    shift: Annotated[float, Field(gt=0.0, le=100.0)] | Literal["auto"] | None = Field(
-        default=None,
+    shift: float | None = Field(
+        default=None, gt=0.0, le=100.0,
         description="Noise-level shift σ' = shift·σ/(1+(shift-1)·σ); above 1 trains more on noisy steps, which "
-        "larger images need (SD3: 3.0). auto: Flux's shift from each batch's resolution. Default: the model "
-        "family's.",
+        "larger images need (SD3: 3.0). Default: the model family's (ignored with resolution_shift).",
+    )
+    resolution_shift: bool | None = Field(
+        default=None,
+        description="Shift by each batch's resolution instead (Flux: e^mu, mu from 0.5 at 256 image tokens to "
+        "1.15 at 4096). Default: the model family's (Flux: true).",
     )
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
         default="none",

@@ -36,7 +36,7 @@ from sdray.progress import Progress
 from sdray.spec import DiffusionJob
 from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sdray.train.context import WorkerContext
-from sdray.train.losses import diffusion_loss
+from sdray.train.objectives import objective_for
 from sdray.train.parallel import in_lockstep, mean_across_workers, sum_counts_across_workers
 from sdray.train.strategies import strategy_for
 from sdray.train.reporting import RunReport, image_grid, tensor_to_images
@@ -96,6 +96,8 @@ class Trainer:
             self.model = self.comps.vae
             self.recent_latents: deque[torch.Tensor] = deque(maxlen=32)  # for the exported scaling_factor
         self.objective = self.trainable.objective()
+        # The denoiser's training objective (DDPM or flow matching): the family's, with the job's settings.
+        self.diffusion = objective_for(spec, self.comps) if spec.stage == "denoiser" else None
         self.last_pixels: torch.Tensor | None = None  # shown in the autoencoder's reconstruction grid
         self.batch_shapes: Counter[str] = Counter()  # "HxW" bucket of each training batch since this start
         self.model.to(self.device).train()
@@ -195,9 +197,8 @@ class Trainer:
                 drop = torch.rand(len(batch["key"])) < self.cfg.caption_dropout
             with torch.no_grad():
                 latents = self.encoder.latents(batch, training=training)
-            return diffusion_loss(module, self.comps.noise_scheduler, latents, {"batch": batch, "drop": drop},
-                                  snr_gamma=self.cfg.snr_gamma, noise_offset=self.cfg.noise_offset,
-                                  input_perturbation=self.cfg.input_perturbation if training else 0.0), {}
+            return self.diffusion.loss(lambda noisy, timesteps: module(noisy, timesteps, batch=batch, drop=drop),
+                                       latents, training=training), {}
 
     def _optimizer_step(self) -> None:
         self.strategy.optimizer_step(self.trainable.parameters())

@@ -207,3 +207,36 @@ class FlowMatchingObjective(Objective):
         else:
             target = noise - latents
         return (flow_loss_weights(sigmas, self.loss_weighting) * _per_sample_mse(pred, target)).mean()
+
+
+def _ddpm(spec, comps) -> DDPMObjective:
+    train = spec.train
+    return DDPMObjective(comps.noise_scheduler, snr_gamma=train.snr_gamma, noise_offset=train.noise_offset,
+                         input_perturbation=train.input_perturbation)
+
+
+def _flow_matching(spec, comps) -> FlowMatchingObjective:
+    flow, family, config = spec.train.flow, comps.family, comps.noise_scheduler.config
+    resolution_shift = flow.resolution_shift if flow.resolution_shift is not None else family.flow_shift == "auto"
+    if resolution_shift:
+        shift: float | str = "auto"
+    else:
+        shift = flow.shift or (family.flow_shift if isinstance(family.flow_shift, (int, float)) else 1.0)
+    return FlowMatchingObjective(
+        num_train_timesteps=config.num_train_timesteps, timestep_sampling=flow.timestep_sampling,
+        logit_mean=flow.logit_mean, logit_std=flow.logit_std, mode_scale=flow.mode_scale, shift=shift,
+        loss_weighting=flow.loss_weighting, precondition_outputs=flow.precondition_outputs,
+        base_image_seq_len=config.get("base_image_seq_len") or 256,
+        max_image_seq_len=config.get("max_image_seq_len") or 4096,
+        base_shift=config.get("base_shift") or 0.5, max_shift=config.get("max_shift") or 1.15,
+        noise_offset=spec.train.noise_offset)
+
+
+# A model family's ``objective`` names its training objective; each is made from the job's settings.
+OBJECTIVES = {"ddpm": _ddpm, "flow_matching": _flow_matching}
+
+
+def objective_for(spec, comps) -> Objective:
+    """The training objective of a denoiser job (``JobSpec``) on ``comps``: its family's, with the job's
+    knobs (``train.snr_gamma`` …, or ``train.flow``) and the family's published defaults where unset."""
+    return OBJECTIVES[comps.family.objective](spec, comps)
