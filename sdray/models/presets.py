@@ -86,6 +86,17 @@ _TINY_UNET = {
     "norm_num_groups": 8,
 }
 
+# CLIP ViT-L/14's text encoder (SD 1.x, SDXL's first).
+_CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+
 # SDXL's added conditioning: 6 size/crop numbers, each embedded in addition_time_embed_dim channels,
 # next to text_encoder_2's pooled projection.
 _XL_TIME_IDS = 6
@@ -123,15 +134,7 @@ PRESETS: dict[str, Preset] = {
         resolution=512,
         denoiser={**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8},
         vae=_SD_VAE,
-        text_encoders={"text_encoder": {
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "projection_dim": 768,
-            "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu",
-        }},
+        text_encoders={"text_encoder": _CLIP_L},
         tokenizer_max_length=77,
     ),
     "sd2-base": Preset(
@@ -176,15 +179,7 @@ PRESETS: dict[str, Preset] = {
             "projection_class_embeddings_input_dim": 1280 + _XL_TIME_IDS * 256,
         },
         vae={**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025},
-        text_encoders={"text_encoder": {
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "projection_dim": 768,
-            "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu",
-        }, "text_encoder_2": {
+        text_encoders={"text_encoder": _CLIP_L, "text_encoder_2": {
             "hidden_size": 1280,
             "intermediate_size": 5120,
             "num_hidden_layers": 32,
