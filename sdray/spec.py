@@ -23,10 +23,10 @@ from yaml.nodes import MappingNode
 
 API_VERSION = "sdray.io/v1alpha1"
 KIND = "DiffusionJob"
-PRESETS = ("tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base")
+PRESETS = ("tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base", "tiny-flux", "flux-dev", "flux-schnell")
 # sdray.models.families: the families sdray trains (the spec does not import the models; a test keeps these
 # equal to the registry).
-FAMILY_NAMES = ("sd", "sdxl")
+FAMILY_NAMES = ("sd", "sdxl", "flux")
 
 # What one document text may be: every entry point (CLI, REST service) parses through parse_document_text.
 MAX_DOCUMENT_BYTES = 1 << 20
@@ -170,20 +170,21 @@ class LoRASpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    family: Literal["sd", "sdxl"] | None = Field(
+    family: Literal["sd", "sdxl", "flux"] | None = Field(
         default=None,
-        description="Model family: sd (Stable Diffusion 1.x/2.x), sdxl. Default: the preset's, or the pretrained "
-        "pipeline's (model_index.json); a family that contradicts either is refused.",
+        description="Model family: sd (Stable Diffusion 1.x/2.x), sdxl, flux (Flux.1 dev and schnell). Default: the "
+        "preset's, or the pretrained pipeline's (model_index.json); a family that contradicts either is refused.",
     )
-    preset: Literal["tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base"] | None = Field(
+    preset: Literal["tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base", "tiny-flux", "flux-dev",
+                    "flux-schnell"] | None = Field(
         default=None,
-        description="Named architecture built without weights: tiny and tiny-xl (tests, demos), sd15, "
-        "sd2-base, sdxl-base (the public releases' shapes).",
+        description="Named architecture built without weights: tiny, tiny-xl and tiny-flux (tests, demos), sd15, "
+        "sd2-base, sdxl-base, flux-dev, flux-schnell (the public releases' shapes).",
     )
     pretrained: str | None = Field(
         default=None,
         description="Local dir or s3:// URI of a diffusers pipeline of the family (StableDiffusionPipeline, "
-        "StableDiffusionXLPipeline), or of one component.",
+        "StableDiffusionXLPipeline, FluxPipeline), or of one component.",
     )
     vae: VAESource | None = Field(default=None, description="Use a VAE trained earlier.")
     tokenizer: str | None = Field(
@@ -397,7 +398,9 @@ class TrainSpec(_Strict):
     guidance: float = Field(
         default=1.0, ge=0.0, le=100.0,
         description="Flux: the guidance value embedded during training (1.0 keeps a guidance-distilled model's "
-        "distilled guidance; larger values teach real classifier-free guidance). Other families: unused.")
+        "distilled guidance; larger values teach real classifier-free guidance). A transformer without guidance "
+        "embeddings (schnell) takes none: refused with the flux-schnell preset, ignored for a pretrained one. "
+        "Other families refuse it.")
     ema: EMASpec | None = Field(default=None, description="Keep an exponential moving average of the weights.")
     snr_gamma: float | None = Field(
         default=None, gt=0.0, le=1e3, description="Min-SNR-γ loss weighting (5.0 is usual).")

@@ -2,13 +2,15 @@
 
 ``tiny`` is for tests and the demo: 16 px RGB → 8×8×4 latents, a ~1 M-parameter UNet with attention
 kept off its highest resolution, a ~30 k-parameter text encoder. ``tiny-xl`` is the same size with
-SDXL's structure (two text encoders, pooled-text and size conditioning). The others have the shapes of
-the public Stable Diffusion releases, for real clusters.
+SDXL's structure (two text encoders, pooled-text and size conditioning). ``tiny-flux`` has Flux.1's
+structure at that size: 16 px → 8×8×16 latents, packed into 16 tokens of 64 channels, a ~1 M-parameter
+transformer (dev-shaped: it embeds a guidance value), a tiny CLIP (pooled) and a tiny T5 (sequence).
+The others have the shapes of the public Stable Diffusion and Flux.1 releases, for real clusters.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # The noise schedule every Stable Diffusion 1.x/2.x release trains with.
@@ -20,6 +22,19 @@ SD_NOISE_SCHEDULE = {
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,
+}
+
+
+# FLUX.1-dev's scheduler_config.json: Flux shifts its sigmas by the image's token count (dynamic shifting,
+# mu from base_shift at base_image_seq_len to max_shift at max_image_seq_len); the static shift is unused.
+FLUX_NOISE_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
 }
 
 
@@ -86,6 +101,75 @@ _TINY_UNET = {
     "norm_num_groups": 8,
 }
 
+# Flux's latents: 16 channels, normalised as (x - shift_factor) × scaling_factor (FLUX.1's vae/config.json).
+_FLUX_LATENTS = {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+                 "use_quant_conv": False, "use_post_quant_conv": False}
+
+# Flux packs each 2×2 patch of latent pixels into one token: the transformer's in_channels are 4 × latent channels.
+_FLUX_PATCH = 4
+
+# CLIP ViT-L/14's text encoder (SD 1.x, SDXL's first, Flux's and SD3's pooled one).
+_CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+
+# google/t5-v1_1-xxl's encoder, as FLUX.1's text_encoder_2/config.json.
+_T5_XXL = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6,
+    "tie_word_embeddings": False,
+    "vocab_size": 32128,
+}
+
+_FLUX_DEV = {
+    "patch_size": 1,
+    "in_channels": _FLUX_PATCH * _FLUX_LATENTS["latent_channels"],
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "num_attention_heads": 24,
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "joint_attention_dim": _T5_XXL["d_model"],
+    "pooled_projection_dim": _CLIP_L["hidden_size"],
+    "guidance_embeds": True,
+}
+
+_TINY_T5 = {
+    "d_model": 32,
+    "d_ff": 37,
+    "d_kv": 8,
+    "num_heads": 4,
+    "num_layers": 2,
+    "feed_forward_proj": "gated-gelu",  # T5 v1.1's, as FLUX.1's T5-XXL
+    "relative_attention_num_buckets": 8,
+    "dropout_rate": 0.0,
+}
+
+# FLUX.1-dev's structure at tiny size (about 1 M parameters).
+_TINY_FLUX = {
+    **_FLUX_DEV,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "num_attention_heads": 4,
+    "attention_head_dim": 24,
+    "axes_dims_rope": [8, 8, 8],  # sums to attention_head_dim
+    "joint_attention_dim": _TINY_T5["d_model"],
+    "pooled_projection_dim": _TINY_TEXT["hidden_size"],  # CLIPTextModel's pooler_output is hidden-size wide
+}
+
 # SDXL's added conditioning: 6 size/crop numbers, each embedded in addition_time_embed_dim channels,
 # next to text_encoder_2's pooled projection.
 _XL_TIME_IDS = 6
@@ -99,6 +183,17 @@ _SD_UNET = {
     "block_out_channels": [320, 640, 1280, 1280],
     "layers_per_block": 2,
 }
+
+_FLUX_DEV_PRESET = Preset(
+    family="flux",
+    resolution=1024,
+    denoiser=_FLUX_DEV,
+    vae={**_SD_VAE, **_FLUX_LATENTS, "sample_size": 1024},
+    text_encoders={"text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL},
+    tokenizer_max_length=77,
+    scheduler=dict(FLUX_NOISE_SCHEDULE),
+    t5_max_length=512,
+)
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(family="sd", resolution=16, denoiser=_TINY_UNET, vae=_TINY_VAE,
@@ -123,15 +218,7 @@ PRESETS: dict[str, Preset] = {
         resolution=512,
         denoiser={**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8},
         vae=_SD_VAE,
-        text_encoders={"text_encoder": {
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "projection_dim": 768,
-            "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu",
-        }},
+        text_encoders={"text_encoder": _CLIP_L},
         tokenizer_max_length=77,
     ),
     "sd2-base": Preset(
@@ -176,15 +263,7 @@ PRESETS: dict[str, Preset] = {
             "projection_class_embeddings_input_dim": 1280 + _XL_TIME_IDS * 256,
         },
         vae={**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025},
-        text_encoders={"text_encoder": {
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "projection_dim": 768,
-            "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu",
-        }, "text_encoder_2": {
+        text_encoders={"text_encoder": _CLIP_L, "text_encoder_2": {
             "hidden_size": 1280,
             "intermediate_size": 5120,
             "num_hidden_layers": 32,
@@ -196,4 +275,19 @@ PRESETS: dict[str, Preset] = {
         tokenizer_max_length=77,
         scheduler={**SD_NOISE_SCHEDULE, "timestep_spacing": "leading"},
     ),
+    "tiny-flux": Preset(
+        family="flux",
+        resolution=16,
+        denoiser=_TINY_FLUX,
+        vae={**_TINY_VAE, **_FLUX_LATENTS},
+        text_encoders={"text_encoder": _TINY_TEXT, "text_encoder_2": _TINY_T5},
+        tokenizer_max_length=16,
+        scheduler=dict(FLUX_NOISE_SCHEDULE),
+        t5_max_length=16,
+    ),
+    "flux-dev": _FLUX_DEV_PRESET,
+    # Timestep-distilled for 1-4 steps without guidance embeddings. Its scheduler config (a static shift of 1,
+    # no dynamic shifting) is FLUX.1-schnell's as remembered, not checked against the published file.
+    "flux-schnell": replace(_FLUX_DEV_PRESET, denoiser={**_FLUX_DEV, "guidance_embeds": False}, t5_max_length=256,
+                            scheduler={**FLUX_NOISE_SCHEDULE, "shift": 1.0, "use_dynamic_shifting": False}),
 }

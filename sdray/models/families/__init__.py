@@ -5,10 +5,11 @@ what a family owns). Adding a family: a module here with a ``ModelFamily`` subcl
 from __future__ import annotations
 
 from sdray.models.families.base import ModelFamily, TextSlot
+from sdray.models.families.flux import Flux
 from sdray.models.families.sd import StableDiffusion
 from sdray.models.families.sdxl import StableDiffusionXL
 
-_FAMILY_CLASSES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL)
+_FAMILY_CLASSES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, Flux)
 
 FAMILIES: dict[str, ModelFamily] = {cls.name: cls() for cls in _FAMILY_CLASSES}
 
