@@ -89,6 +89,20 @@ class ModelFamily(ABC):
         if spec.model.max_sequence_length and not t5:
             raise ValueError(f"spec.model.max_sequence_length: a {self.name} model has no T5 encoder; its CLIP "
                              "tokenizers' length is fixed")
+        if self.objective == "flow_matching":
+            for section, name in _DDPM_ONLY:
+                if name in getattr(spec, section).model_fields_set and getattr(getattr(spec, section), name):
+                    raise ValueError(f"spec.{section}.{name}: a setting of DDPM training; a {self.name} model trains "
+                                     "with flow matching (its settings: spec.train.flow)")
+        elif "flow" in spec.train.model_fields_set:
+            raise ValueError(f"spec.train.flow: flow-matching settings; a {self.name} model trains with DDPM "
+                             "(prediction_type, snr_gamma …)")
+        if spec.model.resolution and spec.model.resolution % self.pixel_multiple:
+            raise ValueError(f"spec.model.resolution: a {self.name} model's images are multiples of "
+                             f"{self.pixel_multiple} px, got {spec.model.resolution}")
+        if spec.data.bucketed and spec.data.bucketing.step % self.pixel_multiple:
+            raise ValueError(f"spec.data.bucketing.step: a {self.name} model's images are multiples of "
+                             f"{self.pixel_multiple} px, got {spec.data.bucketing.step}")
         if "guidance" in spec.train.model_fields_set and not self.embeds_guidance:
             raise ValueError(f"spec.train.guidance: a {self.name} model embeds no guidance value (Flux does)")
 
@@ -187,6 +201,11 @@ class ModelFamily(ABC):
     def sampling_kwargs(self, comps: Components) -> dict[str, Any]:
         """Extra arguments of the pipeline's ``__call__`` for validation samples (T5's sequence length)."""
         return {}
+
+
+# Settings only DDPM training reads: (spec section, field).
+_DDPM_ONLY = (("model", "prediction_type"), ("model", "rescale_betas_zero_snr"), ("train", "snr_gamma"),
+              ("train", "input_perturbation"))
 
 
 def _config_value(config: Any, key: str):
