@@ -92,3 +92,35 @@ def test_a_flux_latent_cache_trains_and_refuses_a_job_of_another_family(ray_sess
     other = _family_job("other", "tiny", tmp_path / "o", str(tmp_path / "cache"), data={"format": "latents"})
     with pytest.raises(StaleCacheError, match="made for a flux model, this job trains a sd model"):
         run_job(parse_job(other))
+
+
+def _ray_checkpoints(root):
+    return sorted(p for p in root.iterdir() if p.name.startswith("checkpoint_"))
+
+
+@pytest.mark.slow  # two 2-worker Ray Train runs (~2 min); the default suite trains each family in-process
+@pytest.mark.parametrize("preset, distributed", [
+    ("tiny-flux", {"strategy": "fsdp", "fsdp": {"sharding": "full"}}),
+    ("tiny-sd3", {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}),
+], ids=["fsdp-flux", "zero3-sd3"])
+def test_sharded_strategies_train_checkpoint_resume_and_export_a_family(ray_session, digits_root, tmp_path, preset,
+                                                                         distributed):
+    from sdray.train.checkpoint import read_manifest
+
+    out = tmp_path / "out"
+    doc = _family_job(f"{preset}-{distributed['strategy']}", preset, out, str(digits_root / "imagefolder"),
+                      train={"max_steps": 10, "batch_size": 8, "log_every_n_steps": 5},
+                      checkpoint={"every_n_steps": 10, "keep_last": 1},
+                      distributed={"num_workers": 2, "resources_per_worker": {"CPU": 1}, **distributed})
+    assert run_job(parse_job(doc))["step"] == 10
+    ckpt = _ray_checkpoints(out / "checkpoints" / doc["metadata"]["name"])[-1]
+    assert read_manifest(ckpt)["format"] == {"fsdp": "dcp", "deepspeed": "deepspeed"}[distributed["strategy"]]
+    assert read_manifest(ckpt)["weights"] == {"transformer": "full"}
+    doc["spec"]["train"]["max_steps"] = 15
+    second = run_job(parse_job(doc))
+    assert second["resumed_from"] == 10 and second["step"] == 15
+    pipe = DiffusionPipeline.from_pretrained(out / "pipeline")
+    assert type(pipe).__name__ == FAMILIES[preset]
+    # the export holds trained weights, gathered from the shards: not the preset's initial ones
+    initial = build_components(ModelSpec(preset=preset), seed=0).denoiser.state_dict()
+    assert any(not torch.equal(v, initial[k]) for k, v in pipe.transformer.state_dict().items())
