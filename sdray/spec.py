@@ -23,10 +23,11 @@ from yaml.nodes import MappingNode
 
 API_VERSION = "sdray.io/v1alpha1"
 KIND = "DiffusionJob"
-PRESETS = ("tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base", "tiny-flux", "flux-dev", "flux-schnell")
+PRESETS = ("tiny", "tiny-xl", "tiny-sd3", "sd15", "sd2-base", "sdxl-base", "tiny-flux", "flux-dev", "flux-schnell",
+           "sd3-medium", "sd35-medium", "sd35-large")
 # sdray.models.families: the families sdray trains (the spec does not import the models; a test keeps these
 # equal to the registry).
-FAMILY_NAMES = ("sd", "sdxl", "flux")
+FAMILY_NAMES = ("sd", "sdxl", "sd3", "flux")
 
 # What one document text may be: every entry point (CLI, REST service) parses through parse_document_text.
 MAX_DOCUMENT_BYTES = 1 << 20
@@ -170,21 +171,23 @@ class LoRASpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    family: Literal["sd", "sdxl", "flux"] | None = Field(
+    family: Literal["sd", "sdxl", "sd3", "flux"] | None = Field(
         default=None,
-        description="Model family: sd (Stable Diffusion 1.x/2.x), sdxl, flux (Flux.1 dev and schnell). Default: the "
-        "preset's, or the pretrained pipeline's (model_index.json); a family that contradicts either is refused.",
+        description="Model family: sd (Stable Diffusion 1.x/2.x), sdxl, sd3 (Stable Diffusion 3 and 3.5), flux "
+        "(Flux.1 dev and schnell). Default: the preset's, or the pretrained pipeline's (model_index.json); a "
+        "family that contradicts either is refused.",
     )
-    preset: Literal["tiny", "tiny-xl", "sd15", "sd2-base", "sdxl-base", "tiny-flux", "flux-dev",
-                    "flux-schnell"] | None = Field(
+    preset: Literal["tiny", "tiny-xl", "tiny-sd3", "sd15", "sd2-base", "sdxl-base", "tiny-flux", "flux-dev",
+                    "flux-schnell", "sd3-medium", "sd35-medium", "sd35-large"] | None = Field(
         default=None,
-        description="Named architecture built without weights: tiny, tiny-xl and tiny-flux (tests, demos), sd15, "
-        "sd2-base, sdxl-base, flux-dev, flux-schnell (the public releases' shapes).",
+        description="Named architecture built without weights: tiny, tiny-xl, tiny-sd3 and tiny-flux (tests, "
+        "demos), sd15, sd2-base, sdxl-base, sd3-medium, sd35-medium, sd35-large, flux-dev, flux-schnell (the "
+        "public releases' shapes).",
     )
     pretrained: str | None = Field(
         default=None,
         description="Local dir or s3:// URI of a diffusers pipeline of the family (StableDiffusionPipeline, "
-        "StableDiffusionXLPipeline, FluxPipeline), or of one component.",
+        "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline), or of one component.",
     )
     vae: VAESource | None = Field(default=None, description="Use a VAE trained earlier.")
     tokenizer: str | None = Field(

@@ -43,7 +43,7 @@ class Components:
     tokenizers_by_slot: dict[str, Any]  # slot ("tokenizer", …) → tokenizer
     noise_scheduler: Any  # the family's training scheduler
     resolution: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the family's build_extras
 
     @property
     def unet(self):
@@ -259,18 +259,38 @@ class _Sources:
             )
         return self.preset
 
+    def model_class(self, name: str) -> type:
+        return self.family.denoiser_class if name == "denoiser" else AutoencoderKL
+
     def model(self, name: str):
         """The denoiser or the VAE."""
-        cls = self.family.denoiser_class if name == "denoiser" else AutoencoderKL
+        cls = self.model_class(name)
         if name in self.component_dirs:
             return cls.from_pretrained(self.component_dirs[name])
         if self.pipeline_dir is not None:
             return cls.from_pretrained(self.pipeline_dir, subfolder=self.folder(name))
+        return cls.from_config(self.preset_config(name))
+
+    def preset_config(self, name: str) -> dict:
+        """The preset's config of the denoiser or the VAE, with the spec's overrides."""
         key = self.override_key(name)
         overrides = self.spec.overrides.get(key, {})
-        _check_overrides(key, overrides, _init_params(cls))
+        _check_overrides(key, overrides, _init_params(self.model_class(name)))
         preset = self.need_preset(key)
-        return cls.from_config({**(preset.denoiser if name == "denoiser" else preset.vae), **overrides})
+        return {**(preset.denoiser if name == "denoiser" else preset.vae), **overrides}
+
+    def denoiser_config(self) -> dict:
+        """The denoiser's config, read without building it."""
+        cls = self.family.denoiser_class
+        if "denoiser" in self.component_dirs:
+            return dict(cls.load_config(self.component_dirs["denoiser"]))
+        if self.pipeline_dir is not None:
+            return dict(cls.load_config(self.pipeline_dir, subfolder=self.folder("denoiser")))
+        return self.preset_config("denoiser")
+
+    def extras(self) -> dict:
+        """The family's ``build_extras`` for this spec (``Components.extra``)."""
+        return self.family.build_extras(self.spec, self.preset, self.denoiser_config)
 
     def text_slots(self) -> tuple[TextSlot, ...]:
         """The text encoders this job uses: the family's, less an optional one the spec or the pretrained
@@ -406,7 +426,8 @@ def build_components(spec: ModelSpec, *, stage: str = "denoiser", s3: S3Settings
         for slot in sources.text_slots():
             tokenizers[slot.tokenizer] = sources.tokenizer(slot)
             encoders[slot.encoder] = sources.build(slot.encoder, seed, slot, tokenizers[slot.tokenizer])
-    return Components(family, model, vae, encoders, tokenizers, sources.noise_scheduler(), sources.resolution())
+    return Components(family, model, vae, encoders, tokenizers, sources.noise_scheduler(), sources.resolution(),
+                      sources.extras())
 
 
 def _hash_files(directory: Path) -> str:
@@ -448,4 +469,7 @@ def frozen_fingerprints(spec: ModelSpec, *, s3: S3Settings | None = None, seed: 
         directory = sources.pretrained_dir(slot.encoder)
         out[slot.encoder] = ("files:" + _hash_files(directory) if directory is not None
                              else "preset:" + _hash_model(sources.build(slot.encoder, seed, slot, tok)))
+    extras = sources.extras()
+    if extras:  # shapes of the cached prompt embeddings no encoder above fixes (SD3 without T5)
+        out["conditioning"] = json.dumps(extras, sort_keys=True)
     return out

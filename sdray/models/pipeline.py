@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -31,7 +32,12 @@ def pipeline_dir(path: Path) -> Path:
 def load_pipeline(uri: str, s3: S3Settings | None = None) -> DiffusionPipeline:
     """Load an exported pipeline (or a job's output folder) from a local path or S3; diffusers picks the
     pipeline class from its model_index.json."""
-    return DiffusionPipeline.from_pretrained(pipeline_dir(storage.local_copy(uri, s3)))
+    path = pipeline_dir(storage.local_copy(uri, s3))
+    # A component saved as absent (``[null, null]``: SD3 exported without T5) must be passed as None, or
+    # diffusers refuses every component its pipeline class does not list as optional.
+    index = json.loads((path / "model_index.json").read_text())
+    absent = {name: None for name, value in index.items() if value == [None, None]}
+    return DiffusionPipeline.from_pretrained(path, **absent)
 
 
 @torch.no_grad()

@@ -7,9 +7,10 @@ from __future__ import annotations
 from sdray.models.families.base import ModelFamily, TextSlot
 from sdray.models.families.flux import Flux
 from sdray.models.families.sd import StableDiffusion
+from sdray.models.families.sd3 import StableDiffusion3
 from sdray.models.families.sdxl import StableDiffusionXL
 
-_FAMILY_CLASSES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, Flux)
+_FAMILY_CLASSES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
 
 FAMILIES: dict[str, ModelFamily] = {cls.name: cls() for cls in _FAMILY_CLASSES}
 

@@ -17,6 +17,7 @@ pipeline's folders, a preset's configs and the exported pipeline agree; the toke
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -105,6 +106,13 @@ class ModelFamily(ABC):
                              f"{self.pixel_multiple} px, got {spec.data.bucketing.step}")
         if "guidance" in spec.train.model_fields_set and not self.embeds_guidance:
             raise ValueError(f"spec.train.guidance: a {self.name} model embeds no guidance value (Flux does)")
+
+    def build_extras(self, model_spec: Any, preset: Any, denoiser_config: Callable[[], dict]) -> dict[str, Any]:
+        """What the family's methods need beyond the built models, fixed when the components are built
+        (``Components.extra``, JSON values; a latent cache's fingerprint includes them): what neither a
+        left-out optional encoder nor a left-out denoiser can tell (SD3's T5-less conditioning shape).
+        ``denoiser_config()`` reads the denoiser's config without building it."""
+        return {}
 
     def training_scheduler(self, config: dict, model_spec: Any):
         """The training noise scheduler from its config (a preset's or a pipeline's, with overrides)."""
