@@ -25,7 +25,7 @@ def comps():
 def _ids(c, prompts):
     return {"input_ids": c.tokenizer(prompts, padding="max_length", max_length=c.tokenizer.model_max_length,
                                      truncation=True, return_tensors="pt").input_ids,
-            "input_ids_2": c.tokenizer_2(prompts, padding="max_length", max_length=c.tokenizer_2.model_max_length,
+            "input_ids_2": c.tokenizers_by_slot["tokenizer_2"](prompts, padding="max_length", max_length=c.tokenizers_by_slot["tokenizer_2"].model_max_length,
                                          truncation=True, return_tensors="pt").input_ids}
 
 
@@ -36,8 +36,8 @@ def _same(a, b):
 def test_tiny_flux_builds_flux_components(comps):
     assert comps.family is family_named("flux") and family_of_pipeline("FluxPipeline") is comps.family
     assert isinstance(comps.denoiser, FluxTransformer2DModel) and isinstance(comps.vae, AutoencoderKL)
-    assert isinstance(comps.text_encoder, CLIPTextModel) and isinstance(comps.text_encoder_2, T5EncoderModel)
-    assert isinstance(comps.tokenizer_2, T5TokenizerFast) and comps.tokenizer_2.model_max_length == 16
+    assert isinstance(comps.text_encoder, CLIPTextModel) and isinstance(comps.text_encoders["text_encoder_2"], T5EncoderModel)
+    assert isinstance(comps.tokenizers_by_slot["tokenizer_2"], T5TokenizerFast) and comps.tokenizers_by_slot["tokenizer_2"].model_max_length == 16
     assert isinstance(comps.noise_scheduler, FlowMatchEulerDiscreteScheduler)
     assert comps.noise_scheduler.config.use_dynamic_shifting  # Flux's shift comes from the resolution
     assert 0.5e6 < sum(p.numel() for p in comps.denoiser.parameters()) < 2e6
@@ -53,7 +53,7 @@ def test_encode_prompts_is_what_the_flux_pipeline_computes(comps):
     with torch.no_grad():
         ours = comps.family.encode_prompts(comps, _ids(comps, PROMPTS))
         prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=PROMPTS, prompt_2=PROMPTS, max_sequence_length=comps.tokenizer_2.model_max_length)
+            prompt=PROMPTS, prompt_2=PROMPTS, max_sequence_length=comps.tokenizers_by_slot["tokenizer_2"].model_max_length)
     assert set(ours) == {"prompt_embeds", "pooled_prompt_embeds"}  # cacheable: no ids
     assert ours["prompt_embeds"].shape == (3, 16, 32) and ours["pooled_prompt_embeds"].shape == (3, 32)
     assert torch.equal(ours["prompt_embeds"], prompt_embeds)
@@ -160,13 +160,14 @@ def test_the_pipeline_saves_loads_stock_generates_and_reloads(comps, tmp_path):
     assert images[0][0].size == (16, 16)
     again = build_components(ModelSpec(pretrained=str(tmp_path / "flux")), seed=99)
     assert again.family.name == "flux" and again.resolution == 16
-    for slot in ("denoiser", "vae", "text_encoder", "text_encoder_2"):
-        assert _same(getattr(again, slot), getattr(comps, slot)), slot
-    assert again.tokenizer_2.get_vocab() == comps.tokenizer_2.get_vocab()
+    reloaded = {"denoiser": again.denoiser, **again.frozen_modules()}
+    for slot, model in {"denoiser": comps.denoiser, **comps.frozen_modules()}.items():  # vae, both encoders
+        assert _same(reloaded[slot], model), slot
+    assert again.tokenizers_by_slot["tokenizer_2"].get_vocab() == comps.tokenizers_by_slot["tokenizer_2"].get_vocab()
     only_transformer = build_components(ModelSpec(pretrained=str(tmp_path / "flux" / "transformer"),
                                                   preset="tiny-flux"), frozen=False)
     assert _same(only_transformer.denoiser, comps.denoiser)
-    assert again.tokenizer_2.model_max_length == 16
+    assert again.tokenizers_by_slot["tokenizer_2"].model_max_length == 16
     settings = [{k: v for k, v in s.config.items() if not k.startswith("_")}
                 for s in (again.noise_scheduler, comps.noise_scheduler)]
     assert settings[0] == settings[1]

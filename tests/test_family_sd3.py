@@ -117,7 +117,7 @@ def test_without_t5_the_conditioning_holds_the_pipelines_zeros(tiny, tiny_withou
     comps = tiny_without_t5
     assert "text_encoder_3" not in comps.text_encoders and "tokenizer_3" not in comps.tokenizers_by_slot
     assert len(comps.tokenizers) == 2 and comps.family.sampling_kwargs(comps) == {"max_sequence_length": 16}
-    assert _same(comps.text_encoder_2, tiny.text_encoder_2)  # the same seed: the CLIPs do not change
+    assert _same(comps.text_encoders["text_encoder_2"], tiny.text_encoders["text_encoder_2"])  # the same seed: the CLIPs do not change
     embeds = comps.family.encode_prompts(comps, _ids(comps, PROMPTS))
     assert embeds["prompt_embeds"].shape == (2, 16 + 16, 96) and not embeds["prompt_embeds"][:, 16:].any()
     prompt, negative, pooled, negative_pooled = _pipeline_embeds(comps)
@@ -194,8 +194,8 @@ def _job(**spec):
 
 @pytest.mark.parametrize(("spec", "error"), [
     ({"train": {"mixed_precision": "fp16"}}, r"spec.train.mixed_precision: T5 overflows to NaN in fp16; use bf16"),
-    ({"train": {"snr_gamma": 5.0}}, r"spec.train.snr_gamma: a DDPM setting"),
-    ({"model": {"preset": "tiny-sd3", "prediction_type": "v_prediction"}}, r"spec.model.prediction_type: a DDPM"),
+    ({"train": {"snr_gamma": 5.0}}, r"spec.train.snr_gamma: a setting of DDPM training"),
+    ({"model": {"preset": "tiny-sd3", "prediction_type": "v_prediction"}}, r"spec.model.prediction_type: a setting of DDPM training"),
 ])
 def test_check_job_refuses_what_sd3_cannot_train_with(spec, error):
     with pytest.raises(ModelError, match=error):

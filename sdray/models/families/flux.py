@@ -21,8 +21,6 @@ from sdray.models.presets import PRESETS
 # The most T5 tokens FluxPipeline accepts (its check_inputs refuses more).
 MAX_SEQUENCE_LENGTH = 512
 
-# Settings of DDPM objectives, which a flow-matching family would silently ignore.
-_DDPM_ONLY = (("model", "prediction_type"), ("model", "rescale_betas_zero_snr"), ("train", "snr_gamma"))
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -89,17 +87,9 @@ class Flux(ModelFamily):
         super().check_job(spec)
         if spec.train.mixed_precision == "fp16":
             raise ValueError("spec.train.mixed_precision: Flux's T5 encoder overflows to NaN in fp16; use bf16")
-        fields = {"model": spec.model.model_fields_set, "train": spec.train.model_fields_set}
-        for section, field in _DDPM_ONLY:
-            if field in fields[section] and getattr(getattr(spec, section), field) not in (None, False):
-                raise ValueError(f"spec.{section}.{field}: a setting of DDPM training; a flux model trains with "
-                                 "flow matching")
         if (spec.model.max_sequence_length or 0) > MAX_SEQUENCE_LENGTH:
             raise ValueError(f"spec.model.max_sequence_length: FluxPipeline takes at most {MAX_SEQUENCE_LENGTH} "
                              f"T5 tokens, got {spec.model.max_sequence_length}")
-        if spec.model.resolution and spec.model.resolution % self.pixel_multiple:
-            raise ValueError(f"spec.model.resolution: a flux model's images are multiples of {self.pixel_multiple} "
-                             f"px (8× VAE, 2×2 packing), got {spec.model.resolution}")
         if "guidance" in spec.train.model_fields_set and not _preset_embeds_guidance(spec.model):
             raise ValueError(f"spec.train.guidance: the {spec.model.preset} transformer has no guidance embeddings "
                              "(schnell-shaped); leave guidance out")

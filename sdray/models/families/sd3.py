@@ -30,8 +30,6 @@ _T5_SLOT = TextSlot("text_encoder_3", "tokenizer_3", T5EncoderModel, "t5", optio
 # length of the zeros in its place) when neither the spec nor the preset sets one.
 PIPELINE_T5_LENGTH = 256
 
-# Settings of the DDPM objective, which flow matching has no use for.
-_DDPM_ONLY = (("model", "prediction_type"), ("model", "rescale_betas_zero_snr"), ("train", "snr_gamma"))
 
 
 class StableDiffusion3(ModelFamily):
@@ -63,10 +61,6 @@ class StableDiffusion3(ModelFamily):
         if spec.train.mixed_precision == "fp16" and spec.model.use_t5:
             raise ValueError("spec.train.mixed_precision: T5 overflows to NaN in fp16; use bf16, or leave T5 out "
                              "(spec.model.use_t5: false)")
-        for section, field in _DDPM_ONLY:
-            if field in getattr(spec, section).model_fields_set:
-                raise ValueError(f"spec.{section}.{field}: a DDPM setting, but an sd3 model trains with flow "
-                                 "matching; remove it")
 
     def encode_prompts(self, comps, ids, *, device="cpu"):
         hidden, pooled = [], []
