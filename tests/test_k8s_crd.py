@@ -64,7 +64,7 @@ def test_conversion_of_pydantic_shapes():
     spec = _schema()["properties"]["spec"]["properties"]
     assert spec["model"]["properties"]["preset"]["nullable"] is True  # Literal | None
     assert set(spec["model"]["properties"]["overrides"]["properties"]) == {
-        "unet", "vae", "text_encoder", "text_encoder_2", "scheduler"}  # dict keyed by a Literal
+        "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "scheduler"}  # a Literal
     assert spec["train"]["properties"]["optimizer"]["properties"]["betas"] == {
         "type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}  # a tuple
     assert spec["cluster"]["properties"]["worker"]["properties"]["cpu"]["x-kubernetes-int-or-string"] is True
