@@ -110,7 +110,7 @@ def test_the_schema_refuses_what_the_model_refuses():
         (("spec", "train", "learning_rat"), 1, "'learning_rat' was unexpected"),
         (("spec", "distributed", "strategy"), "horovod", "spec.distributed.strategy: 'horovod' is not one of"),
         (("spec", "cluster", "worker", "cpu"), 1.5, "spec.cluster.worker.cpu"),
-        (("spec", "model", "overrides", "text_encoder_3"), {}, "'text_encoder_3' was unexpected"),
+        (("spec", "model", "overrides", "text_encoder_4"), {}, "'text_encoder_4' was unexpected"),
         (("spec", "distributed", "resources_per_worker"), {"GPU": -100},
          "spec.distributed.resources_per_worker.GPU: -100 is less than the minimum of 0"),
         (("spec", "train", "seed"), 2**70, "spec.train.seed: 1180591620717411303424 is greater than the maximum"),
