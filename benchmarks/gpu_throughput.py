@@ -44,7 +44,7 @@ TEXT_TOKENS = 77
 def unet_config(tiny: bool) -> dict:
     preset = PRESETS["tiny" if tiny else "sd2-base"]
     # the latent grid's downsampling, carried with the config: 8 for SD's VAE, 2 for the tiny one
-    return {**preset.unet, "_vae_scale": 2 ** (len(preset.vae["block_out_channels"]) - 1)}
+    return {**preset.denoiser, "_vae_scale": 2 ** (len(preset.vae["block_out_channels"]) - 1)}
 
 
 def build_unet(config: dict, device: torch.device):

@@ -48,7 +48,7 @@ def job(uri: str, fmt: str, out: Path, *, steps: int, batch: int, resolution: in
 
 def pixel_rows(resolution: int) -> dict[str, np.ndarray]:
     pngs, labels = digit_images(resolution)
-    tokenizer = build_components(ModelSpec(preset="tiny"), unet=False).tokenizer
+    tokenizer = build_components(ModelSpec(preset="tiny"), denoiser=False).tokenizer
     batch = {"key": np.array([str(i) for i in range(len(pngs))], dtype=object), "image": np.array(pngs, dtype=object),
              "caption": np.array([CAPTION.format(t) for t in labels], dtype=object)}
     return Preprocess(resolution=resolution, resize=None, crop="center", random_flip=False,
