@@ -5,6 +5,7 @@ same on a bucketed latent cache (its rows, its validation batches by shape, stal
 import io
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from sdray.models.presets import SD_NOISE_SCHEDULE
 from sdray.train.losses import diffusion_loss
 from sdray.train.objectives import (DDPMObjective, FlowMatchingObjective, diffusion_target, flow_loss_weights,
-                                    flux_mu, min_snr_weights, sample_flow_sigmas, sample_noise, shift_sigmas)
+                                    resolution_mu, min_snr_weights, sample_flow_sigmas, sample_noise, shift_sigmas)
 
 SHAPE = (6, 4, 8, 8)
 
@@ -68,7 +68,7 @@ def test_static_shift_is_the_schedulers():
 
 @pytest.mark.parametrize("tokens", [256, 1024, 4096])
 def test_auto_shift_is_flux_time_shift(tokens):
-    mu = flux_mu(tokens)
+    mu = resolution_mu(tokens)
     assert mu == pytest.approx(calculate_shift(tokens), abs=1e-12)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     sigmas = torch.linspace(0.001, 1.0, 500)

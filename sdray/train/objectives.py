@@ -124,13 +124,13 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """``shift·σ / (1 + (shift-1)·σ)``: a shift above 1 moves noise levels towards pure noise, which large
     images need (their pixels are more redundant, so moderate noise hides less). SD3 trains with 3.0.
 
-    With ``shift = exp(flux_mu(...))`` this is Flux's resolution-dependent shift, diffusers' exponential
+    With ``shift = exp(resolution_mu(...))`` this is Flux's resolution-dependent shift, diffusers' exponential
     ``time_shift(mu, 1.0, σ) = e^mu / (e^mu + 1/σ - 1)`` multiplied through by σ (so σ = 0 stays 0, no 1/0)."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def flux_mu(image_seq_len: int, *, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
-            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def resolution_mu(image_seq_len: int, *, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                  base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """Flux's log-shift for an image of ``image_seq_len`` tokens: linear from ``base_shift`` at
     ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len`` (diffusers' ``calculate_shift``),
     extrapolated beyond."""
@@ -186,7 +186,7 @@ class FlowMatchingObjective(Objective):
         """The shift applied to noise levels for latents of this shape (B, C, H, W)."""
         if self.shift != "auto":
             return self.shift
-        mu = flux_mu((latents.shape[-2] // 2) * (latents.shape[-1] // 2), base_image_seq_len=self.base_image_seq_len,
+        mu = resolution_mu((latents.shape[-2] // 2) * (latents.shape[-1] // 2), base_image_seq_len=self.base_image_seq_len,
                      max_image_seq_len=self.max_image_seq_len, base_shift=self.base_shift, max_shift=self.max_shift)
         return math.exp(mu)
 
