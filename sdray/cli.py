@@ -62,9 +62,13 @@ def validate(job: Annotated[Path, typer.Argument(help="Job document (YAML or JSO
     doc = _load(job)
     s = doc.spec
     model = s.model.preset or s.model.pretrained
+    from sdray.models.presets import PRESETS
+
+    # the family as far as the document tells (a pretrained pipeline's own is read when the job runs)
+    family = s.model.family or (PRESETS[s.model.preset].family if s.model.preset else "the pipeline's")
     out.print("ok", highlight=False)
     out.print(
-        f"{doc.metadata.name}: stage={s.stage} model={model} data={s.data.uri} ({s.data.format}) "
+        f"{doc.metadata.name}: stage={s.stage} family={family} model={model} data={s.data.uri} ({s.data.format}) "
         f"steps={s.train.max_steps} batch={s.train.batch_size}x{s.distributed.num_workers} workers "
         f"strategy={s.distributed.strategy} output={s.output.uri}",
         highlight=False, markup=False,

@@ -30,7 +30,7 @@ def test_validate_ok_prints_a_summary(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "ok"
-    assert "cli-ok: stage=unet model=tiny data=s3://bucket/data" in lines[1]
+    assert "cli-ok: stage=denoiser family=sd model=tiny data=s3://bucket/data" in lines[1]
 
 
 def test_validate_errors_name_fields_exit_2_without_traceback(tmp_path):

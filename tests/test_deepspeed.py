@@ -63,8 +63,8 @@ def test_zero2_with_ema_and_accumulation_checkpoints_resumes_and_exports(ray_ses
     assert all(torch.isfinite(torch.tensor(curve))) and curve[-1] < curve[0], curve
     run_dir = out / "checkpoints" / "ds-zero2"
     ckpt = ray_checkpoints(run_dir)[-1]
-    assert read_manifest(ckpt) | {"job": None} == {"step": 20, "stage": "unet", "job": None, "format": "deepspeed",
-                                                  "zero_stage": 2, "world_size": 2,
+    assert read_manifest(ckpt) | {"job": None} == {"step": 20, "stage": "denoiser", "job": None,
+                                                  "format": "deepspeed", "zero_stage": 2, "world_size": 2,
                                                   "weights": {"unet": "full"}}
     engine_files = sorted(p.name for p in (ckpt / "deepspeed" / "engine").iterdir())
     # every rank wrote its own partition of the optimizer state; Ray Train merged them into one checkpoint

@@ -31,7 +31,6 @@ _T5_SLOT = TextSlot("text_encoder_3", "tokenizer_3", T5EncoderModel, "t5", optio
 PIPELINE_T5_LENGTH = 256
 
 
-
 class StableDiffusion3(ModelFamily):
     name = "sd3"
     denoiser = "transformer"
