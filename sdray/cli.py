@@ -86,7 +86,7 @@ def schema(
 def _print_summary(summary: dict, title: str) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     for key in ("step", "loss", "resumed_from", "pipeline", "vae", "samples", "metrics", "checkpoint",
-                "skipped_images", "scaling_factor"):
+                "skipped_images", "scaling_factor", "shift_factor"):
         if summary.get(key) is not None:
             value = summary[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
