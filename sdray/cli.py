@@ -216,7 +216,8 @@ def sample(
     num: Annotated[int, typer.Option("--num", "-n", min=1, help="Images per prompt.")] = 4,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and grid.png.")] = Path("samples"),
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 25,
-    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 5.0,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale (Flux: true CFG "
+                                            "against the empty prompt; the embedded guidance stays 1.0, as trained).")] = 5.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for s3:// URIs.")] = None,
 ) -> None:

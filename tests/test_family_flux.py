@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import recorded_calls
 from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel)
 from transformers import CLIPTextModel, T5EncoderModel, T5TokenizerFast
@@ -155,8 +156,9 @@ def test_the_pipeline_saves_loads_stock_generates_and_reloads(comps, tmp_path):
     assemble_pipeline(comps).save_pretrained(tmp_path / "flux", safe_serialization=True)
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "flux")
     assert isinstance(pipe, FluxPipeline)
-    images = generate(pipe, ["a digit 3"], num_inference_steps=2, guidance_scale=3.5, resolution=16,
-                      **comps.family.sampling_kwargs(comps))
+    # the loaded pipeline's T5 tokenizer tells generate the length training used
+    assert comps.family.pipeline_sampling_kwargs(pipe) == comps.family.sampling_kwargs(comps) == {"max_sequence_length": 16}
+    images = generate(pipe, ["a digit 3"], num_inference_steps=2, guidance_scale=3.5, resolution=16)
     assert images[0][0].size == (16, 16)
     again = build_components(ModelSpec(pretrained=str(tmp_path / "flux")), seed=99)
     assert again.family.name == "flux" and again.resolution == 16
@@ -171,6 +173,28 @@ def test_the_pipeline_saves_loads_stock_generates_and_reloads(comps, tmp_path):
     settings = [{k: v for k, v in s.config.items() if not k.startswith("_")}
                 for s in (again.noise_scheduler, comps.noise_scheduler)]
     assert settings[0] == settings[1]
+
+
+def test_generate_guides_with_true_cfg_against_the_empty_prompt_and_embeds_the_trained_guidance(comps):
+    # FluxPipeline's guidance_scale is a distilled model's embedded value; its real CFG is true_cfg_scale with a
+    # negative prompt, which must come one per prompt to pair with the prompts' batch
+    assert comps.family.cfg_kwargs(4.0, 2) == {"true_cfg_scale": 4.0, "negative_prompt": ["", ""], "guidance_scale": 1.0}
+    pipe = assemble_pipeline(comps)
+    prompts = ["a handwritten digit 3", "a handwritten digit 7"]
+    with recorded_calls(pipe.transformer) as calls:
+        rows = generate(pipe, prompts, images_per_prompt=3, num_inference_steps=2, guidance_scale=4.0, resolution=16)
+    assert [len(row) for row in rows] == [3, 3] and rows[0][0].size == (16, 16)
+    assert len(calls) == 2 * 2  # each step: the prompts, then the negative prompt
+    prompted, negative = calls[0], calls[1]
+    # 2 prompts × 3 images, each with the pipeline's own T5 length (the trained 16, not FluxPipeline's 512)
+    assert prompted["encoder_hidden_states"].shape == negative["encoder_hidden_states"].shape == (6, 16, 32)
+    empty = unconditional_prompts(comps)  # what a dropped caption was in training
+    torch.testing.assert_close(negative["encoder_hidden_states"], empty["prompt_embeds"].expand(6, -1, -1))
+    torch.testing.assert_close(negative["pooled_projections"], empty["pooled_prompt_embeds"].expand(6, -1))
+    assert prompted["guidance"].tolist() == negative["guidance"].tolist() == [1.0] * 6
+    with recorded_calls(pipe.transformer) as calls:
+        generate(pipe, prompts, num_inference_steps=2, guidance_scale=1.0, resolution=16)
+    assert len(calls) == 2  # no guidance: one call a step
 
 
 def _job(model, train=None):

@@ -17,9 +17,13 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from sdray.models.families.base import ModelFamily, TextSlot
 from sdray.models.presets import PRESETS
+from sdray.spec import TrainSpec
 
 # The most T5 tokens FluxPipeline accepts (its check_inputs refuses more).
 MAX_SEQUENCE_LENGTH = 512
+
+# The guidance value training embeds unless a job sets train.guidance; sampling embeds it too.
+TRAINED_GUIDANCE = TrainSpec.model_fields["guidance"].default
 
 
 
@@ -119,8 +123,13 @@ class Flux(ModelFamily):
         return unpack_latents(tokens, height, width)
 
     # -- the stock pipeline ----------------------------------------------------------------------------
-    def sampling_kwargs(self, comps):
-        return {"max_sequence_length": comps.tokenizers_by_slot["tokenizer_2"].model_max_length}
+    def cfg_kwargs(self, guidance_scale, prompts):
+        # FluxPipeline's guidance_scale is the guidance value embedded in a guidance-distilled model (dev), not
+        # CFG: it stays the one training embeds. Real CFG is true_cfg_scale, which runs (above 1) only with a
+        # negative prompt, encoded with num_images_per_prompt like the prompts: one "" per prompt, since a
+        # single "" becomes a batch of one that the transformer cannot pair with the prompts' batch.
+        return {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * prompts,
+                "guidance_scale": TRAINED_GUIDANCE}
 
 
 def _preset_embeds_guidance(model_spec) -> bool:
