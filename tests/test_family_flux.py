@@ -156,9 +156,11 @@ def test_the_pipeline_saves_loads_stock_generates_and_reloads(comps, tmp_path):
     assemble_pipeline(comps).save_pretrained(tmp_path / "flux", safe_serialization=True)
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "flux")
     assert isinstance(pipe, FluxPipeline)
-    # the loaded pipeline's T5 tokenizer tells generate the length training used
-    assert comps.family.pipeline_sampling_kwargs(pipe) == comps.family.sampling_kwargs(comps) == {"max_sequence_length": 16}
-    images = generate(pipe, ["a digit 3"], num_inference_steps=2, guidance_scale=3.5, resolution=16)
+    # the loaded pipeline tells generate the T5 length training used (its tokenizer's) and the size (its VAE's:
+    # FluxPipeline's own default would be 128 latent pixels, 256 px with the tiny VAE)
+    assert comps.family.sampling_kwargs(comps) == {"max_sequence_length": 16}
+    assert comps.family.pipeline_sampling_kwargs(pipe) == {"max_sequence_length": 16, "height": 16, "width": 16}
+    images = generate(pipe, ["a digit 3"], num_inference_steps=2, guidance_scale=3.5)
     assert images[0][0].size == (16, 16)
     again = build_components(ModelSpec(pretrained=str(tmp_path / "flux")), seed=99)
     assert again.family.name == "flux" and again.resolution == 16

@@ -48,14 +48,15 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], *, images_per_prompt: 
     """``images_per_prompt`` images for each prompt (one list per prompt), reproducible from ``seed``, with
     classifier-free guidance at ``guidance_scale`` as the pipeline's family asks for it
     (``ModelFamily.cfg_kwargs``: Flux's is ``true_cfg_scale``) and the family's own arguments read from the
-    pipeline (T5's ``max_sequence_length``, ``ModelFamily.pipeline_sampling_kwargs``); ``kwargs`` go to the
-    pipeline and override both."""
+    pipeline (T5's ``max_sequence_length``, Flux's size: ``ModelFamily.pipeline_sampling_kwargs``), at
+    ``resolution`` px when given; ``kwargs`` go to the pipeline and override all of these."""
     family = family_of_pipeline(type(pipe).__name__)
     call = ({**family.pipeline_sampling_kwargs(pipe), **family.cfg_kwargs(guidance_scale, len(prompts))}
             if family is not None else {"guidance_scale": guidance_scale})
+    if resolution is not None:
+        call.update(height=resolution, width=resolution)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out = pipe(prompts, num_images_per_prompt=images_per_prompt, num_inference_steps=num_inference_steps,
-               generator=generator, height=resolution, width=resolution, output_type="pil",
-               **{**call, **kwargs}).images
+               generator=generator, output_type="pil", **{**call, **kwargs}).images
     return [out[i * images_per_prompt:(i + 1) * images_per_prompt] for i in range(len(prompts))]

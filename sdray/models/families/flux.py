@@ -123,6 +123,12 @@ class Flux(ModelFamily):
         return unpack_latents(tokens, height, width)
 
     # -- the stock pipeline ----------------------------------------------------------------------------
+    def pipeline_sampling_kwargs(self, pipe):
+        # FluxPipeline's default size is 128 latent pixels a side whatever the VAE (256 px for a tiny preset's
+        # 2× VAE); the VAE's sample_size is the size the model was made for (1024 for FLUX.1's, as that default)
+        size = pipe.vae.config.sample_size
+        return {**super().pipeline_sampling_kwargs(pipe), "height": size, "width": size}
+
     def cfg_kwargs(self, guidance_scale, prompts):
         # FluxPipeline's guidance_scale is the guidance value embedded in a guidance-distilled model (dev), not
         # CFG: it stays the one training embeds. Real CFG is true_cfg_scale, which runs (above 1) only with a
