@@ -12,7 +12,7 @@ The job documents it runs are written beside its outputs, so each stage can be r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,10 @@ class Recipe:
     preset: str
     denoiser_steps: int
     learning_rate: float
+    # config overrides of the denoiser: the demo's Flux transformer has no guidance embeddings (it is trained
+    # from scratch, not distilled), so it samples with real classifier-free guidance (Flux.cfg_kwargs)
     warmup_steps: int
+    overrides: dict = field(default_factory=dict)
 
 
 # sd: the settings the demo was measured with (1.00 in ~9 min). The ~1 M-parameter flow-matching transformers
@@ -49,7 +52,8 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "sd": Recipe("tiny", denoiser_steps=3000, learning_rate=1e-3, warmup_steps=100),
     "sd3": Recipe("tiny-sd3", denoiser_steps=4000, learning_rate=1e-3, warmup_steps=200),
-    "flux": Recipe("tiny-flux", denoiser_steps=3000, learning_rate=1e-3, warmup_steps=200),
+    "flux": Recipe("tiny-flux", denoiser_steps=3000, learning_rate=1e-3, warmup_steps=200,
+                   overrides={"transformer": {"guidance_embeds": False}}),
 }
 DEFAULT_FAMILY = "sd"
 
@@ -97,7 +101,8 @@ def demo_jobs(root: Path, *, family: str = DEFAULT_FAMILY, workers: int = 2, vae
     })
     denoiser = _job(f"digits-{denoiser_name}", {
         "stage": "denoiser",
-        "model": {"preset": recipe.preset, "vae": {"pretrained": str(root / vae_name)}},
+        "model": {"preset": recipe.preset, "vae": {"pretrained": str(root / vae_name)},
+                  **({"overrides": recipe.overrides} if recipe.overrides else {})},
         "data": common_data,
         "train": {"max_steps": denoiser_steps or recipe.denoiser_steps, "batch_size": 32,
                   "learning_rate": recipe.learning_rate, "lr_scheduler": "cosine",

@@ -177,12 +177,19 @@ def test_the_pipeline_saves_loads_stock_generates_and_reloads(comps, tmp_path):
     assert settings[0] == settings[1]
 
 
-def test_generate_guides_with_true_cfg_against_the_empty_prompt_and_embeds_the_trained_guidance(comps):
-    # FluxPipeline's guidance_scale is a distilled model's embedded value; its real CFG is true_cfg_scale with a
-    # negative prompt, which must come one per prompt to pair with the prompts' batch
-    assert comps.family.cfg_kwargs(4.0, 2) == {"true_cfg_scale": 4.0, "negative_prompt": ["", ""], "guidance_scale": 1.0}
+def test_a_distilled_model_gets_its_guidance_value_and_one_without_embeddings_true_cfg(comps):
+    # dev-shaped (guidance embeddings): FluxPipeline's guidance_scale is the embedded value, one call a step
     pipe = assemble_pipeline(comps)
+    assert comps.family.cfg_kwargs(4.0, 2, pipe) == {"guidance_scale": 4.0}
     prompts = ["a handwritten digit 3", "a handwritten digit 7"]
+    with recorded_calls(pipe.transformer) as calls:
+        generate(pipe, prompts, num_inference_steps=2, guidance_scale=4.0, resolution=16)
+    assert len(calls) == 2 and calls[0]["guidance"].tolist() == [4.0, 4.0]
+    # without guidance embeddings (schnell-shaped, or trained from scratch): real CFG against the empty caption,
+    # one negative prompt per prompt to pair with the prompts' batch
+    plain = build_components(ModelSpec(preset="tiny-flux", overrides={"transformer": {"guidance_embeds": False}}))
+    pipe = assemble_pipeline(plain)
+    assert plain.family.cfg_kwargs(4.0, 2, pipe) == {"true_cfg_scale": 4.0, "negative_prompt": ["", ""]}
     with recorded_calls(pipe.transformer) as calls:
         rows = generate(pipe, prompts, images_per_prompt=3, num_inference_steps=2, guidance_scale=4.0, resolution=16)
     assert [len(row) for row in rows] == [3, 3] and rows[0][0].size == (16, 16)
@@ -190,10 +197,10 @@ def test_generate_guides_with_true_cfg_against_the_empty_prompt_and_embeds_the_t
     prompted, negative = calls[0], calls[1]
     # 2 prompts × 3 images, each with the pipeline's own T5 length (the trained 16, not FluxPipeline's 512)
     assert prompted["encoder_hidden_states"].shape == negative["encoder_hidden_states"].shape == (6, 16, 32)
-    empty = unconditional_prompts(comps)  # what a dropped caption was in training
+    empty = unconditional_prompts(plain)  # what a dropped caption was in training
     torch.testing.assert_close(negative["encoder_hidden_states"], empty["prompt_embeds"].expand(6, -1, -1))
     torch.testing.assert_close(negative["pooled_projections"], empty["pooled_prompt_embeds"].expand(6, -1))
-    assert prompted["guidance"].tolist() == negative["guidance"].tolist() == [1.0] * 6
+    assert prompted["guidance"] is None and negative["guidance"] is None
     with recorded_calls(pipe.transformer) as calls:
         generate(pipe, prompts, num_inference_steps=2, guidance_scale=1.0, resolution=16)
     assert len(calls) == 2  # no guidance: one call a step

@@ -158,7 +158,7 @@ def test_the_export_is_a_stock_sd3_pipeline_that_reloads_identically(tiny, tmp_p
 
 
 def test_generate_guides_with_the_pipelines_guidance_scale_and_its_t5_length(tiny):
-    assert tiny.family.cfg_kwargs(4.0, 2) == {"guidance_scale": 4.0}
+    assert tiny.family.cfg_kwargs(4.0, 2, None) == {"guidance_scale": 4.0}
     pipe = assemble_pipeline(tiny)
     with recorded_calls(pipe.transformer) as calls:
         rows = generate(pipe, PROMPTS, images_per_prompt=3, num_inference_steps=2, guidance_scale=4.0, resolution=16)

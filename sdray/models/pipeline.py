@@ -47,11 +47,11 @@ def generate(pipe: DiffusionPipeline, prompts: list[str], *, images_per_prompt: 
              resolution: int | None = None, **kwargs) -> list[list[Image.Image]]:
     """``images_per_prompt`` images for each prompt (one list per prompt), reproducible from ``seed``, with
     classifier-free guidance at ``guidance_scale`` as the pipeline's family asks for it
-    (``ModelFamily.cfg_kwargs``: Flux's is ``true_cfg_scale``) and the family's own arguments read from the
+    (``ModelFamily.cfg_kwargs``: a Flux model without guidance embeddings gets ``true_cfg_scale``) and the family's own arguments read from the
     pipeline (T5's ``max_sequence_length``, Flux's size: ``ModelFamily.pipeline_sampling_kwargs``), at
     ``resolution`` px when given; ``kwargs`` go to the pipeline and override all of these."""
     family = family_of_pipeline(type(pipe).__name__)
-    call = ({**family.pipeline_sampling_kwargs(pipe), **family.cfg_kwargs(guidance_scale, len(prompts))}
+    call = ({**family.pipeline_sampling_kwargs(pipe), **family.cfg_kwargs(guidance_scale, len(prompts), pipe)}
             if family is not None else {"guidance_scale": guidance_scale})
     if resolution is not None:
         call.update(height=resolution, width=resolution)

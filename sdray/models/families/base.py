@@ -224,10 +224,10 @@ class ModelFamily(ABC):
                 return {"max_sequence_length": tokenizers[slot.tokenizer].model_max_length}
         return {}
 
-    def cfg_kwargs(self, guidance_scale: float, prompts: int) -> dict[str, Any]:
-        """The pipeline's ``__call__`` arguments for classifier-free guidance at ``guidance_scale`` (against
-        the empty caption, what a dropped caption became in training) when sampling ``prompts`` prompts: the
-        stock pipelines' ``guidance_scale``, which guides above 1."""
+    def cfg_kwargs(self, guidance_scale: float, prompts: int, pipe: Any = None) -> dict[str, Any]:
+        """The ``pipe``'s ``__call__`` arguments for guidance at ``guidance_scale`` when sampling ``prompts``
+        prompts: the stock pipelines' ``guidance_scale`` (classifier-free guidance against the empty caption,
+        what a dropped caption became in training, above 1)."""
         return {"guidance_scale": guidance_scale}
 
 

@@ -17,13 +17,11 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from sdray.models.families.base import ModelFamily, TextSlot
 from sdray.models.presets import PRESETS
-from sdray.spec import TrainSpec
 
 # The most T5 tokens FluxPipeline accepts (its check_inputs refuses more).
 MAX_SEQUENCE_LENGTH = 512
 
 # The guidance value training embeds unless a job sets train.guidance; sampling embeds it too.
-TRAINED_GUIDANCE = TrainSpec.model_fields["guidance"].default
 
 
 
@@ -129,13 +127,15 @@ class Flux(ModelFamily):
         size = pipe.vae.config.sample_size
         return {**super().pipeline_sampling_kwargs(pipe), "height": size, "width": size}
 
-    def cfg_kwargs(self, guidance_scale, prompts):
-        # FluxPipeline's guidance_scale is the guidance value embedded in a guidance-distilled model (dev), not
-        # CFG: it stays the one training embeds. Real CFG is true_cfg_scale, which runs (above 1) only with a
-        # negative prompt, encoded with num_images_per_prompt like the prompts: one "" per prompt, since a
-        # single "" becomes a batch of one that the transformer cannot pair with the prompts' batch.
-        return {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * prompts,
-                "guidance_scale": TRAINED_GUIDANCE}
+    def cfg_kwargs(self, guidance_scale, prompts, pipe=None):
+        # A transformer with guidance embeddings (dev) was distilled to take the guidance value as an input:
+        # FluxPipeline's guidance_scale is that value, as every Flux user samples dev. One without them (schnell,
+        # or a model trained from scratch without guidance, as the demo's) needs real classifier-free guidance:
+        # true_cfg_scale, which runs (above 1) only with a negative prompt, one "" per prompt (a single "" is a
+        # batch of one that cannot pair with the prompts' batch).
+        if pipe is None or has_guidance_embeds(pipe.transformer):
+            return {"guidance_scale": guidance_scale}
+        return {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * prompts}
 
 
 def _preset_embeds_guidance(model_spec) -> bool:
