@@ -90,7 +90,7 @@ def schema(
 def _print_summary(summary: dict, title: str) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     for key in ("step", "loss", "resumed_from", "pipeline", "vae", "samples", "metrics", "checkpoint",
-                "skipped_images", "scaling_factor"):
+                "skipped_images", "scaling_factor", "shift_factor"):
         if summary.get(key) is not None:
             value = summary[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
@@ -220,7 +220,8 @@ def sample(
     num: Annotated[int, typer.Option("--num", "-n", min=1, help="Images per prompt.")] = 4,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and grid.png.")] = Path("samples"),
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 25,
-    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 5.0,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale (Flux: true CFG "
+                                            "against the empty prompt; the embedded guidance stays 1.0, as trained).")] = 5.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     endpoint: Annotated[str | None, typer.Option(help="S3 endpoint for s3:// URIs.")] = None,
 ) -> None:
@@ -504,14 +505,20 @@ def cancel(
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for data, jobs, models and samples.")] = Path("demo-output"),
+    family: Annotated[str, typer.Option(
+        help="Model family: sd (tiny UNet, 8×8×4 latents), sd3 (tiny MMDiT) or flux (tiny Flux transformer; both "
+        "on 8×8×16 latents), each trained with its tiny preset and judged the same way. sd3's and flux's outputs "
+        "are named after the family (sd3-vae/, sd3-transformer/, sd3-digits-grid.png), beside sd's.")] = "sd",
     workers: Annotated[int, typer.Option(min=1, help="Ray Train workers.")] = 2,
     vae_steps: Annotated[int, typer.Option(min=1, help="Autoencoder-stage steps.")] = 600,
-    unet_steps: Annotated[int, typer.Option(min=1, help="UNet-stage steps.")] = 3000,
+    denoiser_steps: Annotated[int | None, typer.Option(
+        "--denoiser-steps", "--unet-steps", min=1,
+        help="Denoiser-stage (UNet or transformer) steps; default: the family's recipe (sdray/demo.py).")] = None,
     per_digit: Annotated[int, typer.Option(min=1, help="Images drawn per digit for the judge.")] = 10,
 ) -> None:
     """Run the demo: train a tiny text-to-image model on handwritten digits and judge what it draws.
 
-    Imports the digits, trains the autoencoder stage then the UNet stage on local Ray workers, draws
+    Imports the digits, trains the autoencoder stage then the denoiser stage on local Ray workers, draws
     every digit with the exported pipeline and asks a classifier which digit each drawing shows. The
     last line printed is digit_accuracy=0.NN.
     """
@@ -521,24 +528,28 @@ def demo(
     from sdray.models.pipeline import generate, load_pipeline
     from sdray.train.reporting import image_grid
 
+    if family not in d.RECIPES:
+        raise _fail(f"--family: expected {', '.join(d.RECIPES)}, got {family!r}", EXIT_BAD_INPUT)
     start = time.perf_counter()
     out_dir = out_dir.absolute()
-    n = write(str(out_dir / "digits"), "imagefolder", 16)
+    n = write(str(out_dir / "digits"), "imagefolder", d.RESOLUTION)
     out.print(f"[1/4] wrote {n} digits to {out_dir / 'digits'}", highlight=False)
-    jobs = d.write_jobs(out_dir, d.demo_jobs(out_dir, workers=workers, vae_steps=vae_steps, unet_steps=unet_steps))
-    out.print(f"[2/4] autoencoder stage ({jobs['vae']})", highlight=False)
-    _train(_load(jobs["vae"]))
-    out.print(f"[3/4] UNet stage ({jobs['unet']})", highlight=False)
-    summary = _train(_load(jobs["unet"]))
+    vae_stage, denoiser_stage = d.stage_names(family)
+    jobs = d.write_jobs(out_dir, d.demo_jobs(out_dir, family=family, workers=workers, vae_steps=vae_steps,
+                                             denoiser_steps=denoiser_steps))
+    out.print(f"[2/4] autoencoder stage ({jobs[vae_stage]})", highlight=False)
+    _train(_load(jobs[vae_stage]))
+    out.print(f"[3/4] denoiser stage ({jobs[denoiser_stage]})", highlight=False)
+    summary = _train(_load(jobs[denoiser_stage]))
     out.print("[4/4] drawing every digit with the exported pipeline (stock diffusers) and judging", highlight=False)
     pipe = load_pipeline(summary["pipeline"])
-    rows = generate(pipe, d.DIGIT_PROMPTS, images_per_prompt=per_digit, num_inference_steps=20, guidance_scale=4.0,
-                    seed=1234)
+    rows = generate(pipe, d.DIGIT_PROMPTS, images_per_prompt=per_digit, num_inference_steps=d.SAMPLING_STEPS,
+                    guidance_scale=d.GUIDANCE_SCALE, seed=1234, resolution=d.RESOLUTION)
     accuracy, predictions = d.judge(rows)
     labels = [f"{p}  (read as: {''.join(map(str, pred))})" for p, pred in zip(d.DIGIT_PROMPTS, predictions)]
-    grid_path = out_dir / "digits-grid.png"
+    grid_path = out_dir / d.grid_name(family)
     image_grid(rows, labels, cell=48).save(grid_path)
-    out.print(f"grid: {grid_path}   loss curve: {out_dir / 'unet' / 'loss.png'}   "
+    out.print(f"grid: {grid_path}   loss curve: {out_dir / denoiser_stage / 'loss.png'}   "
               f"total {time.perf_counter() - start:.0f} s", highlight=False)
     print(f"digit_accuracy={accuracy:.2f}")
 

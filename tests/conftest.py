@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,18 @@ from sdray.s3server import SeaweedS3, s3_env, start_seaweed
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def recorded_calls(module):
+    """The keyword arguments of each call of ``module`` inside the block, in order (diffusers' pipelines
+    call their denoiser by keyword)."""
+    calls: list[dict] = []
+    handle = module.register_forward_pre_hook(lambda _module, _args, kwargs: calls.append(kwargs), with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 def make_job(name: str, output: Path, data_uri: str, **spec) -> dict:

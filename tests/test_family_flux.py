@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import recorded_calls
 from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel)
 from transformers import CLIPTextModel, T5EncoderModel, T5TokenizerFast
@@ -155,8 +156,11 @@ def test_the_pipeline_saves_loads_stock_generates_and_reloads(comps, tmp_path):
     assemble_pipeline(comps).save_pretrained(tmp_path / "flux", safe_serialization=True)
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "flux")
     assert isinstance(pipe, FluxPipeline)
-    images = generate(pipe, ["a digit 3"], num_inference_steps=2, guidance_scale=3.5, resolution=16,
-                      **comps.family.sampling_kwargs(comps))
+    # the loaded pipeline tells generate the T5 length training used (its tokenizer's) and the size (its VAE's:
+    # FluxPipeline's own default would be 128 latent pixels, 256 px with the tiny VAE)
+    assert comps.family.sampling_kwargs(comps) == {"max_sequence_length": 16}
+    assert comps.family.pipeline_sampling_kwargs(pipe) == {"max_sequence_length": 16, "height": 16, "width": 16}
+    images = generate(pipe, ["a digit 3"], num_inference_steps=2, guidance_scale=3.5)
     assert images[0][0].size == (16, 16)
     again = build_components(ModelSpec(pretrained=str(tmp_path / "flux")), seed=99)
     assert again.family.name == "flux" and again.resolution == 16
@@ -171,6 +175,35 @@ def test_the_pipeline_saves_loads_stock_generates_and_reloads(comps, tmp_path):
     settings = [{k: v for k, v in s.config.items() if not k.startswith("_")}
                 for s in (again.noise_scheduler, comps.noise_scheduler)]
     assert settings[0] == settings[1]
+
+
+def test_a_distilled_model_gets_its_guidance_value_and_one_without_embeddings_true_cfg(comps):
+    # dev-shaped (guidance embeddings): FluxPipeline's guidance_scale is the embedded value, one call a step
+    pipe = assemble_pipeline(comps)
+    assert comps.family.cfg_kwargs(4.0, 2, pipe) == {"guidance_scale": 4.0}
+    prompts = ["a handwritten digit 3", "a handwritten digit 7"]
+    with recorded_calls(pipe.transformer) as calls:
+        generate(pipe, prompts, num_inference_steps=2, guidance_scale=4.0, resolution=16)
+    assert len(calls) == 2 and calls[0]["guidance"].tolist() == [4.0, 4.0]
+    # without guidance embeddings (schnell-shaped, or trained from scratch): real CFG against the empty caption,
+    # one negative prompt per prompt to pair with the prompts' batch
+    plain = build_components(ModelSpec(preset="tiny-flux", overrides={"transformer": {"guidance_embeds": False}}))
+    pipe = assemble_pipeline(plain)
+    assert plain.family.cfg_kwargs(4.0, 2, pipe) == {"true_cfg_scale": 4.0, "negative_prompt": ["", ""]}
+    with recorded_calls(pipe.transformer) as calls:
+        rows = generate(pipe, prompts, images_per_prompt=3, num_inference_steps=2, guidance_scale=4.0, resolution=16)
+    assert [len(row) for row in rows] == [3, 3] and rows[0][0].size == (16, 16)
+    assert len(calls) == 2 * 2  # each step: the prompts, then the negative prompt
+    prompted, negative = calls[0], calls[1]
+    # 2 prompts × 3 images, each with the pipeline's own T5 length (the trained 16, not FluxPipeline's 512)
+    assert prompted["encoder_hidden_states"].shape == negative["encoder_hidden_states"].shape == (6, 16, 32)
+    empty = unconditional_prompts(plain)  # what a dropped caption was in training
+    torch.testing.assert_close(negative["encoder_hidden_states"], empty["prompt_embeds"].expand(6, -1, -1))
+    torch.testing.assert_close(negative["pooled_projections"], empty["pooled_prompt_embeds"].expand(6, -1))
+    assert prompted["guidance"] is None and negative["guidance"] is None
+    with recorded_calls(pipe.transformer) as calls:
+        generate(pipe, prompts, num_inference_steps=2, guidance_scale=1.0, resolution=16)
+    assert len(calls) == 2  # no guidance: one call a step
 
 
 def _job(model, train=None):

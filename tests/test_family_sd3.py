@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_job
+from conftest import make_job, recorded_calls
 from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                        StableDiffusion3Pipeline)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -155,6 +155,20 @@ def test_the_export_is_a_stock_sd3_pipeline_that_reloads_identically(tiny, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(again.family.encode_prompts(again, _ids(again, PROMPTS))["prompt_embeds"],
                                    tiny.family.encode_prompts(tiny, _ids(tiny, PROMPTS))["prompt_embeds"])
+
+
+def test_generate_guides_with_the_pipelines_guidance_scale_and_its_t5_length(tiny):
+    assert tiny.family.cfg_kwargs(4.0, 2, None) == {"guidance_scale": 4.0}
+    pipe = assemble_pipeline(tiny)
+    with recorded_calls(pipe.transformer) as calls:
+        rows = generate(pipe, PROMPTS, images_per_prompt=3, num_inference_steps=2, guidance_scale=4.0, resolution=16)
+    assert [len(row) for row in rows] == [3, 3] and rows[0][0].size == (16, 16)
+    # one call a step on the negative and the prompted halves together: 2 × 2 prompts × 3 images, 16 CLIP tokens
+    # and the pipeline's own T5 length (the trained 16, not StableDiffusion3Pipeline's 256)
+    assert len(calls) == 2 and calls[0]["encoder_hidden_states"].shape == (12, 16 + 16, 96)
+    with torch.no_grad():
+        empty = tiny.family.unconditional(tiny)["prompt_embeds"]
+    torch.testing.assert_close(calls[0]["encoder_hidden_states"][:6], empty.expand(6, -1, -1))
 
 
 def test_a_pipeline_saved_without_t5_loads_and_builds_without_it(tiny_without_t5, tmp_path):

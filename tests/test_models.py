@@ -8,6 +8,7 @@ from sdray.models.pipeline import assemble_pipeline
 from sdray.models.presets import PRESETS
 from sdray.models.tokenizer import WORDS, build_tokenizer
 from sdray.spec import ModelSpec
+from sdray.train.loop import latent_normalisation
 
 
 def n_params(m):
@@ -34,6 +35,27 @@ def test_tiny_preset_builds_every_component():
     assert latents.shape == (2, 4, 8, 8)
     hidden = c.text_encoder(c.tokenizer(["a digit"] * 2, padding="max_length", return_tensors="pt").input_ids)[0]
     assert c.unet(latents, torch.tensor([10, 20]), hidden).sample.shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sd3", "tiny-flux"])
+def test_the_autoencoder_exports_the_normalisation_its_family_reads(preset):
+    """``latent_normalisation`` (the autoencoder stage's export) gives a VAE config under which the family's
+    ``scale_latents`` turns its latents into zero-mean (with a shift factor) unit-variance ones."""
+    c = build_components(ModelSpec(preset=preset), stage="autoencoder", seed=0)
+    with torch.no_grad():
+        latents = [c.vae.encode(torch.rand(4, 3, 16, 16) * 2 - 1).latent_dist.sample() + 0.5 for _ in range(2)]
+    factors = latent_normalisation(latents, c.vae.config)
+    has_shift = c.vae.config.shift_factor is not None
+    assert has_shift == (preset != "tiny") and ("shift_factor" in factors) == has_shift
+    c.vae.register_to_config(**factors)
+    scaled = c.family.scale_latents(torch.cat(latents), c.vae.config)
+    assert scaled.std().item() == pytest.approx(1.0, rel=1e-4)
+    if has_shift:
+        assert scaled.mean().item() == pytest.approx(0.0, abs=1e-4)
+    else:  # SD's VAE has no shift: the latents keep their (scaled) mean, as every SD VAE's do
+        raw = torch.cat(latents)
+        assert c.vae.config.shift_factor is None
+        assert scaled.mean().item() == pytest.approx((raw.mean() / raw.std()).item(), rel=1e-4)
 
 
 def test_same_seed_same_weights_on_every_worker():

@@ -11,6 +11,7 @@ from PIL import Image
 
 from sdray import storage
 from sdray.models.build import Components
+from sdray.models.families import family_of_pipeline
 from sdray.spec import S3Settings
 
 
@@ -44,11 +45,18 @@ def load_pipeline(uri: str, s3: S3Settings | None = None) -> DiffusionPipeline:
 def generate(pipe: DiffusionPipeline, prompts: list[str], *, images_per_prompt: int = 1,
              num_inference_steps: int = 25, guidance_scale: float = 5.0, seed: int = 0,
              resolution: int | None = None, **kwargs) -> list[list[Image.Image]]:
-    """``images_per_prompt`` images for each prompt (one list per prompt), reproducible from ``seed``;
-    ``kwargs`` go to the pipeline (a family's own, as T5's ``max_sequence_length``)."""
+    """``images_per_prompt`` images for each prompt (one list per prompt), reproducible from ``seed``, with
+    classifier-free guidance at ``guidance_scale`` as the pipeline's family asks for it
+    (``ModelFamily.cfg_kwargs``: a Flux model without guidance embeddings gets ``true_cfg_scale``) and the family's own arguments read from the
+    pipeline (T5's ``max_sequence_length``, Flux's size: ``ModelFamily.pipeline_sampling_kwargs``), at
+    ``resolution`` px when given; ``kwargs`` go to the pipeline and override all of these."""
+    family = family_of_pipeline(type(pipe).__name__)
+    call = ({**family.pipeline_sampling_kwargs(pipe), **family.cfg_kwargs(guidance_scale, len(prompts), pipe)}
+            if family is not None else {"guidance_scale": guidance_scale})
+    if resolution is not None:
+        call.update(height=resolution, width=resolution)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out = pipe(prompts, num_images_per_prompt=images_per_prompt, num_inference_steps=num_inference_steps,
-               guidance_scale=guidance_scale, generator=generator, height=resolution, width=resolution,
-               output_type="pil", **kwargs).images
+               generator=generator, output_type="pil", **{**call, **kwargs}).images
     return [out[i * images_per_prompt:(i + 1) * images_per_prompt] for i in range(len(prompts))]

@@ -94,7 +94,7 @@ class Trainer:
                 module.train(name in self.trainable.components)
         else:
             self.model = self.comps.vae
-            self.recent_latents: deque[torch.Tensor] = deque(maxlen=32)  # for the exported scaling_factor
+            self.recent_latents: deque[torch.Tensor] = deque(maxlen=32)  # for the exported normalisation
         self.objective = self.trainable.objective()
         # The denoiser's training objective (DDPM or flow matching): the family's, with the job's settings.
         self.diffusion = objective_for(spec, self.comps) if spec.stage == "denoiser" else None
@@ -448,13 +448,24 @@ class Trainer:
                 storage.upload_dir(Path(tmp) / "pipeline", storage.join(out, "pipeline"), self.spec.storage)
                 summary["pipeline"] = storage.join(out, "pipeline")
                 return
-            if self.recent_latents:  # unit-variance latents for the denoiser stage, as Stable Diffusion does
-                std = torch.cat([latents.flatten() for latents in self.recent_latents]).std().item()
-                model.register_to_config(scaling_factor=1.0 / std)
-                summary["scaling_factor"] = 1.0 / std
+            if self.recent_latents:
+                factors = latent_normalisation(list(self.recent_latents), model.config)
+                model.register_to_config(**factors)
+                summary.update(factors)
             model.save_pretrained(Path(tmp) / "vae", safe_serialization=True)
             storage.upload_dir(Path(tmp) / "vae", storage.join(out, "vae"), self.spec.storage)
             summary["vae"] = storage.join(out, "vae")
+
+
+def latent_normalisation(latents: list[torch.Tensor], vae_config) -> dict[str, float]:
+    """The VAE config values that make these (unscaled) latents the denoiser's zero-mean, unit-variance input
+    (``ModelFamily.scale_latents``): ``scaling_factor`` 1/std, as Stable Diffusion's; and ``shift_factor``
+    the mean where the VAE's config has one (SD3's and Flux's do; SD's and SDXL's have none: None)."""
+    values = torch.cat([x.flatten() for x in latents])
+    factors = {"scaling_factor": 1.0 / values.std().item()}
+    if vae_config.get("shift_factor") is not None:
+        factors["shift_factor"] = values.mean().item()
+    return factors
 
 
 def train_worker(job: DiffusionJob, ctx: WorkerContext) -> dict:

@@ -5,7 +5,8 @@ components (the denoiser's pipeline slot and class, its text encoders and their 
 noise scheduler, the stock pipeline it exports) and implements what its models do differently: turning
 token ids into cacheable prompt embeddings, the embeddings a dropped caption becomes, the denoiser call
 (SDXL's size ids, Flux's packed latents and guidance), its latent normalisation, the blocks a sharded or
-checkpointed run treats as units, and its default LoRA targets and objective.
+checkpointed run treats as units, its default LoRA targets and objective, and how its stock pipeline is asked
+for classifier-free guidance (Flux's ``true_cfg_scale``).
 
 Everything else (the loop, the objectives, the strategies, the data pipeline, the latent cache) asks the
 family through ``Components.family`` and never which family it has. Slot names are diffusers' pipeline
@@ -207,8 +208,27 @@ class ModelFamily(ABC):
         return {}
 
     def sampling_kwargs(self, comps: Components) -> dict[str, Any]:
-        """Extra arguments of the pipeline's ``__call__`` for validation samples (T5's sequence length)."""
+        """Extra arguments of the pipeline's ``__call__`` for validation samples: T5's sequence length, the
+        one training used (its tokenizer's ``model_max_length``), for families with T5."""
+        return self._t5_length(comps.tokenizers_by_slot)
+
+    def pipeline_sampling_kwargs(self, pipe: DiffusionPipeline) -> dict[str, Any]:
+        """``sampling_kwargs`` of a loaded pipeline, read from its own T5 tokenizer (an sdray export saves
+        it with the length training used; the pipeline's default, 256 or 512, would pad a tiny model's
+        conditioning far beyond what it learned)."""
+        return self._t5_length({s.tokenizer: getattr(pipe, s.tokenizer, None) for s in self.text_slots})
+
+    def _t5_length(self, tokenizers: dict[str, Any]) -> dict[str, Any]:
+        for slot in self.text_slots:
+            if slot.kind == "t5" and tokenizers.get(slot.tokenizer) is not None:
+                return {"max_sequence_length": tokenizers[slot.tokenizer].model_max_length}
         return {}
+
+    def cfg_kwargs(self, guidance_scale: float, prompts: int, pipe: Any = None) -> dict[str, Any]:
+        """The ``pipe``'s ``__call__`` arguments for guidance at ``guidance_scale`` when sampling ``prompts``
+        prompts: the stock pipelines' ``guidance_scale`` (classifier-free guidance against the empty caption,
+        what a dropped caption became in training, above 1)."""
+        return {"guidance_scale": guidance_scale}
 
 
 # Settings only DDPM training reads: (spec section, field).

@@ -21,6 +21,8 @@ from sdray.models.presets import PRESETS
 # The most T5 tokens FluxPipeline accepts (its check_inputs refuses more).
 MAX_SEQUENCE_LENGTH = 512
 
+# The guidance value training embeds unless a job sets train.guidance; sampling embeds it too.
+
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -119,8 +121,21 @@ class Flux(ModelFamily):
         return unpack_latents(tokens, height, width)
 
     # -- the stock pipeline ----------------------------------------------------------------------------
-    def sampling_kwargs(self, comps):
-        return {"max_sequence_length": comps.tokenizers_by_slot["tokenizer_2"].model_max_length}
+    def pipeline_sampling_kwargs(self, pipe):
+        # FluxPipeline's default size is 128 latent pixels a side whatever the VAE (256 px for a tiny preset's
+        # 2× VAE); the VAE's sample_size is the size the model was made for (1024 for FLUX.1's, as that default)
+        size = pipe.vae.config.sample_size
+        return {**super().pipeline_sampling_kwargs(pipe), "height": size, "width": size}
+
+    def cfg_kwargs(self, guidance_scale, prompts, pipe=None):
+        # A transformer with guidance embeddings (dev) was distilled to take the guidance value as an input:
+        # FluxPipeline's guidance_scale is that value, as every Flux user samples dev. One without them (schnell,
+        # or a model trained from scratch without guidance, as the demo's) needs real classifier-free guidance:
+        # true_cfg_scale, which runs (above 1) only with a negative prompt, one "" per prompt (a single "" is a
+        # batch of one that cannot pair with the prompts' batch).
+        if pipe is None or has_guidance_embeds(pipe.transformer):
+            return {"guidance_scale": guidance_scale}
+        return {"true_cfg_scale": guidance_scale, "negative_prompt": [""] * prompts}
 
 
 def _preset_embeds_guidance(model_spec) -> bool:

@@ -83,7 +83,5 @@ class StableDiffusion3(ModelFamily):
                         pooled_projections=embeds["pooled_prompt_embeds"], return_dict=False)[0]
 
     def sampling_kwargs(self, comps):
-        # the T5 length training used, so the pipeline's conditioning has the shape the model learned
-        if comps.text_encoders.get(_T5_SLOT.encoder) is not None:
-            return {"max_sequence_length": comps.tokenizers_by_slot[_T5_SLOT.tokenizer].model_max_length}
-        return {"max_sequence_length": comps.extra["max_sequence_length"]}
+        # without T5, the length of the zeros training put in its place, so the pipeline's match them
+        return super().sampling_kwargs(comps) or {"max_sequence_length": comps.extra["max_sequence_length"]}
