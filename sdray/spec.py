@@ -739,10 +739,12 @@ class ClusterSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    stage: Literal["denoiser", "autoencoder"] = Field(
+    # "unet", the denoiser stage's earlier name, stays in the type so that the CRD admits documents written
+    # with it; the validator below reads it as "denoiser", so code never sees it.
+    stage: Literal["denoiser", "autoencoder", "unet"] = Field(
         default="denoiser",
-        description="What trains: denoiser (the family's UNet or transformer; 'unet', its earlier name, is still "
-        "accepted) or autoencoder (the family's VAE shape).",
+        description="What trains: denoiser (the family's UNet or transformer; unet, its earlier name, is read as "
+        "denoiser) or autoencoder (the family's VAE shape).",
     )
     model: ModelSpec
     data: DataSpec

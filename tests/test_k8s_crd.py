@@ -100,6 +100,15 @@ def _dj(**spec) -> dict:
     return diffusionjob_object(parse_job(make_job("crd-test", "s3://out/x", "s3://data/x", **spec)), "ml")
 
 
+def test_a_document_written_with_stage_unet_still_applies():
+    old = _dj()
+    old["spec"]["stage"] = "unet"  # the denoiser stage's earlier name: stored documents keep it
+    check([old])
+    old["spec"]["stage"] = "transformer"
+    with pytest.raises(InvalidObjects, match="spec.stage: 'transformer' is not one of"):
+        check([old])
+
+
 def test_the_schema_refuses_what_the_model_refuses():
     ok = _dj(cluster={"worker": {"cpu": 8, "memory": "32Gi"}}, tune={"search_space": {
         "train.learning_rate": {"loguniform": [1e-5, 1e-3]}, "train.batch_size": {"choice": [8, 16]}},
