@@ -417,9 +417,9 @@ def build_components(spec: ModelSpec, *, stage: str = "denoiser", s3: S3Settings
     tokenizers: dict = {}
     if denoiser:
         if spec.lora is not None and not sources.is_pretrained("denoiser"):
-            raise ModelError(f"spec.model.lora: spec.model.pretrained holds no {family.denoiser}, so the adapters "
-                             "would sit on the preset's random weights; give a pipeline or "
-                             f"{family.denoiser} to adapt")
+            raise ModelError(f"spec.model.lora: spec.model.pretrained holds no {family.denoiser} "
+                             f"({family.denoiser_class.__name__}), so the adapters would sit on the preset's random "
+                             f"weights; give a pipeline or {family.denoiser} to adapt")
         model = sources.build("denoiser", seed)
     if frozen:
         vae = sources.build("vae", seed)
