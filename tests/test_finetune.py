@@ -201,7 +201,8 @@ def test_lora_refusals_at_build_time(base):
     base_dir, _ = base
     only_vae = parse_job(make_job("x", "/tmp/x", "/tmp/d", model={
         "preset": "tiny", "pretrained": str(base_dir / "vae"), "lora": {"rank": 4}})).spec
-    with pytest.raises(ModelError, match=r"spec.model.lora: spec.model.pretrained holds no unet \(UNet2DConditionModel\)"):
+    with pytest.raises(ModelError,
+                       match=r"spec.model.lora: spec.model.pretrained holds no unet \(UNet2DConditionModel\)"):
         build_components(only_vae.model, s3=only_vae.storage)
     nowhere = parse_job(make_job("x", "/tmp/x", "/tmp/d", model={
         "pretrained": str(base_dir), "lora": {"rank": 4, "targets": ["no_such_layer"]}})).spec
