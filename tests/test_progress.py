@@ -176,5 +176,5 @@ def test_the_runner_reports_a_failed_run_in_one_line_without_the_cli(ray_session
     result = runner(doc, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "error: spec.data.uri: nothing found at" in result.stderr and "Traceback" not in result.stderr
-    assert result.stdout.splitlines()[0].startswith("runner-nodata: training (unet) started")
+    assert result.stdout.splitlines()[0].startswith("runner-nodata: training (denoiser) started")
     assert result.stdout.splitlines()[-1] == "cli imported: False"
