@@ -24,7 +24,8 @@ from conftest import make_job
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from sdray.train.checkpoint import TrainState, UnsafeCheckpoint, _sharded_state, load_checkpoint, save_checkpoint
+from sdray.train.checkpoint import TrainState, UnsafeCheckpoint, load_checkpoint, save_checkpoint
+from sdray.train.strategies.fsdp import ShardedLayout, sharded_state
 
 
 class Payload:
@@ -78,7 +79,7 @@ def train(parts: dict, steps: int) -> None:
 def saved_checkpoint(directory: Path, sharded: bool = False) -> dict:
     parts = run_parts(seed=0)
     train(parts, 3)
-    extra = {"sharded_root": parts["trainable"].components["unet"]} if sharded else {}
+    extra = {"layout": ShardedLayout(parts["trainable"].components["unet"])} if sharded else {}
     save_checkpoint(directory, rank=0, state=TrainState(step=3, epoch=0, images_seen=6), stage="unet",
                     job_name="safety", **parts, **extra)
     return parts
@@ -94,7 +95,7 @@ def test_a_checkpoint_sdray_wrote_still_loads_whole(tmp_path, sharded):
     expected_draws = draws()  # the generators continue from where the checkpoint caught them
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
     fresh = run_parts(seed=1)
-    extra = {"sharded_root": fresh["trainable"].components["unet"]} if sharded else {}
+    extra = {"layout": ShardedLayout(fresh["trainable"].components["unet"])} if sharded else {}
     state = load_checkpoint(tmp_path / "ckpt", rank=0, **fresh, **extra)
     assert state == TrainState(step=3, epoch=0, images_seen=6)
     assert draws() == expected_draws
@@ -162,7 +163,7 @@ def test_a_crafted_dcp_metadata_file_is_refused_before_it_runs(tmp_path):
     (tmp_path / "ckpt" / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     fresh = run_parts(seed=1)
     with pytest.raises(UnsafeCheckpoint, match=r"sharded/\.metadata names posix\.system, not only torch\.distributed"):
-        load_checkpoint(tmp_path / "ckpt", rank=0, sharded_root=fresh["trainable"].components["unet"], **fresh)
+        load_checkpoint(tmp_path / "ckpt", rank=0, layout=ShardedLayout(fresh["trainable"].components["unet"]), **fresh)
     assert not marker.exists()
 
 
@@ -171,17 +172,17 @@ def test_a_crafted_non_tensor_item_of_a_dcp_checkpoint_is_refused_before_it_runs
     torch.load(weights_only=False)."""
     parts = saved_checkpoint(tmp_path / "ckpt", sharded=True)
     marker = tmp_path / "marker"
-    state = _sharded_state(parts["trainable"].components["unet"], parts["optimizer"], parts["ema"])
+    state = sharded_state(parts["trainable"].components["unet"], parts["optimizer"], parts["ema"])
     state["optimizer"]["param_groups"][0]["lr"] = Payload(marker)
     dcp.save(state, checkpoint_id=str(tmp_path / "ckpt" / "sharded"))
     fresh = run_parts(seed=1)
     with pytest.raises(UnsafeCheckpoint, match=r"\(posix\.system\), which could run code when loaded"):
-        load_checkpoint(tmp_path / "ckpt", rank=0, sharded_root=fresh["trainable"].components["unet"], **fresh)
+        load_checkpoint(tmp_path / "ckpt", rank=0, layout=ShardedLayout(fresh["trainable"].components["unet"]), **fresh)
     assert not marker.exists()
     live = tmp_path / "live-marker"  # DCP's own planner would have run it
     state["optimizer"]["param_groups"][0]["lr"] = Payload(live)
     dcp.save(state, checkpoint_id=str(tmp_path / "live"))
-    dcp.load(_sharded_state(fresh["trainable"].components["unet"], fresh["optimizer"], None),
+    dcp.load(sharded_state(fresh["trainable"].components["unet"], fresh["optimizer"], None),
              checkpoint_id=str(tmp_path / "live"))
     assert live.exists()
 
@@ -193,8 +194,8 @@ from pathlib import Path
 import torch
 
 from sdray.spec import parse_job
-from sdray.train.checkpoint import DEEPSPEED_TAG, UnsafeCheckpoint
-from sdray.train.strategies.deepspeed import make_engine
+from sdray.train.checkpoint import UnsafeCheckpoint
+from sdray.train.strategies.deepspeed import ENGINE_TAG, make_engine
 
 
 class Payload:
@@ -210,13 +211,13 @@ engine = make_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), None
 for _ in range(3):
     engine.backward(engine(torch.randn(2, 4)).pow(2).mean())
     engine.step()
-engine.save_checkpoint(str(root), tag=DEEPSPEED_TAG, save_latest=False)
-path, _ = engine.load_checkpoint(str(root), tag=DEEPSPEED_TAG)
+engine.save_checkpoint(str(root), tag=ENGINE_TAG, save_latest=False)
+path, _ = engine.load_checkpoint(str(root), tag=ENGINE_TAG)
 result = {"loaded": path is not None, "global_steps": engine.global_steps}
-(optim,) = (root / DEEPSPEED_TAG).glob("*optim_states.pt")
+(optim,) = (root / ENGINE_TAG).glob("*optim_states.pt")
 torch.save({"optimizer_state_dict": Payload()}, optim)
 try:
-    engine.load_checkpoint(str(root), tag=DEEPSPEED_TAG)
+    engine.load_checkpoint(str(root), tag=ENGINE_TAG)
 except UnsafeCheckpoint as exc:
     result["refused"] = str(exc)
 print(json.dumps(result))

@@ -1,15 +1,13 @@
 """Checkpoint contents: one place that saves and restores every stateful piece of a run.
 
-A checkpoint directory holds
+A checkpoint directory holds the model, optimizer and EMA state the way the run's strategy keeps it (its
+``Layout``, from ``Strategy.checkpoint_layout``):
 - ``model/<component>.safetensors``: the trained weights of each trained component (``unet``, ``vae``,
   ``text_encoder``…; LoRA runs: the adapters alone) and ``ema.pt``, the EMA shadow weights when EMA is
-  on, for replicated (DDP) runs; or
-- ``sharded/``: for FSDP runs, model, optimizer and EMA shards through ``torch.distributed.checkpoint``:
-  every rank writes its own shard files, nothing is gathered (resume needs the same strategy and world
-  size); or
-- ``deepspeed/``: for DeepSpeed runs, the engine's own ``save_checkpoint`` files (module, every rank's
-  ZeRO partition of the optimizer state, LR schedule), plus ``ema.pt`` (ZeRO 1/2 keep full weights on
-  every rank, so rank 0's EMA is everyone's); resume needs the same ZeRO stage and world size;
+  on, for replicated runs (``Layout``, here); or
+- ``sharded/``: FSDP's DCP shards (``strategies.fsdp.ShardedLayout``); or
+- ``deepspeed/``: the DeepSpeed engine's own files plus ``ema.pt`` (``strategies.deepspeed.EngineLayout``);
+and, whatever the strategy,
 - ``trainer_state.pt``: optimizer (replicated runs), LR schedule, loss scaler and the loop's counters;
 - ``rng_rank{N}.pt``: each worker's random state (every rank writes its own file);
 - ``sdray_checkpoint.json``: step, stage, job name, format (replicated, dcp or deepspeed), world size,
@@ -35,7 +33,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "sdray_checkpoint.json"
-DEEPSPEED_TAG = "engine"  # the engine's subdirectory under deepspeed/
 
 
 @dataclass
@@ -79,52 +76,6 @@ def _numpy_arrays() -> list:
             type(np.dtype(np.uint32))]  # (the generator's keys are uint32)
 
 
-# What torch.distributed.checkpoint pickles into a sharded checkpoint's .metadata besides plain values.
-_DCP_METADATA_GLOBALS = frozenset({
-    *(("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
-    ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
-})
-
-
-class _DCPMetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _DCP_METADATA_GLOBALS or (module == "torch"
-                                                       and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
-
-
-def _check_dcp_metadata(sharded: Path) -> None:
-    """torch.distributed.checkpoint unpickles its .metadata in full: check first that it names only DCP's
-    own metadata types (the same bytes are then read again by DCP)."""
-    for path in sorted(sharded.glob("*.metadata")):
-        try:
-            with path.open("rb") as f:
-                _DCPMetadataUnpickler(f).load()
-        except pickle.UnpicklingError as exc:
-            named = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            raise UnsafeCheckpoint(f"checkpoint file {path} names {named[1] if named else 'objects'}, not only "
-                                   "torch.distributed.checkpoint's metadata types, which could run code when "
-                                   "loaded: refused") from None
-
-
-def _weights_only_planner():
-    """DCP's default load planner, with every non-tensor item (optimizer settings) checked by the
-    weights-only unpickler before DCP's own ``torch.load(weights_only=False)`` reads it."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value):
-            load_weights_only(value, what=f"item {read_item.dest_index.fqn} of a sharded checkpoint")
-            value.seek(0)
-            super().load_bytes(read_item, value)
-
-    return WeightsOnlyLoadPlanner()
-
-
 def _rng_state() -> dict:
     """Every generator's state as tensors and ints (what ``load_weights_only`` reads back)."""
     algorithm, keys, pos, has_gauss, cached = np.random.get_state()
@@ -143,22 +94,46 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _sharded_state(root, optimizer, ema) -> dict:
-    """What DCP saves/loads for a sharded run (the tensors are the live ones: loading fills them)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+class Layout:
+    """How a strategy keeps the model, optimizer and EMA state in a checkpoint. This base class is the
+    replicated layout (every rank holds the whole model: DDP, and any strategy on one process): rank 0
+    writes ``model/<component>.safetensors``, the optimizer into ``trainer_state.pt`` and ``ema.pt``. A
+    strategy that keeps its state otherwise returns its own subclass from ``Strategy.checkpoint_layout``
+    (FSDP's DCP shards, DeepSpeed's engine files); nothing here asks which strategy it has."""
 
-    model_sd, optim_sd = get_state_dict(root, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
+    def manifest(self) -> dict:
+        """The manifest's format fields: what a resuming run must match."""
+        return {"format": "replicated"}
+
+    def save(self, directory: Path, *, rank: int, trainable, optimizer, ema, trainer: dict) -> None:
+        """Write this rank's share of the state (every rank calls it); what belongs in
+        ``trainer_state.pt`` goes into ``trainer``, which rank 0 writes afterwards."""
+        if rank != 0:
+            return
+        (directory / "model").mkdir()
+        for name, weights in trainable.state_dicts().items():
+            save_file({k: v.detach().contiguous() for k, v in weights.items()},
+                      directory / "model" / f"{name}.safetensors")
+        trainer["optimizer"] = optimizer.state_dict()
+        save_ema(directory, ema)
+
+    def load(self, directory: Path, *, trainable, optimizer, ema, trainer: dict) -> None:
+        """Restore what ``save`` wrote (``trainer`` is ``trainer_state.pt``, read weights-only)."""
+        trainable.load_state_dicts({name: load_file(directory / "model" / f"{name}.safetensors")
+                                    for name in trainable.components})
+        optimizer.load_state_dict(trainer["optimizer"])
+        load_ema(directory, ema)
+
+
+def save_ema(directory: Path, ema) -> None:
+    """``ema.pt``: the EMA shadow weights (whole on rank 0), when EMA is on."""
     if ema is not None:
-        state["ema"] = {str(i): p for i, p in enumerate(ema.shadow_params)}
-    return state
+        torch.save(ema.state_dict(), directory / "ema.pt")
 
 
-def _layout(sharded_root, engine) -> dict:
-    """How this run's checkpoints are laid out (the manifest's format fields)."""
-    if engine is not None:
-        return {"format": "deepspeed", "zero_stage": engine.zero_optimization_stage()}
-    return {"format": "dcp" if sharded_root is not None else "replicated"}
+def load_ema(directory: Path, ema) -> None:
+    if ema is not None and (directory / "ema.pt").exists():
+        ema.load_state_dict(load_weights_only(directory / "ema.pt"))
 
 
 def _describe(layout: dict) -> str:
@@ -167,38 +142,22 @@ def _describe(layout: dict) -> str:
 
 
 def save_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_scheduler, scaler, ema,
-                    state: TrainState, stage: str, job_name: str, sharded_root=None, engine=None,
+                    state: TrainState, stage: str, job_name: str, layout: Layout | None = None,
                     world_size: int = 1) -> None:
     """Write this rank's share of a checkpoint into ``directory`` (every rank calls this).
 
-    ``trainable`` is the run's ``sdray.train.trainable.Trainable``. ``sharded_root`` is the FSDP-sharded
-    module when the run is sharded; then DCP writes the shards. ``engine`` is the DeepSpeed engine of a
-    DeepSpeed run; then the engine writes its own files."""
-    import torch.distributed.checkpoint as dcp
-
+    ``trainable`` is the run's ``sdray.train.trainable.Trainable``; ``layout`` is the strategy's
+    ``checkpoint_layout()`` (default: replicated)."""
+    layout = layout or Layout()
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
     trainer = {"lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(), "state": asdict(state)}
-    if sharded_root is not None:
-        dcp.save(_sharded_state(sharded_root, optimizer, ema), checkpoint_id=str(directory / "sharded"))
-        if ema is not None:
-            trainer["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    if engine is not None:
-        (directory / "deepspeed").mkdir()
-        engine.save_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
+    layout.save(directory, rank=rank, trainable=trainable, optimizer=optimizer, ema=ema, trainer=trainer)
     if rank != 0:
         return
-    if sharded_root is None and engine is None:
-        (directory / "model").mkdir()
-        for name, weights in trainable.state_dicts().items():
-            save_file({k: v.detach().contiguous() for k, v in weights.items()},
-                      directory / "model" / f"{name}.safetensors")
-        trainer["optimizer"] = optimizer.state_dict()
-    if sharded_root is None and ema is not None:
-        torch.save(ema.state_dict(), directory / "ema.pt")
     torch.save(trainer, directory / "trainer_state.pt")
     (directory / MANIFEST).write_text(json.dumps({
-        "step": state.step, "stage": stage, "job": job_name, **_layout(sharded_root, engine),
+        "step": state.step, "stage": stage, "job": job_name, **layout.manifest(),
         "world_size": world_size, "weights": trainable.kinds}))
 
 
@@ -225,38 +184,12 @@ def _check_layout(directory: Path, layout: dict, world_size: int, kinds: dict) -
 
 
 def load_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_scheduler, scaler, ema,
-                    sharded_root=None, engine=None, world_size: int = 1) -> TrainState:
+                    layout: Layout | None = None, world_size: int = 1) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote; returns the loop counters to continue from."""
-    import torch.distributed.checkpoint as dcp
-
-    _check_layout(directory, _layout(sharded_root, engine), world_size, trainable.kinds)
+    layout = layout or Layout()
+    _check_layout(directory, layout.manifest(), world_size, trainable.kinds)
     trainer = load_weights_only(directory / "trainer_state.pt")
-    if sharded_root is not None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        state = _sharded_state(sharded_root, optimizer, ema)
-        _check_dcp_metadata(directory / "sharded")
-        try:
-            dcp.load(state, checkpoint_id=str(directory / "sharded"), planner=_weights_only_planner())
-        except dcp.CheckpointException as exc:  # DCP gathers each rank's (exception, traceback) into one
-            refused = [error for error, _ in exc.failures.values() if isinstance(error, UnsafeCheckpoint)]
-            if refused:
-                raise refused[0] from None
-            raise
-        set_state_dict(sharded_root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        if ema is not None:
-            for key, value in trainer.get("ema", {}).items():
-                setattr(ema, key, value)
-    elif engine is not None:
-        path, _ = engine.load_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG)
-        if path is None:
-            raise FileNotFoundError(f"{directory / 'deepspeed'}: the DeepSpeed engine found no checkpoint to load")
-    else:
-        trainable.load_state_dicts({name: load_file(directory / "model" / f"{name}.safetensors")
-                                    for name in trainable.components})
-        optimizer.load_state_dict(trainer["optimizer"])
-    if sharded_root is None and ema is not None and (directory / "ema.pt").exists():
-        ema.load_state_dict(load_weights_only(directory / "ema.pt"))
+    layout.load(directory, trainable=trainable, optimizer=optimizer, ema=ema, trainer=trainer)
     lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     scaler.load_state_dict(trainer["scaler"])
     rng = directory / f"rng_rank{rank}.pt"

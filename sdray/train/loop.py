@@ -141,7 +141,7 @@ class Trainer:
         self.state = load_checkpoint(Path(source), rank=self.ctx.rank, trainable=self.trainable,
                                      optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                                      scaler=self.strategy.scaler, ema=self.ema, world_size=self.ctx.world_size,
-                                     **self.strategy.checkpoint_layout())
+                                     layout=self.strategy.checkpoint_layout())
         self.resumed_from = self.state.step
         self._apply_learning_rate()
         if self.is_main:
@@ -172,7 +172,7 @@ class Trainer:
             save_checkpoint(Path(tmp), rank=self.ctx.rank, trainable=self.trainable, optimizer=self.optimizer,
                             lr_scheduler=self.lr_scheduler, scaler=self.strategy.scaler, ema=self.ema,
                             state=self.state, stage=self.spec.stage, job_name=self.job.metadata.name,
-                            world_size=self.ctx.world_size, **self.strategy.checkpoint_layout())
+                            world_size=self.ctx.world_size, layout=self.strategy.checkpoint_layout())
             self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
         self._tell(checkpoint_step=self.state.step, checkpoint_s=time.perf_counter() - started)
 

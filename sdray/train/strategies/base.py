@@ -8,7 +8,8 @@ it is distributed, and the loop (``sdray.train.loop``) asks the strategy, never 
   the optimizer and the LR schedule over the parameters that train (after wrapping: FSDP's are sharded);
 - ``no_sync``: the micro-steps of gradient accumulation, without gradient communication;
 - ``backward`` and ``optimizer_step``: loss scaling, accumulation, clipping, the optimizer and schedule;
-- ``checkpoint_layout``: what ``sdray.train.checkpoint`` needs to save and load this strategy's state;
+- ``checkpoint_layout``: how ``sdray.train.checkpoint`` saves and loads this strategy's state (a
+  ``checkpoint.Layout``);
 - ``full_model``: the trained model with complete weights for sampling, EMA and export.
 """
 
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any
 
 import torch
 from diffusers.optimization import get_scheduler
 
 from sdray.spec import JobSpec
+from sdray.train.checkpoint import Layout
 
 
 class Strategy(ABC):
@@ -70,10 +71,10 @@ class Strategy(ABC):
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def checkpoint_layout(self) -> dict[str, Any]:
-        """Keyword arguments of ``save_checkpoint``/``load_checkpoint`` saying how this strategy's state is
-        kept (a sharded root, a DeepSpeed engine; none for a replicated model)."""
-        return {}
+    def checkpoint_layout(self) -> Layout:
+        """How this strategy's model, optimizer and EMA state is kept in a checkpoint (default: replicated,
+        rank 0 writes the whole model)."""
+        return Layout()
 
     def full_model(self, model: torch.nn.Module, prefix: str, is_main: bool) -> torch.nn.Module | None:
         """``model`` with complete weights for sampling and export: the model itself when replicated; a

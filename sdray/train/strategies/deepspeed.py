@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from sdray.spec import DeepSpeedSpec, JobSpec
-from sdray.train.checkpoint import load_weights_only
+from sdray.train.checkpoint import Layout, load_ema, load_weights_only, save_ema
 from sdray.train.strategies.base import Strategy
 
 
@@ -144,6 +144,33 @@ def full_copy(model: torch.nn.Module, engine, is_main: bool):
     return plain.to(engine.device) if is_main else None
 
 
+ENGINE_TAG = "engine"  # the engine's subdirectory under deepspeed/
+
+
+class EngineLayout(Layout):
+    """``deepspeed/``: the engine's own ``save_checkpoint`` files (module, every rank's ZeRO partition of the
+    optimizer state, LR schedule), plus rank 0's ``ema.pt`` (the loop keeps EMA of full weights); resuming
+    needs the same ZeRO stage and world size."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def manifest(self):
+        return {"format": "deepspeed", "zero_stage": self.engine.zero_optimization_stage()}
+
+    def save(self, directory, *, rank, trainable, optimizer, ema, trainer):
+        (directory / "deepspeed").mkdir()
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag=ENGINE_TAG, save_latest=False)
+        if rank == 0:
+            save_ema(directory, ema)
+
+    def load(self, directory, *, trainable, optimizer, ema, trainer):
+        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag=ENGINE_TAG)
+        if path is None:
+            raise FileNotFoundError(f"{directory / 'deepspeed'}: the DeepSpeed engine found no checkpoint to load")
+        load_ema(directory, ema)
+
+
 class DeepSpeed(Strategy):
     """``deepspeed``: the engine owns accumulation, loss scaling, clipping and the optimizer and schedule
     steps; ``optimizer_step`` has nothing left to do."""
@@ -170,7 +197,7 @@ class DeepSpeed(Strategy):
         pass
 
     def checkpoint_layout(self):
-        return {"engine": self.engine}
+        return EngineLayout(self.engine)
 
     def full_model(self, model, prefix, is_main):
         return full_copy(model, self.engine, is_main)
