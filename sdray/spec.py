@@ -193,11 +193,11 @@ class ModelSpec(_Strict):
     tokenizer: str | None = Field(
         default=None, description="Local dir or s3:// URI of a CLIPTokenizer; default: the preset's."
     )
-    overrides: dict[Literal["unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
-                            "scheduler"], JsonObject] = Field(
+    overrides: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)], JsonObject] = Field(
         default_factory=dict,
-        description="Per-component config overrides applied to the preset's configs (scheduler: always); the "
-        "denoiser is unet or transformer, as the family's pipeline names it.",
+        description="Per-component config overrides applied to the preset's configs (scheduler: always), keyed "
+        "by the component's name in the family's pipeline (unet or transformer, vae, text_encoder … scheduler); "
+        "a name the family's pipeline does not have is refused.",
     )
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     resolution: int | None = Field(

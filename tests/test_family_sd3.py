@@ -210,6 +210,9 @@ def _job(**spec):
     ({"train": {"mixed_precision": "fp16"}}, r"spec.train.mixed_precision: T5 overflows to NaN in fp16; use bf16"),
     ({"train": {"snr_gamma": 5.0}}, r"spec.train.snr_gamma: a setting of DDPM training"),
     ({"model": {"preset": "tiny-sd3", "prediction_type": "v_prediction"}}, r"spec.model.prediction_type: a setting of DDPM training"),
+    ({"model": {"preset": "tiny-sd3", "overrides": {"unet": {"sample_size": 8}}}},
+     r"spec.model.overrides.unet: a sd3 model has no unet; its components are transformer, vae, text_encoder, "
+     r"text_encoder_2, text_encoder_3, scheduler"),
 ])
 def test_check_job_refuses_what_sd3_cannot_train_with(spec, error):
     with pytest.raises(ModelError, match=error):

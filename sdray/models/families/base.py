@@ -105,6 +105,11 @@ class ModelFamily(ABC):
         if spec.data.bucketed and spec.data.bucketing.step % self.pixel_multiple:
             raise ValueError(f"spec.data.bucketing.step: a {self.name} model's images are multiples of "
                              f"{self.pixel_multiple} px, got {spec.data.bucketing.step}")
+        components = [self.denoiser, "vae", *(slot.encoder for slot in self.text_slots), "scheduler"]
+        for key in spec.model.overrides:
+            if key not in components:
+                raise ValueError(f"spec.model.overrides.{key}: a {self.name} model has no {key}; its components are "
+                                 f"{', '.join(components)}")
         if "guidance" in spec.train.model_fields_set and not self.embeds_guidance:
             raise ValueError(f"spec.train.guidance: a {self.name} model embeds no guidance value (Flux does)")
 
