@@ -217,6 +217,7 @@ def test_autoencoder_stage_trains_on_buckets(ray_session, mixed_aspect_root, tmp
 
 
 @pytest.mark.timeout(300)  # without lockstep epochs this run waits forever in a collective
+@pytest.mark.slow  # 2-worker Ray Train run (~70 s)
 def test_two_ddp_workers_train_on_buckets_without_hanging(ray_session, mixed_aspect_root, tmp_path):
     out = tmp_path / "out"
     job = parse_job(bucketed_job(
@@ -309,6 +310,7 @@ def test_a_bucketed_cache_holds_each_image_at_its_bucket_as_online_encoding_does
             assert isinstance(table.schema.field(column).type, ArrowVariableShapedTensorType), column
 
 
+@pytest.mark.slow  # precompute and a Ray Train run (~40 s)
 def test_training_on_a_bucketed_cache_batches_by_bucket_and_validates_by_shape(bucketed_cache, tmp_path):
     from sdray.train.context import LocalContext
     from sdray.train.loop import Trainer

@@ -133,6 +133,7 @@ def test_augmentation_random_crop_and_flip():
     np.testing.assert_array_equal(val["pixel_values"], center)  # validation never augments
 
 
+@pytest.mark.slow  # a 2-worker Ray Train run (~30 s)
 def test_shards_are_disjoint_across_workers(ray_session, digits_root, tmp_path):
     """Two Ray Train workers each see a disjoint share of one epoch, together all of it."""
     from ray.train import DataConfig, RunConfig, ScalingConfig

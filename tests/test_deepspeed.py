@@ -52,6 +52,7 @@ def engine_steps(checkpoint) -> int:
     return torch.load(states, map_location="cpu", weights_only=False)["global_steps"]
 
 
+@pytest.mark.slow  # 2-worker ZeRO-2 run, resume and export (~245 s)
 def test_zero2_with_ema_and_accumulation_checkpoints_resumes_and_exports(ray_session, digits_root, tmp_path):
     out = tmp_path / "out"
     doc = ds_job("ds-zero2", out, str(digits_root / "imagefolder"), {"zero_stage": 2}, 20,
@@ -101,6 +102,7 @@ def test_zero2_with_ema_and_accumulation_checkpoints_resumes_and_exports(ray_ses
     pytest.param({"zero_stage": 3, "offload_optimizer": True, "offload_params": True}, {}, True,
                  marks=pytest.mark.slow),
 ], ids=["zero1-bf16", "zero3", "zero3-offload-resume"])
+@pytest.mark.slow  # 2-worker ZeRO runs (~90-110 s each); test_checkpoint_safety keeps an engine in the default suite
 def test_zero_stage_trains_and_exports_the_trained_weights(ray_session, digits_root, tmp_path, deepspeed, train,
                                                            resume):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

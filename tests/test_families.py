@@ -76,6 +76,7 @@ def test_lora_export_loaded_on_the_base_draws_what_the_merged_pipeline_draws(ray
     assert np.abs(with_lora - before).max() > 2.0  # and the adapters changed what the base draws
 
 
+@pytest.mark.slow  # precompute and a Ray Train run (~45 s); each family still trains in-process in the default suite
 def test_a_flux_latent_cache_trains_and_refuses_a_job_of_another_family(ray_session, digits_root, tmp_path):
     from sdray.data.precompute import precompute
 
@@ -95,7 +96,10 @@ def test_a_flux_latent_cache_trains_and_refuses_a_job_of_another_family(ray_sess
 
 
 def _ray_checkpoints(root):
-    return sorted(p for p in root.iterdir() if p.name.startswith("checkpoint_"))
+    """Ray Train's checkpoint directories that hold a finished sdray checkpoint, oldest first."""
+    from sdray.train.checkpoint import read_manifest
+
+    return sorted((p for p in root.glob("checkpoint_*") if read_manifest(p)), key=lambda p: read_manifest(p)["step"])
 
 
 @pytest.mark.slow  # two 2-worker Ray Train runs (~2 min); the default suite trains each family in-process

@@ -171,6 +171,7 @@ def test_sdxl_trains_both_text_encoders(ray_session, digits_root, tmp_path):
     assert any(k.startswith(last) for k in weights(initial.text_encoder))  # (the names are right)
 
 
+@pytest.mark.slow  # 2-worker Ray Train run (~65 s)
 def test_lora_and_trained_text_encoder_on_two_ddp_workers_with_ema(ray_session, digits_root, base, tmp_path):
     base_dir, _ = base
     out = tmp_path / "out"

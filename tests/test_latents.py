@@ -101,6 +101,7 @@ def test_precompute_writes_a_manifest_and_the_latents_online_encoding_computes(s
     torch.testing.assert_close(unconditional["prompt_embeds"], unconditional_prompts(comps)["prompt_embeds"])
 
 
+@pytest.mark.slow  # precompute and a Ray Train run (~55 s); test_families trains on a cache in-process
 def test_training_on_the_cache_builds_no_encoders_lowers_the_loss_and_exports(s3_cache, tmp_path):
     out = tmp_path / "out"
     job = parse_job(latents_job(
@@ -130,6 +131,7 @@ def test_training_on_the_cache_builds_no_encoders_lowers_the_loss_and_exports(s3
     assert (out / "samples" / "final.png").exists()
 
 
+@pytest.mark.slow  # precompute to S3 and a 2-worker run (~70 s)
 def test_ray_train_workers_train_on_the_s3_cache(s3_cache, tmp_path):
     out = tmp_path / "out"
     summary = run_job(parse_job(latents_job(
@@ -180,6 +182,7 @@ def test_precompute_skips_and_counts_corrupt_images(ray_session, tmp_path):
         precompute(job, str(tmp_path / "cache"))
 
 
+@pytest.mark.slow  # SDXL precompute and a Ray Train run (~65 s)
 def test_tiny_xl_cache_holds_pooled_embeddings_and_trains(ray_session, digits_root, tmp_path):
     job = parse_job(make_job("xl-pre", tmp_path / "pre", str(digits_root / "parquet"), model={"preset": "tiny-xl"},
                              data={"format": "parquet"}))

@@ -113,6 +113,7 @@ def test_sd_training_options_run_together(ray_session, digits_root, tmp_path):
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+@pytest.mark.slow  # torch.compile on CPU (~55 s)
 def test_compiled_model_trains(ray_session, digits_root, tmp_path):
     """train.compile: the loop runs through torch.compile's module (first step compiles, ~1 min on CPU)."""
     from sdray.train.parallel import compiled

@@ -23,6 +23,7 @@ def _dashboard(ray) -> str:
     return "http://" + ray._private.worker._global_node.webui_url
 
 
+@pytest.mark.slow  # three jobs on the local Ray backend across a service restart (~240 s)
 def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray_session, digits_s3, tmp_path):
     require_binary("prometheus")
     tokens = tmp_path / "tokens.json"

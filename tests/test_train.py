@@ -75,6 +75,7 @@ def test_two_workers_lower_the_loss_and_export_a_stock_pipeline(ray_session, dig
         assert image.size == (size, size)
 
 
+@pytest.mark.slow  # kills and restarts a 2-worker run (~250 s); resume stays covered by test_loop and test_finetune
 def test_killed_run_resumes_from_its_checkpoint_with_optimizer_state(ray_session, digits_root, tmp_path):
     out = tmp_path / "out"
     doc = make_job("killed", out, str(digits_root / "parquet"), data={"format": "parquet"},
@@ -105,6 +106,7 @@ def test_killed_run_resumes_from_its_checkpoint_with_optimizer_state(ray_session
     assert adam_steps(final) == registered + 20
 
 
+@pytest.mark.slow  # Ray Train failure recovery on 2 workers (~140 s)
 def test_worker_failure_is_recovered_from_the_latest_checkpoint(ray_session, digits_root, tmp_path):
     out = tmp_path / "out"
     job = parse_job(make_job(
@@ -151,6 +153,7 @@ def test_checkpoints_and_outputs_on_s3_resume(ray_session, digits_s3, seaweed, t
     assert pipe("a handwritten digit 1", num_inference_steps=2).images[0].size == (16, 16)
 
 
+@pytest.mark.slow  # two Ray Train stages (~115 s); test_buckets trains the autoencoder stage in-process
 def test_autoencoder_stage_lowers_reconstruction_error_and_feeds_the_unet_stage(ray_session, digits_root, tmp_path):
     vae_out = tmp_path / "vae"
     vae_job = parse_job(make_job(
@@ -190,6 +193,7 @@ def fsdp_job(name, out, data, fsdp, **train):
                     validation={"prompts": ["a handwritten digit 5"], "num_inference_steps": 2})
 
 
+@pytest.mark.slow  # 2-worker FSDP run, resume and export (~210 s)
 def test_fsdp_on_two_workers_checkpoints_resumes_and_exports(ray_session, digits_root, tmp_path):
     out = tmp_path / "out"
     doc = fsdp_job("fsdp-full", out, str(digits_root / "imagefolder"), {"sharding": "full"},

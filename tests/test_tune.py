@@ -78,6 +78,7 @@ def test_optuna_is_named_when_it_is_missing(tmp_path):
         run_search(parse_job(doc))
 
 
+@pytest.mark.slow  # a 4-trial ASHA search (~260 s); test_resume_if_exists_… keeps a search in the default suite
 def test_asha_search_ranks_a_diverging_rate_last_and_exports_the_best(ray_session, digits_root, tmp_path):
     # batch 512 is more than the 360 training images hold: those trials fail, and the search goes on
     doc = tune_job("asha", tmp_path, str(digits_root / "imagefolder"), {
