@@ -155,9 +155,21 @@ def status_schema() -> dict[str, Any]:
     }
 
 
+def _name_override_components(overrides: dict) -> None:
+    """``model.overrides`` keys are any family's component names (the document model checks only their
+    shape, the family refuses another family's at launch): the CRD lists them, so the API server refuses an
+    unknown one at apply time. A CRD schema has no ``propertyNames``, hence named properties."""
+    from sdray.models.families import FAMILIES
+
+    names = sorted({name for family in FAMILIES.values() for name in family.components})
+    overrides["properties"] = {name: copy.deepcopy(overrides["additionalProperties"]) for name in names}
+    del overrides["additionalProperties"]
+
+
 def crd() -> dict[str, Any]:
     """The DiffusionJob CustomResourceDefinition (``diffusionjobs.sdray.io``)."""
     spec = openapi_schema(json_schema())["properties"]["spec"]
+    _name_override_components(spec["properties"]["model"]["properties"]["overrides"])
     schema = {
         "type": "object",
         "description": "A text-to-image diffusion training job (one validated sdray document), run as a KubeRay "

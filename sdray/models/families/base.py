@@ -71,6 +71,11 @@ class ModelFamily(ABC):
     default_preset: ClassVar[str]  # the preset whose scheduler config a pretrained source without one gets
 
     # -- components ----------------------------------------------------------------------------------
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Its pipeline's component names that ``spec.model.overrides`` may configure."""
+        return (self.denoiser, "vae", *(slot.encoder for slot in self.text_slots), "scheduler")
+
     def active_text_slots(self, model_spec: Any) -> tuple[TextSlot, ...]:
         """The text encoders a job of this family uses (all, unless an optional one is left out)."""
         return self.text_slots
@@ -105,11 +110,10 @@ class ModelFamily(ABC):
         if spec.data.bucketed and spec.data.bucketing.step % self.pixel_multiple:
             raise ValueError(f"spec.data.bucketing.step: a {self.name} model's images are multiples of "
                              f"{self.pixel_multiple} px, got {spec.data.bucketing.step}")
-        components = [self.denoiser, "vae", *(slot.encoder for slot in self.text_slots), "scheduler"]
         for key in spec.model.overrides:
-            if key not in components:
+            if key not in self.components:
                 raise ValueError(f"spec.model.overrides.{key}: a {self.name} model has no {key}; its components are "
-                                 f"{', '.join(components)}")
+                                 f"{', '.join(self.components)}")
         if "guidance" in spec.train.model_fields_set and not self.embeds_guidance:
             raise ValueError(f"spec.train.guidance: a {self.name} model embeds no guidance value (Flux does)")
 
