@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import make_job
 from diffusers import DiffusionPipeline
+from test_train import ray_checkpoints
 
 from sdray.data.latents import StaleCacheError
 from sdray.models.build import build_components
@@ -95,13 +96,6 @@ def test_a_flux_latent_cache_trains_and_refuses_a_job_of_another_family(ray_sess
         run_job(parse_job(other))
 
 
-def _ray_checkpoints(root):
-    """Ray Train's checkpoint directories that hold a finished sdray checkpoint, oldest first."""
-    from sdray.train.checkpoint import read_manifest
-
-    return sorted((p for p in root.glob("checkpoint_*") if read_manifest(p)), key=lambda p: read_manifest(p)["step"])
-
-
 @pytest.mark.slow  # two 2-worker Ray Train runs (~2 min); the default suite trains each family in-process
 @pytest.mark.parametrize("preset, distributed", [
     ("tiny-flux", {"strategy": "fsdp", "fsdp": {"sharding": "full"}}),
@@ -117,7 +111,7 @@ def test_sharded_strategies_train_checkpoint_resume_and_export_a_family(ray_sess
                       checkpoint={"every_n_steps": 10, "keep_last": 1},
                       distributed={"num_workers": 2, "resources_per_worker": {"CPU": 1}, **distributed})
     assert run_job(parse_job(doc))["step"] == 10
-    ckpt = _ray_checkpoints(out / "checkpoints" / doc["metadata"]["name"])[-1]
+    ckpt = ray_checkpoints(out / "checkpoints" / doc["metadata"]["name"])[-1]
     assert read_manifest(ckpt)["format"] == {"fsdp": "dcp", "deepspeed": "deepspeed"}[distributed["strategy"]]
     assert read_manifest(ckpt)["weights"] == {"transformer": "full"}
     doc["spec"]["train"]["max_steps"] = 15
