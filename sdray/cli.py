@@ -39,6 +39,7 @@ err = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_PREEMPTED = 3  # stopped on a preemption notice with a checkpoint: start the same document again
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
@@ -127,7 +128,11 @@ def _train(doc: DiffusionJob, *, address: str | None = None, in_process: bool = 
             summary = run.train(doc, address=address, in_process=in_process, on_progress=show, worker_logs=verbose)
     except run.expected_errors() as exc:
         raise _fail(str(exc)) from None
-    _print_summary(summary, f"{doc.metadata.name}: done")
+    if summary.get("status") == "preempted":
+        _print_summary(summary, f"{doc.metadata.name}: preempted at step {summary.get('step')}, checkpointed: "
+                                "start the same document again to continue (checkpoint.resume: auto)")
+    else:
+        _print_summary(summary, f"{doc.metadata.name}: done")
     return summary
 
 
@@ -145,8 +150,28 @@ def train(
     Ray Data streams the dataset from spec.data.uri, Ray Train runs the loop on spec.distributed.num_workers
     workers, and the exported diffusers pipeline, sample grids, metrics.jsonl and loss.png land under
     spec.output.uri. Rerunning a job with checkpoint.resume: auto continues from its latest checkpoint.
+
+    On SIGTERM (a Kubernetes eviction or preemption; checkpoint.on_preemption) the workers finish their step
+    and checkpoint, and the command exits with status 3 ("preempted"): start it again to continue.
     """
-    _train(_load(job), address=address, in_process=in_process, verbose=verbose)
+    if _train(_load(job), address=address, in_process=in_process, verbose=verbose).get("status") == "preempted":
+        raise typer.Exit(EXIT_PREEMPTED)
+
+
+@app.command("preemption-notice")
+def preemption_notice(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for them to checkpoint and end.")] = 110,
+) -> None:
+    """Tell the training runs on this machine they are being preempted, and wait for them to checkpoint.
+
+    Sends SIGTERM once to every sdray train/tune driver and Ray Train worker here and waits until they end
+    (at most --timeout seconds). The rendered Ray pods run it as their preStop hook: Kubernetes signals only
+    a container's first process (Ray), so without it a run would not hear the notice.
+    """
+    from sdray.train.preemption import notify_local
+
+    told = notify_local(timeout)
+    out.print(f"told {len(told)} process(es): {' '.join(map(str, told)) or '-'}")
 
 
 @app.command()

@@ -139,6 +139,8 @@ class Progress(BaseModel):
     checkpoint: str | None = Field(default=None, description="URI of the last checkpoint (at the end of a run).")
     sample: str | None = Field(default=None, description="URI of the last sample grid.")
     output: str | None = Field(default=None, description="Where the run's outputs go.")
+    preempted: bool | None = Field(default=None, description="The run stopped on a preemption notice, "
+                                                             "checkpointed; it resumes on the next start.")
     # a search
     best: float | None = Field(default=None, description="The best metric of a search so far.")
     trials_ended: int | None = Field(default=None, description="Trials of a search that have ended.")

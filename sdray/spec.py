@@ -523,6 +523,16 @@ class CheckpointSpec(_Strict):
         default="auto",
         description="auto: continue the latest checkpoint of this job; never: start fresh; or a checkpoint URI.",
     )
+    on_preemption: bool = Field(
+        default=True,
+        description="On SIGTERM (eviction, Kueue preemption, spot notice) finish the step, checkpoint and end as "
+                    "preempted (not failed); the next start resumes there.",
+    )
+    grace_period_s: int = Field(
+        default=120, ge=10, le=3600,
+        description="Seconds a preempted run has to finish its step and checkpoint: the Ray pods' "
+                    "terminationGracePeriodSeconds.",
+    )
 
 
 class ValidationSpec(_Strict):

@@ -258,3 +258,19 @@ def test_render_command_prints_objects_kubectl_applies(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "sdray.cli", "render", str(long)], capture_output=True, text=True,
                              timeout=60)
     assert refused.returncode == 2 and "metadata.name" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_ray_pods_hear_a_preemption_notice_and_get_the_jobs_grace_period():
+    """Kubernetes signals only a container's first process (Ray): the preStop hook passes the notice to the
+    run and waits while it checkpoints, within the job's grace period."""
+    _, _, rayjob = _render(checkpoint={"grace_period_s": 300})
+    pods = _pods(rayjob)
+    for role in ("head", "worker"):
+        spec = pods[role]["spec"]
+        assert spec["terminationGracePeriodSeconds"] == 300
+        assert spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == [
+            "sdray", "preemption-notice", "--timeout", "295"]
+    assert "lifecycle" not in pods["submitter"]["spec"]["containers"][0]
+    _, _, rayjob = _render(checkpoint={"on_preemption": False})
+    for pod in _pods(rayjob).values():
+        assert "terminationGracePeriodSeconds" not in pod["spec"] and "lifecycle" not in pod["spec"]["containers"][0]

@@ -196,6 +196,13 @@ def _pod(job: DiffusionJob, settings: RenderSettings, name: str, container: str,
     if cluster.env_secrets:
         main["envFrom"] = [{"secretRef": {"name": secret}} for secret in cluster.env_secrets]
     spec = _placement(job)
+    checkpoint = job.spec.checkpoint
+    if checkpoint.on_preemption:
+        # Eviction or preemption: the hook tells the run (Kubernetes signals only Ray, the first process) and
+        # waits while it checkpoints; the grace period (which the hook's time counts against) is the job's.
+        spec["terminationGracePeriodSeconds"] = checkpoint.grace_period_s
+        main["lifecycle"] = {"preStop": {"exec": {"command": [
+            "sdray", "preemption-notice", "--timeout", str(max(1, checkpoint.grace_period_s - 5))]}}}
     if account:
         spec["serviceAccountName"] = account
     return {

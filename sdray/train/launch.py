@@ -31,6 +31,7 @@ from sdray.models.build import check_job, data_requirements
 from sdray.progress import Progress
 from sdray.spec import DiffusionJob
 from sdray.train.context import LocalContext, iterate
+from sdray.train import preemption
 from sdray.train.loop import train_worker
 
 # Set for every process of an embedded cluster: no usage reporting, no hub look-ups from workers.
@@ -79,12 +80,20 @@ class ProgressBoard:
 
     def __init__(self):
         self.latest: Progress | None = None
+        self.stop = False
 
     def update(self, progress: Progress) -> None:
         self.latest = progress
 
     def get(self) -> Progress | None:
         return self.latest
+
+    def request_stop(self) -> None:
+        """The driver was told to stop (SIGTERM): workers checkpoint at the next step and end."""
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
 
 
 class RayContext:
@@ -102,6 +111,8 @@ class RayContext:
         self.job = job
         self.board = board
         self._restored_dir: str | None = None
+        if board is not None:  # a stop the driver was told of reaches the loop as a preemption request
+            preemption.watch(lambda: ray.get(board.stop_requested.remote()))
 
     def train_batches(self):
         import ray.train
@@ -136,6 +147,27 @@ class RayContext:
             self.board.update.remote(progress)
 
 
+def preemptible_torch_config():
+    """Ray Train's ``TorchConfig`` whose backend also makes SIGTERM a preemption request in every worker
+    process: installed through the worker group, whose calls run on each worker's main thread (the training
+    function runs on another thread, where Python cannot install a signal handler)."""
+    from ray.train.torch import TorchConfig
+
+    class Config(TorchConfig):
+        @property
+        def backend_cls(self):
+            torch_backend = super().backend_cls
+
+            class PreemptibleBackend(torch_backend):
+                def on_training_start(self, worker_group, backend_config):
+                    super().on_training_start(worker_group, backend_config)
+                    worker_group.execute(preemption.install_signal_handler)
+
+            return PreemptibleBackend
+
+    return Config()
+
+
 def _ray_worker(config: dict) -> None:
     job = DiffusionJob.model_validate(config["job"])
     train_worker(job, RayContext(job, config.get("board")))
@@ -165,9 +197,12 @@ def finish_summary(job: DiffusionJob, data: JobData, extra: dict) -> dict:
 
 
 def torch_trainer(job: DiffusionJob, data: JobData, *, board=None, name: str | None = None,
-                  storage_uri: str | None = None, callbacks=()):
+                  storage_uri: str | None = None, callbacks=(), preemptible: bool = False):
     """The Ray Train ``TorchTrainer`` of ``job``: its workers run the per-worker loop on ``data``; the run
-    lives at ``<storage_uri>/<name>`` (default: the job's checkpoint URI and run name)."""
+    lives at ``<storage_uri>/<name>`` (default: the job's checkpoint URI and run name). ``preemptible``:
+    SIGTERM to a worker stops the run at a checkpoint (``sdray.train.preemption``), as ``sdray train`` does
+    with ``checkpoint.on_preemption``; a search's trials are not (a trial that ended early would count as
+    done): they fail on SIGTERM and the search resumes them from their last checkpoints."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -182,6 +217,7 @@ def torch_trainer(job: DiffusionJob, data: JobData, *, board=None, name: str | N
         datasets["validation"] = data.validation
     return TorchTrainer(
         _ray_worker,
+        torch_config=preemptible_torch_config() if preemptible else None,
         train_loop_config={"job": job.model_dump(mode="json", exclude_unset=True), "board": board},
         scaling_config=ScalingConfig(num_workers=spec.distributed.num_workers, use_gpu=spec.distributed.use_gpu,
                                      resources_per_worker=spec.distributed.resources_per_worker or {"CPU": 1}),
@@ -206,31 +242,56 @@ def checkpoint_uri_of(checkpoint, job: DiffusionJob) -> str | None:
     return "s3://" + path if storage.is_s3(job.spec.checkpoint_uri) and not path.startswith("s3://") else path
 
 
+@contextlib.contextmanager
+def preemption_notice(job: DiffusionJob, forward: Callable[[], None] | None = None):
+    """While the body runs, SIGTERM to this process (the driver) asks the run to stop with a checkpoint
+    (``sdray.train.preemption``); ``forward`` passes the request on to workers in other processes."""
+    if not job.spec.checkpoint.on_preemption:
+        yield
+        return
+    import signal
+
+    preemption.reset()
+    previous = signal.getsignal(signal.SIGTERM)
+    installed = preemption.install_signal_handler(forward)
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
+        preemption.reset()
+
+
 def run_job(job: DiffusionJob, *, address: str | None = None,
             on_progress: Callable[[Progress], None] | None = None, worker_logs: bool = True) -> dict:
-    """Train ``job`` with Ray Train on ``num_workers`` workers; returns the run summary."""
+    """Train ``job`` with Ray Train on ``num_workers`` workers; returns the run summary (``status``:
+    ``succeeded``, or ``preempted`` when the driver or a worker got SIGTERM and the run stopped at a
+    checkpoint)."""
     with ray_cluster(job, address, log_to_driver=worker_logs):
         data = prepare_data(job)
         board = ProgressBoard.remote()
-        trainer = torch_trainer(job, data, board=board)
+        trainer = torch_trainer(job, data, board=board, preemptible=job.spec.checkpoint.on_preemption)
         done = threading.Event()
-        watcher = None
-        if on_progress is not None:
-            def watch():
-                while not done.wait(0.5):
-                    progress = ray.get(board.get.remote())
-                    if progress is not None:
-                        on_progress(progress)
-            watcher = threading.Thread(target=watch, daemon=True)
-            watcher.start()
+
+        def watch():
+            told = False
+            while not done.wait(0.5):
+                if preemption.requested() and not told:
+                    board.request_stop.remote()
+                    told = True
+                if on_progress is not None and (progress := ray.get(board.get.remote())) is not None:
+                    on_progress(progress)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         try:
-            result = trainer.fit()
+            with preemption_notice(job):
+                result = trainer.fit()
         except Exception as exc:  # Ray Train's TrainingFailedError wraps the worker's exception
             raise TrainingFailed(worker_error(exc)) from None
         finally:
             done.set()
-            if watcher is not None:
-                watcher.join()
+            watcher.join()
         if on_progress is not None and (last := ray.get(board.get.remote())) is not None:
             on_progress(last)
         return finish_summary(job, data, {"checkpoint": checkpoint_uri_of(result.checkpoint, job),
@@ -260,7 +321,8 @@ def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads:
             num_threads=num_threads or int(spec.distributed.cpus_per_worker), bucketed=spec.data.bucketed,
         )
         start = time.perf_counter()
-        train_worker(job, ctx)
+        with preemption_notice(job):
+            train_worker(job, ctx)
         # The loop leaves its last epoch half-read, and Ray Data's iterators sit in reference cycles: collect
         # them while Ray is up. Collected after ray.shutdown(), one starts a new Ray and the process never ends.
         gc.collect()

@@ -37,6 +37,7 @@ from sdray.spec import DiffusionJob
 from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sdray.train.context import WorkerContext
 from sdray.train.objectives import objective_for
+from sdray.train.preemption import Preemption
 from sdray.train.parallel import in_lockstep, mean_across_workers, sum_counts_across_workers
 from sdray.train.strategies import strategy_for
 from sdray.train.reporting import RunReport, image_grid, tensor_to_images
@@ -115,6 +116,8 @@ class Trainer:
                     if self.cfg.ema else None)
         self.state = TrainState()
         self.resumed_from: int | None = None
+        self.saved_step: int | None = None  # the step of the last checkpoint this run wrote or resumed from
+        self.preemption = Preemption(spec.checkpoint.on_preemption, self.device)
         self._val_set: list[dict] | None = None
         self._val_measured: tuple[int | None, float | None] = (None, None)
         self._restore()
@@ -142,7 +145,7 @@ class Trainer:
                                      optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                                      scaler=self.strategy.scaler, ema=self.ema, world_size=self.ctx.world_size,
                                      layout=self.strategy.checkpoint_layout())
-        self.resumed_from = self.state.step
+        self.resumed_from = self.saved_step = self.state.step
         self._apply_learning_rate()
         if self.is_main:
             log.info("resumed from step %d (%s)", self.state.step, source)
@@ -174,6 +177,7 @@ class Trainer:
                             state=self.state, stage=self.spec.stage, job_name=self.job.metadata.name,
                             world_size=self.ctx.world_size, layout=self.strategy.checkpoint_layout())
             self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
+        self.saved_step = self.state.step
         self._tell(checkpoint_step=self.state.step, checkpoint_s=time.perf_counter() - started)
 
     # -- one step ----------------------------------------------------------------------------------
@@ -215,7 +219,8 @@ class Trainer:
         started = time.perf_counter()
         micro = 0
         metrics: dict = {}
-        while self.state.step < cfg.max_steps:
+        preempted = False
+        while self.state.step < cfg.max_steps and not preempted:
             batches = 0
             fetch_start = time.perf_counter()
             epoch = self.ctx.train_batches()
@@ -269,6 +274,11 @@ class Trainer:
                         self.checkpoint(metrics)
                     if step >= cfg.max_steps:
                         break
+                    if self.preemption.agreed():  # told to stop: checkpoint this step and end (every worker)
+                        if self.saved_step != step:
+                            self.checkpoint(metrics)
+                        preempted = True
+                        break
                 fetch_start = time.perf_counter()
             if batches == 0:
                 raise DataTooSmallError(
@@ -276,9 +286,9 @@ class Trainer:
                     f"least batch_size × num_workers = {cfg.batch_size * self.ctx.world_size} readable images"
                     + (" of one aspect-ratio bucket" if self.spec.data.bucketed else "")
                 )
-            if self.state.step < cfg.max_steps:
+            if self.state.step < cfg.max_steps and not preempted:
                 self.state.epoch += 1
-        return self.finish(metrics)
+        return self.preempted(metrics) if preempted else self.finish(metrics)
 
     def _tell(self, **update) -> None:
         """Rank 0 shows its latest progress (metrics, last checkpoint, last sample grid) to the driver."""
@@ -414,11 +424,32 @@ class Trainer:
             self._tell(sample=grid)
         return grid
 
-    def finish(self, metrics: dict) -> dict:
+    def _summary(self, metrics: dict, status: str) -> dict:
         meta = self.job.metadata
-        summary = {"job": meta.name, "namespace": meta.namespace, "labels": meta.labels, "stage": self.spec.stage,
-                   "step": self.state.step, "epoch": self.state.epoch, "resumed_from": self.resumed_from,
-                   "loss": metrics.get("loss"), "output": self.spec.output.uri}
+        return {"job": meta.name, "namespace": meta.namespace, "labels": meta.labels, "stage": self.spec.stage,
+                "status": status, "step": self.state.step, "epoch": self.state.epoch,
+                "resumed_from": self.resumed_from, "loss": metrics.get("loss"), "output": self.spec.output.uri}
+
+    def _write_summary(self, summary: dict) -> None:
+        summary["metrics"] = storage.join(self.spec.output.uri, "metrics.jsonl")
+        storage.write_bytes(storage.join(self.spec.output.uri, "summary.json"), json.dumps(summary, indent=2).encode(),
+                            self.spec.storage)
+
+    def preempted(self, metrics: dict) -> dict:
+        """End a preempted run: its checkpoint at this step is written; no export (the run is not done)."""
+        summary = self._summary(metrics, "preempted")
+        summary["checkpoint_step"] = self.saved_step
+        summary["stop_s"] = round(time.monotonic() - self.preemption.noticed_at, 3)
+        self._tell(preempted=True)
+        if self.is_main:
+            self.report.flush()
+            self._write_summary(summary)
+            log.warning("preempted at step %d after %.1f s: resume with the same document (resume: auto)",
+                        self.state.step, summary["stop_s"])
+        return summary
+
+    def finish(self, metrics: dict) -> dict:
+        summary = self._summary(metrics, "succeeded")
         if self.spec.data.bucketed:
             summary["batch_shapes"] = dict(sorted(sum_counts_across_workers(self.batch_shapes).items()))
         with self._ema_weights():
@@ -426,11 +457,8 @@ class Trainer:
             if self.is_main:
                 self._export(model, summary)
         summary["samples"] = self.validate(self.state.step, metrics, final=True)
-        if not self.is_main:
-            return summary
-        summary["metrics"] = storage.join(self.spec.output.uri, "metrics.jsonl")
-        storage.write_bytes(storage.join(self.spec.output.uri, "summary.json"), json.dumps(summary, indent=2).encode(),
-                            self.spec.storage)
+        if self.is_main:
+            self._write_summary(summary)
         return summary
 
     def _export(self, model, summary: dict) -> None:

@@ -33,13 +33,22 @@ def mean_across_workers(value: float, device: torch.device) -> float:
     return t.item() / dist.get_world_size()
 
 
-def all_workers_have(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` holds on every worker (``flag`` itself on one process). Collective."""
+def _reduce_flag(flag: bool, op, device: torch.device) -> bool:
     if not is_distributed():
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=op)
     return bool(t.item())
+
+
+def all_workers_have(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on every worker (``flag`` itself on one process). Collective."""
+    return _reduce_flag(flag, dist.ReduceOp.MIN, device)
+
+
+def any_worker_has(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on at least one worker (``flag`` itself on one process). Collective."""
+    return _reduce_flag(flag, dist.ReduceOp.MAX, device)
 
 
 def in_lockstep(batches: Iterable, device: torch.device) -> Iterator:
