@@ -40,6 +40,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     images_seen: int = 0
+    epoch_images: int = 0  # images of the current epoch read so far (all workers): where a resume picks it up
 
 
 class UnsafeCheckpoint(ValueError):
@@ -101,6 +102,9 @@ class Layout:
     strategy that keeps its state otherwise returns its own subclass from ``Strategy.checkpoint_layout``
     (FSDP's DCP shards, DeepSpeed's engine files); nothing here asks which strategy it has."""
 
+    # Whether a run on another number of workers can load it (elastic resume): whole weights can.
+    any_world_size = True
+
     def manifest(self) -> dict:
         """The manifest's format fields: what a resuming run must match."""
         return {"format": "replicated"}
@@ -143,7 +147,7 @@ def _describe(layout: dict) -> str:
 
 def save_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_scheduler, scaler, ema,
                     state: TrainState, stage: str, job_name: str, layout: Layout | None = None,
-                    world_size: int = 1) -> None:
+                    world_size: int = 1, global_batch: int | None = None) -> None:
     """Write this rank's share of a checkpoint into ``directory`` (every rank calls this).
 
     ``trainable`` is the run's ``sdray.train.trainable.Trainable``; ``layout`` is the strategy's
@@ -158,22 +162,44 @@ def save_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_sche
     torch.save(trainer, directory / "trainer_state.pt")
     (directory / MANIFEST).write_text(json.dumps({
         "step": state.step, "stage": stage, "job": job_name, **layout.manifest(),
-        "world_size": world_size, "weights": trainable.kinds}))
+        "world_size": world_size, "global_batch": global_batch, "weights": trainable.kinds}))
+
+
+def resumed_accumulation(manifest: dict, *, batch_size: int, accumulation: int,
+                         world_size: int) -> tuple[int, str | None]:
+    """The gradient accumulation of a run that resumes a checkpoint written by another number of workers,
+    and what changed (None: nothing). The policy: keep the checkpoint's global batch (batch_size ×
+    accumulation × workers) by changing the accumulation where it divides evenly; otherwise keep the
+    document's batch_size and accumulation, so the global batch changes, and say so. The learning rate and
+    its schedule stay as they are (the schedule counts optimizer steps, which mean the same batch when the
+    global batch is kept)."""
+    saved_world = manifest.get("world_size")
+    if saved_world in (None, world_size):
+        return accumulation, None
+    saved_global = manifest.get("global_batch") or batch_size * accumulation * saved_world
+    per_step = batch_size * world_size
+    if saved_global % per_step == 0:
+        kept = saved_global // per_step
+        return kept, (f"resumed on {world_size} workers a checkpoint of {saved_world}: gradient_accumulation_steps "
+                      f"{accumulation} → {kept} keeps the global batch at {saved_global}")
+    return accumulation, (f"resumed on {world_size} workers a checkpoint of {saved_world}: the global batch changes "
+                          f"{saved_global} → {per_step * accumulation} ({saved_global} is no multiple of batch_size × "
+                          f"num_workers = {per_step}); the learning rate is unchanged")
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint written under another strategy, ZeRO stage, world size or trained set than this run's."""
 
 
-def _check_layout(directory: Path, layout: dict, world_size: int, kinds: dict) -> None:
+def _check_layout(directory: Path, layout: Layout, world_size: int, kinds: dict) -> None:
     manifest = read_manifest(directory) or {}
     saved = {k: manifest[k] for k in ("format", "zero_stage") if k in manifest}
     saved.setdefault("format", "replicated")
-    same_world = saved["format"] == "replicated" or manifest.get("world_size") == world_size
-    if saved != layout or not same_world:
+    same_world = layout.any_world_size or manifest.get("world_size") == world_size
+    if saved != layout.manifest() or not same_world:
         raise CheckpointMismatch(
             f"checkpoint {directory.name} was written by a {_describe(saved)} run of "
-            f"{manifest.get('world_size', '?')} workers, this run is {_describe(layout)} on {world_size}; "
+            f"{manifest.get('world_size', '?')} workers, this run is {_describe(layout.manifest())} on {world_size}; "
             "resume it with the same strategy and num_workers (and zero_stage for deepspeed)"
         )
     if manifest.get("weights") != kinds:
@@ -187,7 +213,7 @@ def load_checkpoint(directory: Path, *, rank: int, trainable, optimizer, lr_sche
                     layout: Layout | None = None, world_size: int = 1) -> TrainState:
     """Restore everything ``save_checkpoint`` wrote; returns the loop counters to continue from."""
     layout = layout or Layout()
-    _check_layout(directory, layout.manifest(), world_size, trainable.kinds)
+    _check_layout(directory, layout, world_size, trainable.kinds)
     trainer = load_weights_only(directory / "trainer_state.pt")
     layout.load(directory, trainable=trainable, optimizer=optimizer, ema=ema, trainer=trainer)
     lr_scheduler.load_state_dict(trainer["lr_scheduler"])

@@ -34,7 +34,7 @@ from sdray.models.encoding import OnlineEncoder
 from sdray.models.pipeline import assemble_pipeline, generate
 from sdray.progress import Progress
 from sdray.spec import DiffusionJob
-from sdray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from sdray.train.checkpoint import TrainState, load_checkpoint, read_manifest, resumed_accumulation, save_checkpoint
 from sdray.train.context import WorkerContext
 from sdray.train.objectives import objective_for
 from sdray.train.preemption import Preemption
@@ -70,6 +70,11 @@ class Trainer:
         self.cfg = spec.train
         self.device = ctx.device
         self.is_main = ctx.rank == 0
+        self.source = self._checkpoint_source()
+        self.elastic: dict | None = None
+        if self.source is not None:
+            self._resize_batch(read_manifest(self.source) or {})
+            job, spec = self.job, self.spec
         self.progress = Progress()
         # The last logged (curve, step, value) points, sent with every progress update: the driver polls only
         # the latest update, and with these it still sees every point of the loss curve.
@@ -134,11 +139,37 @@ class Trainer:
         return self.comps
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def _restore(self) -> None:
+    def _checkpoint_source(self) -> Path | None:
+        """The local copy of the checkpoint this run resumes: the runner's (``resume: auto``), or the one
+        ``checkpoint.resume`` names."""
         source = self.ctx.restored_checkpoint()
         resume = self.spec.checkpoint.resume
         if source is None and resume not in ("auto", "never"):
             source = storage.local_copy(resume, self.spec.storage)
+        return None if source is None else Path(source)
+
+    def _resize_batch(self, manifest: dict) -> None:
+        """Resuming on another number of workers than the checkpoint's (elastic resume): keep its global
+        batch by changing the accumulation where it divides, else say what changed (``resumed_accumulation``)."""
+        cfg = self.cfg
+        accumulation, note = resumed_accumulation(manifest, batch_size=cfg.batch_size,
+                                                  accumulation=cfg.gradient_accumulation_steps,
+                                                  world_size=self.ctx.world_size)
+        if note is None:
+            return
+        self.elastic = {"from_workers": manifest.get("world_size"), "to_workers": self.ctx.world_size,
+                        "gradient_accumulation_steps": accumulation,
+                        "global_batch": cfg.batch_size * accumulation * self.ctx.world_size, "note": note}
+        if self.is_main:
+            log.warning(note)
+        if accumulation != cfg.gradient_accumulation_steps:
+            train = cfg.model_copy(update={"gradient_accumulation_steps": accumulation})
+            self.spec = self.spec.model_copy(update={"train": train})
+            self.job = self.job.model_copy(update={"spec": self.spec})
+            self.cfg = train
+
+    def _restore(self) -> None:
+        source = self.source
         if source is None:
             return
         self.state = load_checkpoint(Path(source), rank=self.ctx.rank, trainable=self.trainable,
@@ -175,7 +206,8 @@ class Trainer:
             save_checkpoint(Path(tmp), rank=self.ctx.rank, trainable=self.trainable, optimizer=self.optimizer,
                             lr_scheduler=self.lr_scheduler, scaler=self.strategy.scaler, ema=self.ema,
                             state=self.state, stage=self.spec.stage, job_name=self.job.metadata.name,
-                            world_size=self.ctx.world_size, layout=self.strategy.checkpoint_layout())
+                            world_size=self.ctx.world_size, layout=self.strategy.checkpoint_layout(),
+                            global_batch=self.cfg.batch_size * self.cfg.gradient_accumulation_steps * self.ctx.world_size)
             self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
         self.saved_step = self.state.step
         self._tell(checkpoint_step=self.state.step, checkpoint_s=time.perf_counter() - started)
@@ -220,6 +252,10 @@ class Trainer:
         micro = 0
         metrics: dict = {}
         preempted = False
+        # A resumed run goes on where its epoch was: each worker passes over its share of the batches read
+        # before the checkpoint (the order of a new start differs, so within that one epoch a row may be seen
+        # twice or not at all; the epoch keeps its length and every later epoch is whole).
+        skip = self.state.epoch_images // (cfg.batch_size * self.ctx.world_size)
         while self.state.step < cfg.max_steps and not preempted:
             batches = 0
             fetch_start = time.perf_counter()
@@ -227,8 +263,12 @@ class Trainer:
             if self.spec.data.bucketed:  # bucket batches per worker differ: stop together
                 epoch = in_lockstep(epoch, self.device)
             for batch in epoch:
-                window["data_wait"] += time.perf_counter() - fetch_start
                 batches += 1
+                if skip:
+                    skip -= 1
+                    fetch_start = time.perf_counter()
+                    continue
+                window["data_wait"] += time.perf_counter() - fetch_start
                 if "target_size" in batch:  # a bucket's (height, width), whether it holds pixels or latents
                     self.batch_shapes["x".join(map(str, batch["target_size"][0].tolist()))] += 1
                 sync = (micro + 1) % accum == 0
@@ -236,6 +276,7 @@ class Trainer:
                     loss, extra = self._loss(batch, self.wrapped, training=True)
                     self.strategy.backward(loss)
                 micro += 1
+                self.state.epoch_images += len(batch["key"]) * self.ctx.world_size
                 window["loss"] += loss.item()
                 window["n"] += 1
                 window["images"] += len(batch["key"]) * self.ctx.world_size
@@ -280,6 +321,7 @@ class Trainer:
                         preempted = True
                         break
                 fetch_start = time.perf_counter()
+            skip = 0  # (an epoch shorter than the part to pass over: the next one starts whole)
             if batches == 0:
                 raise DataTooSmallError(
                     f"spec.data.uri: an epoch gave worker {self.ctx.rank} no full batch: the dataset needs at "
@@ -288,6 +330,7 @@ class Trainer:
                 )
             if self.state.step < cfg.max_steps and not preempted:
                 self.state.epoch += 1
+                self.state.epoch_images = 0
         return self.preempted(metrics) if preempted else self.finish(metrics)
 
     def _tell(self, **update) -> None:
@@ -428,7 +471,8 @@ class Trainer:
         meta = self.job.metadata
         return {"job": meta.name, "namespace": meta.namespace, "labels": meta.labels, "stage": self.spec.stage,
                 "status": status, "step": self.state.step, "epoch": self.state.epoch,
-                "resumed_from": self.resumed_from, "loss": metrics.get("loss"), "output": self.spec.output.uri}
+                "resumed_from": self.resumed_from, "elastic": self.elastic, "loss": metrics.get("loss"),
+                "output": self.spec.output.uri}
 
     def _write_summary(self, summary: dict) -> None:
         summary["metrics"] = storage.join(self.spec.output.uri, "metrics.jsonl")

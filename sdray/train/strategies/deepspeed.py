@@ -152,6 +152,8 @@ class EngineLayout(Layout):
     optimizer state, LR schedule), plus rank 0's ``ema.pt`` (the loop keeps EMA of full weights); resuming
     needs the same ZeRO stage and world size."""
 
+    any_world_size = False
+
     def __init__(self, engine):
         self.engine = engine
 

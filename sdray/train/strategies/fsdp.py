@@ -87,7 +87,8 @@ def sharded_state(root: torch.nn.Module, optimizer, ema) -> dict:
 
 class ShardedLayout(Layout):
     """``sharded/``: model, optimizer and EMA shards through ``torch.distributed.checkpoint``; every rank
-    writes its own shard files and nothing is gathered, so resuming needs the same world size. DCP's own
+    writes its own shard files and nothing is gathered. DCP reshards on load, so a run on another number of
+    workers resumes it (elastic resume). DCP's own
     reader unpickles in full: its metadata and non-tensor items are checked first (a ``checkpoint.resume``
     URI may name a checkpoint someone else wrote)."""
 
