@@ -21,7 +21,7 @@ from rich.progress import Progress as ProgressBar
 from rich.table import Table
 
 from sdray import run
-from sdray.progress import Progress
+from sdray.progress import Progress, ProgressLines
 from sdray.spec import DiffusionJob, SpecError, json_schema, load_job
 
 app = typer.Typer(
@@ -111,20 +111,42 @@ def _shown_on(bar: ProgressBar, task, **columns: tuple[str, str | None]) -> Call
     return show
 
 
+def _progress_display(name: str, total: int | None, bar_columns: tuple, **shown: tuple[str, str | None]):
+    """(context, callback) showing a run's progress: a live bar on a terminal; elsewhere (kubectl logs, a file,
+    CI) one line every $SDRAY_PROGRESS_INTERVAL seconds (default 30) on stderr."""
+    if err.is_terminal:
+        bar = ProgressBar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *bar_columns,
+                          console=err, transient=False)
+        task = bar.add_task(name, total=total, **{column: "-" for column in shown if column != "completed"})
+        return bar, _shown_on(bar, task, **shown)
+    import contextlib
+    import os
+
+    lines = ProgressLines(name, lambda line: print(line, file=sys.stderr, flush=True),
+                          interval_s=float(os.environ.get("SDRAY_PROGRESS_INTERVAL", "30")))
+
+    @contextlib.contextmanager
+    def flushed():
+        try:
+            yield
+        finally:
+            lines.flush()  # the last state, whatever the interval
+
+    return flushed(), lines
+
+
 def _train(doc: DiffusionJob, *, address: str | None = None, in_process: bool = False,
            verbose: bool = False) -> dict:
-    """Train one job with a progress bar and print its summary; returns the summary (exits cleanly on errors)."""
+    """Train one job showing its progress and print its summary; returns the summary (exits cleanly on errors)."""
     run.configure_logging(verbose)
-    bar = ProgressBar(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
-    )
-    task = bar.add_task(f"{doc.metadata.name} ({doc.spec.stage})", total=doc.spec.train.max_steps, loss="-", ips="-")
     # (the last update is where the run ended: a run resumed at its last step reports no step before it)
-    show = _shown_on(bar, task, completed=("step", None), loss=("loss", "{:.4f}"), ips=("images_per_s", "{:.0f}"))
+    display, show = _progress_display(
+        f"{doc.metadata.name} ({doc.spec.stage})", doc.spec.train.max_steps,
+        (TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(),
+         TimeRemainingColumn()),
+        completed=("step", None), loss=("loss", "{:.4f}"), ips=("images_per_s", "{:.0f}"))
     try:
-        with bar:
+        with display:
             summary = run.train(doc, address=address, in_process=in_process, on_progress=show, worker_logs=verbose)
     except run.expected_errors() as exc:
         raise _fail(str(exc)) from None
@@ -200,12 +222,11 @@ def tune(
     run.configure_logging(verbose)
     from sdray.tuning import planned_trials
 
-    bar = ProgressBar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=err)
-    task = bar.add_task(f"{doc.metadata.name}: trials", total=planned_trials(doc.spec.tune), best="-")
-    show = _shown_on(bar, task, completed=("trials_ended", None), best=("best", "{:.4f}"))
+    display, show = _progress_display(f"{doc.metadata.name}: trials", planned_trials(doc.spec.tune),
+                                      (TextColumn("best {task.fields[best]}"), TimeElapsedColumn()),
+                                      completed=("trials_ended", None), best=("best", "{:.4f}"))
     try:
-        with bar:
+        with display:
             summary = run.tune(doc, address=address, resume=resume, resume_if_exists=resume_if_exists,
                                on_progress=show, worker_logs=verbose)
     except run.expected_errors() as exc:

@@ -207,3 +207,73 @@ class Progress(BaseModel):
     def updated(self, **fields: Any) -> Progress:
         """This progress with ``fields`` set (validated as any construction is)."""
         return type(self)(**{**{k: getattr(self, k) for k in self.model_fields_set}, **fields})
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class ProgressLines:
+    """Progress as one line every ``interval_s`` seconds (and a last one at the end), for where a progress bar
+    cannot draw: ``kubectl logs``, ``sdray logs -f``, CI logs, a file. Fed ``Progress`` updates, it keeps the
+    latest value of each field (an update carries only what changed) and hands each line to ``write``."""
+
+    def __init__(self, name: str, write, interval_s: float = 30.0, clock=None):
+        import time
+
+        self.name = name
+        self.write = write
+        self.interval_s = interval_s
+        self.clock = clock or time.monotonic
+        self.latest: dict[str, Any] = {}
+        self.started = self.clock()
+        self.last_written: float | None = None
+        self.unwritten = False
+        self.first_step: tuple[float, int] | None = None  # (when, step) of the first step seen: for the ETA
+
+    def __call__(self, progress: Progress) -> None:
+        self.latest.update({k: v for k, v in progress.model_dump(exclude_none=True).items() if k != "curve"})
+        self.unwritten = True
+        now = self.clock()
+        if self.first_step is None and progress.step is not None:
+            self.first_step = (now, progress.step)
+        if self.last_written is None or now - self.last_written >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the latest state now, if anything arrived since the last line."""
+        if self.unwritten and self.latest:
+            self.write(self.line())
+            self.last_written = self.clock()
+            self.unwritten = False
+
+    def line(self) -> str:
+        p = self.latest
+        parts = [self.name]
+        if "trials_total" in p or "trials_ended" in p:
+            parts.append(f"trials {p.get('trials_ended', 0)}/{p.get('trials_total', '?')} ended")
+            if p.get("trials"):
+                parts.append(f"{sum(t.get('state') == 'RUNNING' for t in p['trials'])} running")
+            if "best" in p:
+                parts.append(f"best {p['best']:.4g}")
+        if "step" in p:
+            total = p.get("max_steps")
+            parts.append(f"step {p['step']}/{total}" if total else f"step {p['step']}")
+        for key, label, form in (("loss", "loss", "{:.4f}"), ("val_loss", "val_loss", "{:.4f}"), ("lr", "lr", "{:.2e}"),
+                                 ("images_per_s", "img/s", "{:.1f}")):
+            if key in p:
+                parts.append(f"{label} {form.format(p[key])}")
+        if "data_wait_share" in p:
+            parts.append(f"data wait {100 * p['data_wait_share']:.0f}%")
+        elapsed = self.clock() - self.started
+        parts.append(f"elapsed {_duration(elapsed)}")
+        if self.first_step is not None and p.get("max_steps") and p["step"] > self.first_step[1]:
+            rate = (p["step"] - self.first_step[1]) / max(self.clock() - self.first_step[0], 1e-9)
+            parts.append(f"ETA {_duration(max(0, p['max_steps'] - p['step']) / rate)}")
+        if p.get("checkpoint_step") is not None:
+            parts.append(f"checkpoint @{p['checkpoint_step']}")
+        if p.get("preempted"):
+            parts.append("PREEMPTED")
+        return " | ".join(parts)

@@ -111,10 +111,11 @@ def train(job: DiffusionJob, *, address: str | None = None, in_process: bool = F
     reporters, update = _reporting(job, on_progress)
     with reporters:
         if in_process:
-            summary = run_in_process(job)
+            summary = run_in_process(job, on_progress=update)
         else:
             summary = run_job(job, address=address, on_progress=update, worker_logs=worker_logs)
         final = {k: summary.get(k) for k in ("step", "loss", "checkpoint", "skipped_images")}
+        final["max_steps"] = job.spec.train.max_steps
         final["sample"] = summary.get("samples")  # the final grid, drawn after the last in-run update
         _finish(reporters, on_progress, Progress(**{k: v for k, v in final.items() if v is not None}))
     return summary

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,15 @@ def test_train_joins_a_running_cluster_with_address_auto(ray_session, digits_roo
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["step"] == 4 and summary["job"] == "joins"
     assert "joins: done" in result.stdout
+
+
+def test_train_logs_progress_lines_when_stderr_is_no_terminal(digits_root, tmp_path):
+    """kubectl logs, `sdray logs -f` and CI see a line per interval (here: every update), not an empty log."""
+    doc = make_job("lines", tmp_path / "out", str(digits_root / "parquet"), data={"format": "parquet"},
+                   train={"max_steps": 6, "batch_size": 8, "log_every_n_steps": 2}, checkpoint={"every_n_steps": 6})
+    result = subprocess.run([sys.executable, "-m", "sdray.cli", "train", str(write(tmp_path / "job.yaml", doc)),
+                             "--in-process"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "SDRAY_PROGRESS_INTERVAL": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lines (denoiser) | ")]
+    assert lines and "step 6/6" in lines[-1] and "loss " in lines[-1], result.stderr[-2000:]

@@ -34,7 +34,7 @@ def test_a_run_resumes_on_more_then_fewer_workers(ray_session, digits_root, tmp_
                    checkpoint={"every_n_steps": 3, "keep_last": 2})
     first = run_in_process(parse_job(doc))
     assert first["step"] == 6 and first["elastic"] is None
-    saved = max((out / "checkpoints" / "elastic").glob("checkpoint_*"))
+    saved = max((out / "checkpoints" / first["run"]).glob("checkpoint_*"))
     assert read_manifest(saved)["global_batch"] == 16
 
     doc["spec"]["train"]["max_steps"] = 10
@@ -57,3 +57,35 @@ def test_a_run_resumes_on_more_then_fewer_workers(ray_session, digits_root, tmp_
     assert third["elastic"]["gradient_accumulation_steps"] == 2 and third["elastic"]["global_batch"] == 16
     # the run went on in the epoch it was in: 12 steps × 16 images is under one epoch of the digits
     assert json.loads((out / "summary.json").read_text())["epoch"] == 0
+
+
+@pytest.mark.slow  # two 2-worker starts around a plain one, per strategy (~4 min each)
+@pytest.mark.parametrize("strategy", [{"strategy": "fsdp"}, {"strategy": "deepspeed", "deepspeed": {"zero_stage": 2}}],
+                         ids=["fsdp", "zero2"])
+def test_sharded_checkpoints_resume_on_fewer_and_more_workers(ray_session, digits_root, tmp_path, strategy):
+    """FSDP (DCP reshards on load) and ZeRO-1/2 (DeepSpeed's elastic partitions): 2 workers → 1 process →
+    2 workers, each resuming the last one's checkpoint."""
+    out = tmp_path / "out"
+    doc = make_job("elastic", out, str(digits_root / "parquet"), data={"format": "parquet"},
+                   train={"max_steps": 4, "batch_size": 8, "log_every_n_steps": 2},
+                   distributed={"num_workers": 2, "resources_per_worker": {"CPU": 1}, **strategy},
+                   checkpoint={"every_n_steps": 2, "keep_last": 2})
+    first = run_job(parse_job(doc))
+    layout = {k: v for k, v in read_manifest(Path(first["checkpoint"])).items() if k in ("format", "world_size")}
+
+    doc["spec"]["train"]["max_steps"] = 6
+    doc["spec"]["distributed"] = {"num_workers": 1, **strategy}
+    doc["spec"]["checkpoint"]["resume"] = first["checkpoint"]
+    second = run_in_process(parse_job(doc))
+    assert second["resumed_from"] == 4 and second["step"] == 6
+    assert second["elastic"]["gradient_accumulation_steps"] == 2  # the global batch of 2 workers, kept
+    saved = max((out / "checkpoints" / second["run"]).glob("checkpoint_*"))
+    assert read_manifest(saved)["format"] == layout["format"] and read_manifest(saved)["world_size"] == 1
+
+    doc["spec"]["train"]["max_steps"] = 8
+    doc["spec"]["distributed"] = {"num_workers": 2, "resources_per_worker": {"CPU": 1}, **strategy}
+    doc["spec"]["checkpoint"]["resume"] = str(saved)
+    third = run_job(parse_job(doc))
+    assert third["resumed_from"] == 6, third
+    assert third["step"] == 8 and third["elastic"]["gradient_accumulation_steps"] == 1
+    assert (out / "pipeline" / "model_index.json").exists()

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import make_job
 
-from sdray.progress import MAX_CURVE_POINTS, MAX_TRIALS, Progress, Trial
+from sdray.progress import MAX_CURVE_POINTS, MAX_TRIALS, Progress, ProgressLines, Trial
 from sdray.service.progress import ProgressReporter
 
 # The fields a driver may send, as the service's JobManager.record_progress took them.
@@ -178,3 +178,27 @@ def test_the_runner_reports_a_failed_run_in_one_line_without_the_cli(ray_session
     assert "error: spec.data.uri: nothing found at" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout.splitlines()[0].startswith("runner-nodata: training (denoiser) started")
     assert result.stdout.splitlines()[-1] == "cli imported: False"
+
+
+def test_progress_lines_write_the_latest_state_once_per_interval_for_logs():
+    """Where no bar can draw (kubectl logs, a file), a line per interval with the latest of every field."""
+    now = [0.0]
+    written: list[str] = []
+    lines = ProgressLines("job (denoiser)", written.append, interval_s=30, clock=lambda: now[0])
+    lines(Progress(step=10, max_steps=110, loss=0.5, lr=1e-3, images_per_s=40.0, data_wait_share=0.05))
+    assert len(written) == 1 and "step 10/110" in written[0] and "loss 0.5000" in written[0]
+    now[0] = 10.0
+    lines(Progress(step=20, loss=0.25))
+    lines(Progress(checkpoint_step=20))  # alone, as a checkpoint comes
+    assert len(written) == 1  # within the interval: nothing more
+    now[0] = 30.0
+    lines(Progress(step=30))
+    assert len(written) == 2
+    line = written[1]
+    assert "step 30/110" in line and "loss 0.2500" in line and "lr 1.00e-03" in line and "data wait 5%" in line
+    assert "checkpoint @20" in line and "ETA 2m00s" in line  # 20 steps in 30 s: 80 to go at that rate
+    lines.flush()
+    assert len(written) == 2  # nothing new since
+    lines(Progress(preempted=True))
+    lines.flush()
+    assert written[-1].endswith("PREEMPTED")

@@ -178,11 +178,12 @@ def resumed_accumulation(manifest: dict, *, batch_size: int, accumulation: int,
         return accumulation, None
     saved_global = manifest.get("global_batch") or batch_size * accumulation * saved_world
     per_step = batch_size * world_size
+    resumed = f"resumed on {world_size} worker{'s' * (world_size > 1)} a checkpoint of {saved_world}"
     if saved_global % per_step == 0:
         kept = saved_global // per_step
-        return kept, (f"resumed on {world_size} workers a checkpoint of {saved_world}: gradient_accumulation_steps "
-                      f"{accumulation} → {kept} keeps the global batch at {saved_global}")
-    return accumulation, (f"resumed on {world_size} workers a checkpoint of {saved_world}: the global batch changes "
+        return kept, (f"{resumed}: gradient_accumulation_steps {accumulation} → {kept} keeps the global batch at "
+                      f"{saved_global}")
+    return accumulation, (f"{resumed}: the global batch changes "
                           f"{saved_global} → {per_step * accumulation} ({saved_global} is no multiple of batch_size × "
                           f"num_workers = {per_step}); the learning rate is unchanged")
 
@@ -197,10 +198,12 @@ def _check_layout(directory: Path, layout: Layout, world_size: int, kinds: dict)
     saved.setdefault("format", "replicated")
     same_world = layout.any_world_size or manifest.get("world_size") == world_size
     if saved != layout.manifest() or not same_world:
+        fix = ("resume it with the same strategy (and zero_stage for deepspeed)" if saved != layout.manifest() else
+               "resume it on the same num_workers: this layout is not resharded on load")
         raise CheckpointMismatch(
             f"checkpoint {directory.name} was written by a {_describe(saved)} run of "
             f"{manifest.get('world_size', '?')} workers, this run is {_describe(layout.manifest())} on {world_size}; "
-            "resume it with the same strategy and num_workers (and zero_stage for deepspeed)"
+            + fix
         )
     if manifest.get("weights") != kinds:
         raise CheckpointMismatch(

@@ -81,7 +81,7 @@ class LocalContext:
     world_size = 1
 
     def __init__(self, *, train, validation, batch_size: int, shuffle: bool, run_dir: Path, keep_last: int,
-                 device: str = "cpu", num_threads: int = 1, bucketed: bool = False):
+                 device: str = "cpu", num_threads: int = 1, bucketed: bool = False, on_progress=None):
         self.train = train
         self.validation = validation
         self.batch_size = batch_size
@@ -92,6 +92,7 @@ class LocalContext:
         self.device = torch.device(device)
         self.num_threads = num_threads
         self.last_progress: Progress | None = None
+        self.on_progress = on_progress
 
     def train_batches(self) -> Iterator[dict]:
         return iterate(self.train, batch_size=self.batch_size, shuffle=self.shuffle, bucketed=self.bucketed)
@@ -123,3 +124,5 @@ class LocalContext:
 
     def progress(self, progress: Progress) -> None:
         self.last_progress = progress
+        if self.on_progress is not None:
+            self.on_progress(progress)

@@ -306,9 +306,10 @@ def worker_error(exc: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
 
 
-def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads: int | None = None) -> dict:
+def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads: int | None = None,
+                   on_progress: Callable[[Progress], None] | None = None) -> dict:
     """Train ``job`` as one ordinary process (no Ray Train): one worker, checkpoints renamed into place
-    under ``<checkpoint.uri>/<metadata.name>`` (local paths only)."""
+    under ``<checkpoint.uri>/<metadata.name>`` (local paths only); ``on_progress`` gets each update."""
     spec = job.spec
     if storage.is_s3(spec.checkpoint_uri):
         raise ValueError("spec.checkpoint.uri: a plain-process run keeps checkpoints on a local path")
@@ -319,6 +320,7 @@ def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads:
             shuffle=spec.data.shuffle, run_dir=Path(spec.checkpoint_uri) / run_name(job),
             keep_last=spec.checkpoint.keep_last, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
             num_threads=num_threads or int(spec.distributed.cpus_per_worker), bucketed=spec.data.bucketed,
+            on_progress=on_progress,
         )
         start = time.perf_counter()
         with preemption_notice(job):

@@ -51,6 +51,10 @@ def engine_config(spec: JobSpec, world_size: int) -> dict:
     """The DeepSpeed config of a job, from spec.train and spec.distributed.deepspeed."""
     train, ds = spec.train, settings(spec)
     zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage in (1, 2):
+        # ZeRO-1/2 save their optimizer partitions so that a run on another number of workers can merge and
+        # re-split them (elastic resume); ZeRO-3's elastic format is gone from DeepSpeed (universal only).
+        zero["elastic_checkpoint"] = True
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_params:
@@ -150,12 +154,12 @@ ENGINE_TAG = "engine"  # the engine's subdirectory under deepspeed/
 class EngineLayout(Layout):
     """``deepspeed/``: the engine's own ``save_checkpoint`` files (module, every rank's ZeRO partition of the
     optimizer state, LR schedule), plus rank 0's ``ema.pt`` (the loop keeps EMA of full weights); resuming
-    needs the same ZeRO stage and world size."""
-
-    any_world_size = False
+    needs the same ZeRO stage, and under ZeRO-3 the same world size (ZeRO-1/2 partitions are saved elastic:
+    DeepSpeed re-splits them for another number of workers)."""
 
     def __init__(self, engine):
         self.engine = engine
+        self.any_world_size = engine.zero_optimization_stage() in (1, 2)
 
     def manifest(self):
         return {"format": "deepspeed", "zero_stage": self.engine.zero_optimization_stage()}

@@ -157,8 +157,10 @@ class FSDP(Strategy):
         super().__init__(spec, device, amp_dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.cfg.mixed_precision == "fp16")
         self.root: torch.nn.Module | None = None  # the sharded module (None on one process)
+        self.objective: torch.nn.Module | None = None
 
     def prepare(self, objective, trainable):
+        self.objective = objective
         # Shard first: FSDP2 turns the parameters into sharded DTensors, which the optimizer must hold.
         if is_distributed():
             self.root = shard(objective, self.spec.distributed.fsdp or FSDPSpec(), self.device, self.amp_dtype,
@@ -181,7 +183,8 @@ class FSDP(Strategy):
         return paused()
 
     def checkpoint_layout(self):
-        return ShardedLayout(self.root) if self.root is not None else super().checkpoint_layout()
+        # DCP on one process too (whole tensors, no process group needed): a run of any size resumes it.
+        return ShardedLayout(self.root if self.root is not None else self.objective)
 
     def full_model(self, model, prefix, is_main):
         if self.root is None:
