@@ -109,9 +109,14 @@ class Client:
         """The job's log as it grows, until the job ends. A stream cut off while the job runs (the service
         restarted) is opened again after the characters already received; ``on_reconnect`` hears why. Raises
         ClientError when the service stays unreachable for ``reconnect_s`` seconds."""
-        params: dict = {"follow": "true", **({} if tail is None else {"tail": tail})}
+        offset: int | None = None  # where in the whole log the next character is, once an answer said
         lost_since: float | None = None
         while True:
+            params: dict = {"follow": "true"}
+            if offset is not None:
+                params["offset"] = offset
+            elif tail is not None:
+                params["tail"] = tail
             try:
                 with self._http.stream("GET", f"/v1/jobs/{job_id}/logs", params=params, timeout=None) as r:
                     if r.status_code >= 400:
@@ -121,12 +126,10 @@ class Client:
                     offset = int(r.headers.get(LOG_OFFSET, 0))
                     for text in r.iter_text():
                         offset += len(text)
-                        params = {"follow": "true", "offset": offset}
                         yield text
-                    params = {"follow": "true", "offset": offset}
                 if self.status(job_id)["state"] in ("succeeded", "failed", "cancelled"):
                     return
-                why = "the log stream ended before the job did"
+                # The stream ended before the job did: the service is stopping. Open it again.
             except (httpx.HTTPError, ClientError) as exc:
                 if isinstance(exc, ClientError) and exc.status is not None and exc.status < 500:
                     raise
@@ -134,6 +137,6 @@ class Client:
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > reconnect_s:
                     raise ClientError(f"{why} (still unreachable after {reconnect_s:.0f} s)") from None
-            if on_reconnect is not None:
-                on_reconnect(why)
+                if on_reconnect is not None:
+                    on_reconnect(why)
             time.sleep(1.0)  # a restarting service: try again in a second

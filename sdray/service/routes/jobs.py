@@ -127,8 +127,11 @@ def job_logs(rec: JobRecord = Depends(own_job), svc: Service = Depends(service),
                  "restart of the service sends what it has; the default starts at the tail)."))):
     """The driver's log (its last 8 MiB at most); ``follow=true`` streams new lines until the job ends. A
     followed log's ``X-Sdray-Log-Offset`` header says where in the whole log its first character is."""
-    if rec.handle is None:
-        return PlainTextResponse("", media_type="text/plain", headers={LOG_OFFSET: str(offset or 0)})
+    if rec.handle is None:  # still queued: its log is empty, and a follower waits for it to start
+        if not follow:
+            return PlainTextResponse("", media_type="text/plain")
+        return StreamingResponse(_follow_once_started(svc, rec.id, offset or 0), media_type="text/plain",
+                                 headers={LOG_OFFSET: str(offset or 0)})
     try:
         # A plain read asks the backend for the tail only (the kuberay backend has the API server cut it);
         # a follower needs the whole length, to continue from its end.
@@ -177,6 +180,20 @@ async def _follow(svc: Service, handle: str, job_id: str, first: str, seen: int)
                 yield last[seen:]
             return
         await asyncio.sleep(1.0)  # the stream ended before the service saw the job end: open it again
+
+
+async def _follow_once_started(svc: Service, job_id: str, offset: int):
+    """A queued job's log: nothing until the job has been submitted (or ends without), then as ``_follow``."""
+    while not svc.stop.is_set():
+        rec = await run_in_threadpool(svc.store.get, job_id)
+        if rec is None or rec.handle is None and rec.state in FINAL:
+            return
+        if rec.handle is not None:
+            text = await run_in_threadpool(_logs_or_empty, svc, rec.handle)
+            async for chunk in _follow(svc, rec.handle, job_id, text[offset:], len(text)):
+                yield chunk
+            return
+        await asyncio.sleep(1.0)
 
 
 async def _ended(svc: Service, job_id: str) -> bool:
