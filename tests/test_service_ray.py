@@ -213,7 +213,7 @@ def test_the_local_backend_starts_its_own_ray_head_once_and_finds_it_again(tmp_p
         assert head["dashboard_url"].startswith("http://127.0.0.1:")
         # The dashboard answers seconds before the head's node has registered its resources: not ready
         # till then (capacity unknown, jobs wait), and ready means the node's CPUs are there.
-        wait_for(lambda: first.ready()[0], 90, "the new head's node to register")
+        wait_for(lambda: first.ready()[0], 150, "the new head's node to register")
         assert first.capacity() == {"CPU": 3.0, "GPU": 0.0}
         again = LocalRayBackend(address=None, data_dir=tmp_path)
         assert again.head == head and again.address == first.address
