@@ -520,7 +520,8 @@ def status(
 def logs(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
     server: ServerOption = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the job ends.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the job ends, "
+                                         "across restarts of the service.")] = False,
     tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
 ) -> None:
     """Print a job's driver log."""
@@ -530,8 +531,11 @@ def logs(
         return
     from sdray.service.client import ClientError
 
+    def reconnecting(why: str) -> None:
+        err.print(f"sdray: {why}; reconnecting", highlight=False, markup=False)
+
     try:
-        for chunk in client.follow_logs(job_id):
+        for chunk in client.follow_logs(job_id, tail, on_reconnect=reconnecting):
             sys.stdout.write(chunk)
             sys.stdout.flush()
     except ClientError as exc:

@@ -55,15 +55,15 @@ class ThreadedService:
     """``create_app`` served by uvicorn in a thread; ``stop()`` shuts it down (its background loop too)."""
 
     def __init__(self, tmp: Path, backend, tokens: Path, poll_interval_s: float = 0.2, db: Path | None = None,
-                 policy: Path | None = None):
-        self.port = free_port()
+                 policy: Path | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.backend = backend
         settings = Settings(tokens=tokens, db=db or tmp / "jobs.db", public_url=self.url,
                             poll_interval_s=poll_interval_s, policy=policy or policy_for_tests(tmp))
         self.app = create_app(settings, backend)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
+                                                    access_log=False, timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_for(lambda: self.server.started, 30, "the service to start")

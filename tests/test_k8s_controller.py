@@ -451,3 +451,42 @@ def test_controller_command_runs_until_sigterm_and_gives_the_lease_up(kube, user
             proc.kill()
             proc.wait()
     assert kube.get("leases", NS, "sdray-controller")["spec"]["holderIdentity"] == ""  # handed over at once
+
+
+class _Killed(Exception):
+    """Raised where a test kills the controller mid-reconcile."""
+
+
+def _kill_at(ctl, method: str) -> None:
+    """Kill ``ctl`` when its reconcile reaches ``method``, as SIGKILL would: no write of that step or any
+    after it, and the Lease is not given up (the next controller waits for it to expire)."""
+    def killed(*args, **kwargs):
+        ctl.elector.release = lambda: None
+        ctl.request_stop()
+        raise _Killed(method)
+    setattr(ctl, method, killed)
+
+
+@pytest.mark.parametrize("point", ["_create_rayjob", "_patch_status"])
+def test_a_controller_killed_mid_reconcile_is_replaced_without_a_second_rayjob(kube, user, point):
+    """Killed after the job's ConfigMap and identity but before its RayJob, or after the RayJob but before
+    the DiffusionJob's status says so: a new controller finds what exists by name and ownership and makes
+    only what is missing, and the status converges."""
+    with running(kube, "first") as first:
+        _kill_at(first, point)
+        submit(user, "crashy")
+        kube.wait(lambda: not first._threads[1].is_alive(), 10, "the first controller to die mid-reconcile")
+    assert status_of(kube, "crashy").get("rayJobName") is None  # its status never said what it made
+    made_first = len(kube.created("rayjobs"))
+    assert made_first == (1 if point == "_patch_status" else 0)
+    with running(kube, "second") as second:
+        assert second.elector.wait_for_leadership(second._stop, timeout=10)
+        status = kube.wait(lambda: status_of(kube, "crashy").get("rayJobName") == "crashy" and status_of(kube, "crashy"),
+                           10, "the second controller to converge")
+    assert status["state"] == "Pending" and status["observedGeneration"] == 1
+    assert [r["agent"] for r in kube.created("rayjobs")] == ["controller/first" if made_first else "controller/second"]
+    assert [r["metadata"]["name"] for r in kube.objects("rayjobs")] == ["crashy"]
+    for plural in BESIDE:  # made once, by the first controller; the second adopted them (409) or left them be
+        assert len(kube.objects(plural)) == 1, plural
+        assert [r["agent"] for r in kube.created(plural)] == ["controller/first"], plural
+    check_store(kube)

@@ -261,7 +261,7 @@ def test_readyz_is_503_when_the_backend_does_not_answer(tmp_path, tokens):
     dead = LocalRayBackend(address=f"http://127.0.0.1:{_closed_port()}", data_dir=tmp_path)
     svc = ThreadedService(tmp_path, dead, tokens[0])
     try:
-        r = httpx.get(svc.url + "/readyz")
+        r = httpx.get(svc.url + "/readyz", timeout=60)  # the first look imports Ray: seconds on a loaded machine
         assert r.status_code == 503
         assert r.json()["checks"]["backend"]["ok"] is False
     finally:

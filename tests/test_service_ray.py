@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -126,6 +128,50 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
         prom.stop()
 
 
+@pytest.mark.slow  # a real training job on the local Ray backend across a SIGKILL of the service (~120 s)
+def test_a_service_killed_mid_job_reattaches_and_sdray_logs_follow_continues(ray_session, digits_s3, tmp_path):
+    """SIGKILL, not SIGTERM: no shutdown code runs. The Ray job runs on; the next service finds the job in
+    its store, follows it to its end, and a `sdray logs -f` started before the kill prints the whole log
+    once."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    tokens = tmp_path / "tokens.json"
+    token = create_token(tokens, "alice")
+    args = ("--backend", "local", "--ray-address", _dashboard(ray_session))
+    svc = ServiceProcess(tmp_path, tokens, *args)
+    http = httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    doc = make_job("svc-killed", tmp_path / "killed", f"{digits_s3}/imagefolder",
+                   train={"max_steps": 60, "log_every_n_steps": 5})
+    job_id = http.post("/v1/jobs", json=doc).json()["id"]
+    job = lambda: http.get(f"/v1/jobs/{job_id}").json()  # noqa: E731
+    env = {**os.environ, "SDRAY_SERVER": svc.url, "SDRAY_TOKEN": token}
+    logs = subprocess.Popen([sys.executable, "-m", "sdray.cli", "logs", "-f", job_id], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (job().get("step") or 0) >= 5, 240, "the job to report steps")
+        before = job()["step"]
+        svc.proc.kill()
+        assert svc.proc.wait(timeout=30) == -9
+        ray_jobs = JobSubmissionClient(_dashboard(ray_session))
+        handle = f"sdray-{job_id}"
+        assert ray_jobs.get_job_status(handle) == JobStatus.RUNNING, "the Ray job died with the service"
+        svc = ServiceProcess(tmp_path, tokens, *args, port=svc.port)
+        wait_for(lambda: job()["step"] > before, 120, "progress to reach the restarted service")
+        done = wait_for(lambda: (j := job())["state"] in ("succeeded", "failed") and j, 300, "the job to end")
+        assert done["state"] == "succeeded", done["conditions"]
+        assert (done["step"], done["attempts"], done["backend_handle"]) == (60, 1, handle)
+        printed, errors = logs.communicate(timeout=120)
+        assert logs.returncode == 0, errors
+        assert "reconnecting" in errors
+        assert printed == http.get(f"/v1/jobs/{job_id}/logs").text  # every line once, across the kill
+        assert "svc-killed" in printed
+    finally:
+        if logs.poll() is None:
+            logs.kill()
+        http.delete(f"/v1/jobs/{job_id}")
+        svc.stop()
+
+
 @pytest.mark.slow
 def test_a_search_submitted_to_the_service_lists_its_trials(ray_session, digits_s3, tmp_path):
     tokens = tmp_path / "tokens.json"
@@ -165,9 +211,10 @@ def test_the_local_backend_starts_its_own_ray_head_once_and_finds_it_again(tmp_p
     head = first.head
     try:
         assert head["dashboard_url"].startswith("http://127.0.0.1:")
-        wait_for(lambda: first.ready()[0], 90, "the new head's dashboard to answer")
-        # The dashboard answers before the raylet has registered the node's resources.
-        wait_for(lambda: first.capacity() == {"CPU": 3.0, "GPU": 0.0}, 60, "the head's 3 CPUs")
+        # The dashboard answers seconds before the head's node has registered its resources: not ready
+        # till then (capacity unknown, jobs wait), and ready means the node's CPUs are there.
+        wait_for(lambda: first.ready()[0], 150, "the new head's node to register")
+        assert first.capacity() == {"CPU": 3.0, "GPU": 0.0}
         again = LocalRayBackend(address=None, data_dir=tmp_path)
         assert again.head == head and again.address == first.address
         assert again.status("sdray-nosuchjob").state == "missing"

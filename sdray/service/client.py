@@ -7,13 +7,19 @@ Server and token come from ``--server``/``SDRAY_SERVER`` and ``SDRAY_TOKEN``, el
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import yaml
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+# A followed log's answer says where in the whole log its first character is, so that a follower cut off by
+# a restart of the service asks for the rest (``?offset=``) and prints no line twice.
+LOG_OFFSET = "X-Sdray-Log-Offset"
+# How long ``follow_logs`` keeps trying to reach a service that went away (a restart takes seconds).
+RECONNECT_S = 120.0
 
 
 class ClientError(RuntimeError):
@@ -98,12 +104,39 @@ class Client:
         params = {} if tail is None else {"tail": tail}
         return self._call("GET", f"/v1/jobs/{job_id}/logs", params=params).text
 
-    def follow_logs(self, job_id: str) -> Iterator[str]:
-        try:
-            with self._http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, timeout=None) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    raise ClientError(f"{r.status_code}: {r.json().get('detail')}", r.status_code)
-                yield from r.iter_text()
-        except httpx.HTTPError as exc:
-            raise ClientError(f"lost the log stream from {self.server}: {exc}") from None
+    def follow_logs(self, job_id: str, tail: int | None = None, reconnect_s: float = RECONNECT_S,
+                    on_reconnect: Callable[[str], None] | None = None) -> Iterator[str]:
+        """The job's log as it grows, until the job ends. A stream cut off while the job runs (the service
+        restarted) is opened again after the characters already received; ``on_reconnect`` hears why. Raises
+        ClientError when the service stays unreachable for ``reconnect_s`` seconds."""
+        offset: int | None = None  # where in the whole log the next character is, once an answer said
+        lost_since: float | None = None
+        while True:
+            params: dict = {"follow": "true"}
+            if offset is not None:
+                params["offset"] = offset
+            elif tail is not None:
+                params["tail"] = tail
+            try:
+                with self._http.stream("GET", f"/v1/jobs/{job_id}/logs", params=params, timeout=None) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        raise ClientError(f"{r.status_code}: {r.json().get('detail')}", r.status_code)
+                    lost_since = None
+                    offset = int(r.headers.get(LOG_OFFSET, 0))
+                    for text in r.iter_text():
+                        offset += len(text)
+                        yield text
+                if self.status(job_id)["state"] in ("succeeded", "failed", "cancelled"):
+                    return
+                # The stream ended before the job did: the service is stopping. Open it again.
+            except (httpx.HTTPError, ClientError) as exc:
+                if isinstance(exc, ClientError) and exc.status is not None and exc.status < 500:
+                    raise
+                why = f"lost the log stream from {self.server}: {exc}"
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > reconnect_s:
+                    raise ClientError(f"{why} (still unreachable after {reconnect_s:.0f} s)") from None
+                if on_reconnect is not None:
+                    on_reconnect(why)
+            time.sleep(1.0)  # a restarting service: try again in a second

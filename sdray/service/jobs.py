@@ -131,7 +131,13 @@ class JobManager:
         try:
             capacity = self.backend.capacity()
         except BackendError as exc:
-            log.warning("backend capacity unknown: %s", exc)
+            self._wait_for_capacity(waiting, str(exc))
+            return
+        if capacity is not None and not capacity.get("CPU"):
+            # No cluster has no CPU at all: one that lists none is still starting (its head's node not
+            # registered yet). Deciding "unschedulable" against it would fail jobs that fit a moment later.
+            self._wait_for_capacity(waiting, f"the {self.backend.name} backend lists no CPU yet "
+                                             "(its nodes are still registering)")
             return
         used = {"CPU": 0.0, "GPU": 0.0}
         for r in self.store.list(states=["pending", "running"]):
@@ -154,12 +160,26 @@ class JobManager:
             if capacity is not None:
                 if any(used[k] + rec.demand.get(k, 0) > capacity.get(k, 0) for k in used):
                     blocked.add(rec.tenant)
+                    if any(c["reason"] == "CapacityUnknown" for c in rec.conditions):  # known again: say so
+                        self.store.update(rec.id, conditions=condition(rec, "Admitted", False, "Queued",
+                                                                       "waiting for resources"))
                     continue
             self._start(rec)
             for k in used:
                 used[k] += rec.demand.get(k, 0)
 
+    def _wait_for_capacity(self, waiting: list[JobRecord], why: str) -> None:
+        """Capacity is unknown for now: the queued jobs wait, and say why (once, not at every poll)."""
+        log.warning("backend capacity unknown: %s", why)
+        message = f"capacity unknown, waiting: {why}"
+        for rec in waiting:
+            admitted = next((c for c in rec.conditions if c["type"] == "Admitted"), {})
+            if admitted.get("message") != message:
+                self.store.update(rec.id, conditions=condition(rec, "Admitted", False, "CapacityUnknown", message))
+
     def _start(self, rec: JobRecord) -> None:
+        if rec.progress_token_hash and self._adopt(rec):
+            return
         token = secrets.token_urlsafe(24)
         env = {
             "SDRAY_JOB_ID": rec.id, "SDRAY_TENANT": rec.tenant,
@@ -181,11 +201,28 @@ class JobManager:
             self.store.update(rec.id, conditions=condition(
                 rec, "Admitted", False, "SubmitFailed", f"{exc} (try {failures}; trying again in {delay:.0f} s)"))
             return
+        self._record_handle(rec, handle, f"submitted to the {self.backend.name} backend as {handle}")
+
+    def _record_handle(self, rec: JobRecord, handle: str, message: str) -> None:
         self._retry.pop(rec.id, None)
-        rec = self.store.update(rec.id, handle=handle, attempts=rec.attempts + 1,
-                                conditions=condition(rec, "Admitted", True, "Submitted",
-                                                     f"submitted to the {self.backend.name} backend as {handle}"))
-        log.info("job %s (%s/%s) submitted as %s", rec.id, rec.tenant, rec.name, handle)
+        self.store.update(rec.id, handle=handle, attempts=rec.attempts + 1,
+                          conditions=condition(rec, "Admitted", True, "Submitted", message))
+        log.info("job %s (%s/%s): %s", rec.id, rec.tenant, rec.name, message)
+
+    def _adopt(self, rec: JobRecord) -> bool:
+        """A job given a progress token was (maybe) submitted before: by a service killed before it recorded
+        the handle, or one whose record failed. If the backend runs it, follow that run (its driver holds the
+        token whose hash is stored) instead of submitting it twice; the backend would refuse the second."""
+        try:
+            handle = self.backend.find(rec.id, namespace=self.namespace_of(rec.tenant))
+        except BackendError as exc:
+            log.warning("job %s: cannot tell whether it was submitted before; trying again: %s", rec.id, exc)
+            return True  # not submitted now: the next round asks again
+        if handle is None:
+            return False
+        self._record_handle(rec, handle, f"found running on the {self.backend.name} backend as {handle} after a "
+                                         "restart of the service (it had been submitted before)")
+        return True
 
     # -- following ---------------------------------------------------------------------------------
     def refresh(self) -> None:

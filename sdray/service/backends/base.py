@@ -62,6 +62,11 @@ class Backend(ABC):
         """Start the job; returns the handle the other calls take. ``env`` is set for the job's driver;
         ``namespace``: where the tenant's jobs run (its policy's), on backends that have namespaces."""
 
+    def find(self, job_id: str, *, namespace: str | None = None) -> str | None:
+        """The handle of a run of ``job_id`` the backend already has (submitted by a service killed before it
+        recorded the handle), or None. A backend that cannot tell answers None, and the job is submitted."""
+        return None
+
     @abstractmethod
     def status(self, handle: str) -> BackendStatus:
         """The job's state now."""

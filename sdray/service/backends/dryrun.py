@@ -16,14 +16,15 @@ class DryRunBackend(Backend):
         """``hold``: jobs show as running until cancelled (to try queues and quotas); ``capacity``: the
         resources the pretend cluster has (None: unlimited)."""
         self.hold = hold
-        self._capacity = capacity
+        self.cluster = capacity  # what capacity() answers (a test may change it, as nodes join a cluster)
         self._ids = itertools.count(1)
         self._jobs: dict[str, str] = {}
+        self._handles: dict[str, str] = {}  # service job id -> handle
         self._logs: dict[str, str] = {}
         self.env: dict[str, dict[str, str]] = {}  # what each job's driver would have been given
 
     def capacity(self) -> dict[str, float] | None:
-        return self._capacity
+        return self.cluster
 
     def ready(self) -> tuple[bool, str]:
         return True, "dry run: jobs are accepted, not run"
@@ -34,7 +35,11 @@ class DryRunBackend(Backend):
         self._jobs[handle] = "running" if self.hold else "succeeded"
         self._logs[handle] = "dry run: the job was accepted and not run\n"
         self.env[handle] = dict(env)
+        self._handles[job_id] = handle
         return handle
+
+    def find(self, job_id: str, *, namespace: str | None = None) -> str | None:
+        return self._handles.get(job_id)
 
     def status(self, handle: str) -> BackendStatus:
         state = self._jobs.get(handle)

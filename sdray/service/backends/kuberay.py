@@ -37,6 +37,11 @@ def _api_message(exc: Exception) -> str | None:
         return None
 
 
+def _name(job_id: str) -> str:
+    """The DiffusionJob of a service job: one name per job, so the API server refuses a second one."""
+    return f"sdray-{job_id}"
+
+
 class KubeRayBackend(Backend):
     name = "kuberay"
 
@@ -92,7 +97,7 @@ class KubeRayBackend(Backend):
         from sdray.spec import SpecError, parse_job
 
         namespace = namespace or self.namespace
-        name = f"sdray-{job_id}"
+        name = _name(job_id)
         secret = f"{name}-env"
         doc = {**document, "spec": {**document.get("spec", {})}}
         if env:
@@ -124,6 +129,10 @@ class KubeRayBackend(Backend):
                 delete_diffusionjob(self.clients, namespace, name)  # no job without its environment
                 raise self._api_error(exc, f"creating Secret {namespace}/{secret}", namespace=namespace) from None
         return f"{namespace}/{name}"
+
+    def find(self, job_id: str, *, namespace: str | None = None) -> str | None:
+        handle = f"{namespace or self.namespace}/{_name(job_id)}"
+        return None if self.status(handle).state == "missing" else handle
 
     def status(self, handle: str) -> BackendStatus:
         from sdray.k8s.kube import get_diffusionjob

@@ -111,24 +111,37 @@ class LocalRayBackend(Backend):
             return False, str(exc)
         except Exception as exc:  # requests' connection errors and Ray's own
             return False, f"the Ray dashboard at {self.address} does not answer: {exc}"
-        return True, f"Ray cluster at {self.address}"
+        try:  # the dashboard answers seconds before the head's node has registered: no job could start yet
+            capacity = self.capacity()
+        except BackendError as exc:
+            return False, str(exc)
+        return True, f"Ray cluster at {self.address} ({capacity['CPU']:g} CPU, {capacity['GPU']:g} GPU)"
 
     def capacity(self) -> dict[str, float]:
+        """The CPUs and GPUs of the cluster's live nodes. Raises BackendError (capacity unknown: jobs wait)
+        while it lists no node, or a node whose resources have not registered yet."""
         from ray.util.state import list_nodes
 
         try:
             nodes = list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], detail=True, timeout=10)
         except Exception as exc:  # the state API raises its own and requests' errors
             raise BackendError(f"cannot list the Ray cluster's nodes at {self.address}: {exc}") from None
+        if not nodes or any(not (node.resources_total or {}).get("CPU") for node in nodes):
+            raise BackendError(f"the Ray cluster at {self.address} has not registered its nodes yet "
+                               f"({len(nodes)} listed, not all with their CPUs); jobs wait for it")
         total = {"CPU": 0.0, "GPU": 0.0}
         for node in nodes:
             for key in total:
                 total[key] += float((node.resources_total or {}).get(key, 0))
         return total
 
+    def find(self, job_id: str, *, namespace: str | None = None) -> str | None:
+        handle = self._handle(job_id)
+        return None if self.status(handle).state == "missing" else handle
+
     def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str], *,
                namespace: str | None = None) -> str:
-        handle = f"sdray-{job_id}"
+        handle = self._handle(job_id)
         runtime_env = {"env_vars": {**JOB_ENV, **env, "SDRAY_JOB_DOCUMENT": json.dumps(document)}}
         if os.environ.get("SDRAY_CACHE_DIR"):
             runtime_env["env_vars"]["SDRAY_CACHE_DIR"] = os.environ["SDRAY_CACHE_DIR"]
@@ -142,6 +155,11 @@ class LocalRayBackend(Backend):
             raise
         except Exception as exc:
             raise BackendError(f"Ray refused job {job_id}: {exc}") from None
+
+    @staticmethod
+    def _handle(job_id: str) -> str:
+        """The Ray job's submission id: one per service job, so Ray refuses to run a job twice."""
+        return f"sdray-{job_id}"
 
     def status(self, handle: str) -> BackendStatus:
         try:

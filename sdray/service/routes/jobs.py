@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from sdray.service.auth import Principal
+from sdray.service.client import LOG_OFFSET
 from sdray.service.backends.base import FINAL, STATES, BackendError, tail_lines
 from sdray.service.deps import Refused, Service, caller, checked_document, own_job, service, stored_document
 from sdray.service.jobs import QuotaExceeded
@@ -120,10 +121,17 @@ def _bounded(text: str) -> str:
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(404, 502))
 def job_logs(rec: JobRecord = Depends(own_job), svc: Service = Depends(service),
-             tail: int | None = Query(default=None, ge=0, le=100_000), follow: bool = False):
-    """The driver's log (its last 8 MiB at most); ``follow=true`` streams new lines until the job ends."""
-    if rec.handle is None:
-        return PlainTextResponse("", media_type="text/plain")
+             tail: int | None = Query(default=None, ge=0, le=100_000), follow: bool = False,
+             offset: int | None = Query(default=None, ge=0, description=(
+                 "With follow: start after this many characters of the log (a follower reconnecting after a "
+                 "restart of the service sends what it has; the default starts at the tail)."))):
+    """The driver's log (its last 8 MiB at most); ``follow=true`` streams new lines until the job ends. A
+    followed log's ``X-Sdray-Log-Offset`` header says where in the whole log its first character is."""
+    if rec.handle is None:  # still queued: its log is empty, and a follower waits for it to start
+        if not follow:
+            return PlainTextResponse("", media_type="text/plain")
+        return StreamingResponse(_follow_once_started(svc, rec.id, offset or 0), media_type="text/plain",
+                                 headers={LOG_OFFSET: str(offset or 0)})
     try:
         # A plain read asks the backend for the tail only (the kuberay backend has the API server cut it);
         # a follower needs the whole length, to continue from its end.
@@ -132,15 +140,17 @@ def job_logs(rec: JobRecord = Depends(own_job), svc: Service = Depends(service),
         raise Refused(502, str(exc)) from None
     if not follow:
         return PlainTextResponse(_bounded(text))
-    return StreamingResponse(_follow(svc, rec.handle, rec.id, text, tail), media_type="text/plain")
+    first = text[offset:] if offset is not None else tail_lines(_bounded(text), tail)
+    return StreamingResponse(_follow(svc, rec.handle, rec.id, first, len(text)), media_type="text/plain",
+                             headers={LOG_OFFSET: str(len(text) - len(first))})
 
 
-async def _follow(svc: Service, handle: str, job_id: str, full: str, tail: int | None):
-    """The log's (tail of) text so far, then what the backend streams after it, until the job ends
-    (then one last read, so that no line the driver wrote at the end is lost) or the service stops
-    (``sdray serve`` gives open streams a few seconds to end before it cancels them)."""
-    yield tail_lines(_bounded(full), tail)
-    seen = len(full)
+async def _follow(svc: Service, handle: str, job_id: str, first: str, seen: int):
+    """``first`` (the log's text so far, from the follower's start), then what the backend streams after its
+    first ``seen`` characters, until the job ends (then one last read, so that no line the driver wrote at the
+    end is lost) or the service stops (``sdray serve`` gives open streams a few seconds to end before it
+    cancels them; the client then reconnects with its offset)."""
+    yield first
     while not svc.stop.is_set():
         chunks = svc.backend.follow_logs(handle, seen)
         pending: asyncio.Future | None = None
@@ -170,6 +180,20 @@ async def _follow(svc: Service, handle: str, job_id: str, full: str, tail: int |
                 yield last[seen:]
             return
         await asyncio.sleep(1.0)  # the stream ended before the service saw the job end: open it again
+
+
+async def _follow_once_started(svc: Service, job_id: str, offset: int):
+    """A queued job's log: nothing until the job has been submitted (or ends without), then as ``_follow``."""
+    while not svc.stop.is_set():
+        rec = await run_in_threadpool(svc.store.get, job_id)
+        if rec is None or rec.handle is None and rec.state in FINAL:
+            return
+        if rec.handle is not None:
+            text = await run_in_threadpool(_logs_or_empty, svc, rec.handle)
+            async for chunk in _follow(svc, rec.handle, job_id, text[offset:], len(text)):
+                yield chunk
+            return
+        await asyncio.sleep(1.0)
 
 
 async def _ended(svc: Service, job_id: str) -> bool:
