@@ -139,8 +139,6 @@ class Progress(BaseModel):
     checkpoint: str | None = Field(default=None, description="URI of the last checkpoint (at the end of a run).")
     sample: str | None = Field(default=None, description="URI of the last sample grid.")
     output: str | None = Field(default=None, description="Where the run's outputs go.")
-    preempted: bool | None = Field(default=None, description="The run stopped on a preemption notice, "
-                                                             "checkpointed; it resumes on the next start.")
     # a search
     best: float | None = Field(default=None, description="The best metric of a search so far.")
     trials_ended: int | None = Field(default=None, description="Trials of a search that have ended.")
@@ -274,6 +272,4 @@ class ProgressLines:
             parts.append(f"ETA {_duration(max(0, p['max_steps'] - p['step']) / rate)}")
         if p.get("checkpoint_step") is not None:
             parts.append(f"checkpoint @{p['checkpoint_step']}")
-        if p.get("preempted"):
-            parts.append("PREEMPTED")
         return " | ".join(parts)

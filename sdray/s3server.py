@@ -54,6 +54,8 @@ class SeaweedS3:
     access_key: str
     secret_key: str
     process: subprocess.Popen
+    workdir: Path | None = None
+    ports: dict[str, int] | None = None
 
     def client(self):
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
@@ -70,9 +72,14 @@ class SeaweedS3:
     def stop(self) -> None:
         stop_process(self.process, grace_s=15)
 
+    def start_again(self, timeout: float = 60.0) -> None:
+        """Start the stopped server again on the same ports and data (an outage ends)."""
+        self.process = start_seaweed(self.workdir, timeout, ports=self.ports).process
 
-def start_seaweed(workdir: Path, timeout: float = 60.0) -> SeaweedS3:
-    """Start ``weed mini`` bound to loopback with telemetry off; return once it serves S3 requests."""
+
+def start_seaweed(workdir: Path, timeout: float = 60.0, ports: dict[str, int] | None = None) -> SeaweedS3:
+    """Start ``weed mini`` bound to loopback with telemetry off (on ``ports``, else free ones); return once
+    it serves S3 requests."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "s3.json"
     config.write_text(json.dumps({"identities": [{
@@ -80,7 +87,7 @@ def start_seaweed(workdir: Path, timeout: float = 60.0) -> SeaweedS3:
         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "List", "Tagging", "Write"],
     }]}))
-    ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
+    ports = ports or {name: _free_port() for name in ("master", "volume", "filer", "s3")}
     cmd = [
         weed_binary(), "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-master.telemetry=false", f"-s3.config={config}", f"-s3.port={ports['s3']}",
@@ -88,9 +95,9 @@ def start_seaweed(workdir: Path, timeout: float = 60.0) -> SeaweedS3:
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
     ]
     (workdir / "data").mkdir(exist_ok=True)
-    log = open(workdir / "weed.log", "wb")
+    log = open(workdir / "weed.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = SeaweedS3(f"http://127.0.0.1:{ports['s3']}", ACCESS_KEY, SECRET_KEY, proc)
+    server = SeaweedS3(f"http://127.0.0.1:{ports['s3']}", ACCESS_KEY, SECRET_KEY, proc, workdir, ports)
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:  # readiness = a real request that succeeds

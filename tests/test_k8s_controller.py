@@ -212,7 +212,19 @@ def test_queued_job_waits_for_kueue(kube, user):
         kube.update_status("rayjobs", NS, "queued", {"jobDeploymentStatus": "Initializing"})
         admitted = kube.wait(lambda: conditions(status_of(kube, "queued")).get("Admitted", ("",))[0] == "True"
                              and status_of(kube, "queued"), 10, "admission")
-    assert admitted["state"] == "Pending"
+        assert admitted["state"] == "Pending"
+        kube.update_status("rayjobs", NS, "queued", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
+        wait_state(kube, "queued", "Running")
+        # Kueue preempts it for a higher-priority workload: it suspends the running RayJob again.
+        user.custom.patch_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "queued", {"spec": {"suspend": True}})
+        kube.update_status("rayjobs", NS, "queued", {"jobDeploymentStatus": "Suspended", "jobStatus": ""})
+        preempted = wait_state(kube, "queued", "Preempted")
+        assert conditions(preempted)["Admitted"] == ("False", "Preempted")
+        assert "resumes there once admitted again" in preempted["message"]
+        # admitted again: it runs (and resumes from its checkpoint: resume: auto)
+        user.custom.patch_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", "queued", {"spec": {"suspend": False}})
+        kube.update_status("rayjobs", NS, "queued", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
+        wait_state(kube, "queued", "Running")
 
 
 def test_delete_cascades_to_what_the_job_owns(kube, user):

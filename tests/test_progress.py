@@ -199,6 +199,6 @@ def test_progress_lines_write_the_latest_state_once_per_interval_for_logs():
     assert "checkpoint @20" in line and "ETA 2m00s" in line  # 20 steps in 30 s: 80 to go at that rate
     lines.flush()
     assert len(written) == 2  # nothing new since
-    lines(Progress(preempted=True))
-    lines.flush()
-    assert written[-1].endswith("PREEMPTED")
+    lines(Progress(checkpoint_step=30))
+    lines.flush()  # the end of the run: the last state whatever the interval
+    assert len(written) == 3 and "checkpoint @30" in written[-1]

@@ -22,7 +22,7 @@ from sdray.k8s import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from sdray.spec import json_schema
 
 SHORT_NAMES = ["dj"]
-STATES = ["Pending", "Queued", "Running", "Succeeded", "Failed"]
+STATES = ["Pending", "Queued", "Running", "Preempted", "Succeeded", "Failed"]
 CONDITION_TYPES = ["Admitted", "Running", "Succeeded", "Failed"]
 
 # The keys apiextensions.k8s.io/v1 JSONSchemaProps has; anything else is refused by the API server.

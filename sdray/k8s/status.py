@@ -3,7 +3,8 @@
 KubeRay reports two things: ``jobDeploymentStatus`` (the RayJob's life: New, Initializing, Running,
 Complete, Failed, Suspending, Suspended, Retrying, …) and ``jobStatus`` (the Ray job's: PENDING, RUNNING,
 STOPPED, SUCCEEDED, FAILED). The DiffusionJob says one state and keeps the conditions users ask KubeRay
-for (kuberay#5152): Admitted (not held by Kueue), Running, Succeeded, Failed.
+for (kuberay#5152): Admitted (not held by Kueue), Running, Succeeded, Failed. A job suspended after it ran
+(Kueue preempted it for another) is Preempted until it is admitted again.
 """
 
 from __future__ import annotations
@@ -65,8 +66,14 @@ def conditions_for(current: list[dict], state: str, reason: str, message: str, *
 
 
 def rayjob_status(rayjob: dict, queue: str | None, current: dict, generation: int | None) -> dict:
-    """The DiffusionJob status fields the controller owns, for this RayJob (step and loss are the driver's)."""
+    """The DiffusionJob status fields the controller owns, for this RayJob (step and loss are the driver's).
+    A job suspended after it ran (Kueue preempted it for another) is Preempted: its run checkpointed on the
+    notice and resumes there once admitted again."""
     state, reason, message = rayjob_state(rayjob, queue)
+    if reason == "Queued" and current.get("state") in ("Running", "Preempted"):
+        state, reason = "Preempted", "Preempted"
+        message = "preempted: the run checkpointed and resumes there once admitted again" + (
+            f" (Kueue LocalQueue {queue})" if queue else "")
     ray = rayjob.get("status") or {}
     admitted = not (rayjob.get("spec") or {}).get("suspend") and state != "Queued"
     status = {

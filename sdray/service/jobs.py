@@ -249,7 +249,8 @@ class JobManager:
                                         conditions=condition(rec, "Running", True, "Started", status.message))
                 self.on_transition("running", rec.tenant)
             elif status.state in FINAL:
-                reason = {"succeeded": "Completed", "failed": "Failed", "cancelled": "Cancelled"}[status.state]
+                reason = {"succeeded": "Completed", "failed": "Failed", "cancelled": "Cancelled",
+                          "preempted": "Preempted"}[status.state]
                 self._finish(rec, status.state, reason, status.message)
 
     def tick(self) -> None:

@@ -5,7 +5,8 @@ runs through ``sdray.run`` on the cluster the driver was started in (``address="
 ``spec.tune`` a search that continues the job's own when a retried driver finds one. ``sdray.run`` posts the
 progress to the service (``SDRAY_PROGRESS_URL``). The driver's log gets a line when the run starts, one
 every ``LOG_EVERY_S`` seconds of progress, and the summary; an error is one line on stderr, with exit
-status 2 for a document that is not valid and 1 for a run that failed.
+status 2 for a document that is not valid, 1 for a run that failed and 3 for one preempted (SIGTERM: it
+stopped at a checkpoint).
 """
 
 from __future__ import annotations
@@ -13,33 +14,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
-from sdray.progress import Progress
+from sdray.progress import ProgressLines
 
 LOG_EVERY_S = 30.0
+PREEMPTED = 3  # exit status of a run stopped at a checkpoint on SIGTERM (as `sdray train`'s)
 SUMMARY_KEYS = ("step", "loss", "resumed_from", "pipeline", "vae", "checkpoint", "skipped_images",  # training
                 "best", "best_job", "results")  # a search
 
 
 def _say(text: str) -> None:
     print(text, flush=True)  # the service follows the log while the job runs
-
-
-def _progress_line(progress: Progress) -> str:
-    """One line of a run's progress: where it is, its loss and speed (training) or its trials (a search)."""
-    parts = []
-    if progress.step is not None:
-        parts.append(f"step {progress.step}" + (f"/{progress.max_steps}" if progress.max_steps else ""))
-    if progress.loss is not None:
-        parts.append(f"loss {progress.loss:.4f}")
-    if progress.images_per_s is not None:
-        parts.append(f"{progress.images_per_s:.0f} img/s")
-    if progress.trials_ended is not None:
-        parts.append(f"trials {progress.trials_ended}/{progress.trials_total or '?'} ended")
-    if progress.best is not None:
-        parts.append(f"best {progress.best:.4f}")
-    return ", ".join(parts)
 
 
 def main() -> int:
@@ -59,14 +44,8 @@ def main() -> int:
         print(f"error: invalid job document: {exc}", file=sys.stderr)
         return 2
     run.configure_logging()
-    name, last = job.metadata.name, [-LOG_EVERY_S]
-
-    def log(progress: Progress) -> None:
-        now = time.monotonic()
-        if now - last[0] >= LOG_EVERY_S and (line := _progress_line(progress)):
-            last[0] = now
-            _say(f"{name}: {line}")
-
+    name = job.metadata.name
+    log = ProgressLines(name, _say, LOG_EVERY_S)
     searching = job.spec.tune is not None
     _say(f"{name}: {'search' if searching else 'training'} ({job.spec.stage}) started on the Ray cluster at auto")
     try:
@@ -78,7 +57,12 @@ def main() -> int:
     except run.expected_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    log.flush()
     done = {k: summary[k] for k in SUMMARY_KEYS if summary.get(k) is not None}
+    if summary.get("status") == "preempted":
+        _say(f"{name}: preempted at step {summary['step']}, checkpointed: submit the document again to continue")
+        return PREEMPTED
+
     _say(f"{name}: done: {json.dumps(done, default=str)}")
     return 0
 

@@ -484,7 +484,6 @@ class Trainer:
         summary = self._summary(metrics, "preempted")
         summary["checkpoint_step"] = self.saved_step
         summary["stop_s"] = round(time.monotonic() - self.preemption.noticed_at, 3)
-        self._tell(preempted=True)
         if self.is_main:
             self.report.flush()
             self._write_summary(summary)

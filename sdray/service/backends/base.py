@@ -13,8 +13,10 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-STATES = ("pending", "running", "succeeded", "failed", "cancelled")
-FINAL = frozenset({"succeeded", "failed", "cancelled"})
+# preempted: the run stopped at a checkpoint on a preemption notice (exit status 3); submitting the same
+# document again continues it. (On Kubernetes a preempted job waits for Kueue to admit it again: pending.)
+STATES = ("pending", "running", "succeeded", "failed", "cancelled", "preempted")
+FINAL = frozenset({"succeeded", "failed", "cancelled", "preempted"})
 
 
 def tail_lines(text: str, tail: int | None) -> str:

@@ -22,8 +22,9 @@ import re
 
 from sdray.service.backends.base import Backend, BackendError, BackendStatus
 
-_STATES = {"Pending": "pending", "Queued": "pending", "Running": "running", "Succeeded": "succeeded",
-           "Failed": "failed"}
+# Preempted: Kueue suspended it while it ran; it resumes from its checkpoint once admitted again (pending).
+_STATES = {"Pending": "pending", "Queued": "pending", "Preempted": "pending", "Running": "running",
+           "Succeeded": "succeeded", "Failed": "failed"}
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 JOB_ID_LABEL = "sdray.io/service-job-id"
 TENANT_LABEL = "sdray.io/tenant"

@@ -26,6 +26,16 @@ from sdray.service.backends.base import Backend, BackendError, BackendStatus, ta
 
 _STATES = {"PENDING": "pending", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
            "STOPPED": "cancelled"}
+PREEMPTED_EXIT = 3  # `sdray train`'s and the runner's status for a run stopped at a checkpoint on SIGTERM
+
+
+def job_state(info) -> str:
+    """The service's state of a Ray job (``JobInfo``): a driver that ended with the preempted status stopped
+    at a checkpoint, it did not fail."""
+    state = _STATES.get(str(info.status.value), "pending")
+    return "preempted" if state == "failed" and info.driver_exit_code == PREEMPTED_EXIT else state
+
+
 # Set for every job driver: no usage reporting, no hub look-ups, quiet Ray Train.
 JOB_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "PYTHONUNBUFFERED": "1",
@@ -177,7 +187,7 @@ class LocalRayBackend(Backend):
         message = (info.message or "").strip()
         if len(message) > 2000:
             message = "…" + message[-2000:]
-        return BackendStatus(_STATES.get(str(info.status.value), "pending"), message)
+        return BackendStatus(job_state(info), message)
 
     def cancel(self, handle: str) -> None:
         try:
