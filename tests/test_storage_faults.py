@@ -1,4 +1,5 @@
-"""Storage faults (issue #15): transient ones are retried, permanent ones fail at once with a clear error.
+"""Storage faults (issue #15): transient ones are retried, permanent ones fail at once with a clear error,
+and a checkpoint that cannot be uploaded leaves the previous one the latest.
 
 The faults are real: a proxy on 127.0.0.1 (``tests/s3_proxy.py``) in front of the session's SeaweedFS
 server stops listening, answers 503 SlowDown, 500 or 403, or resets connections.
@@ -6,6 +7,7 @@ server stops listening, answers 503 SlowDown, 500 or 403, or resets connections.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,7 +17,8 @@ from conftest import make_job, wait_for
 from s3_proxy import S3Proxy
 
 from sdray import storage
-from sdray.spec import StorageSettings
+from sdray.spec import StorageSettings, parse_job
+from sdray.train.checkpoint import read_manifest
 
 BUCKET = "faults"
 
@@ -130,3 +133,51 @@ def test_a_read_from_a_missing_bucket_names_the_bucket(seaweed, tmp_path):
     with pytest.raises(storage.StorageError, match="^nothing found at s3://bucket-here/absent$"):
         storage.read_bytes("s3://bucket-here/absent")
 
+
+def _checkpoint_job(name: str, proxy: S3Proxy, digits_root, tmp_path, on_upload_failure: str):
+    """A 20-step run whose checkpoints go to S3 through the proxy, every 10 steps."""
+    return parse_job(make_job(
+        name, tmp_path / "out", str(digits_root / "imagefolder"),
+        checkpoint={"uri": f"s3://{BUCKET}/runs", "every_n_steps": 10, "keep_last": 3,
+                    "on_upload_failure": on_upload_failure},
+        distributed={"num_workers": 1, "max_failures": 0},
+        storage={"endpoint": proxy.endpoint, "retries": {"max_attempts": 2, "max_elapsed_s": 2}},
+    ))
+
+
+def _registered_steps(seaweed, name: str) -> list[int]:
+    """Steps of the checkpoints Ray Train registered, from its snapshot as the server holds it."""
+    snapshot = json.loads(_direct(seaweed, f"runs/{name}/checkpoint_manager_snapshot.json"))
+    return sorted(r["metrics"]["step"] for r in snapshot["checkpoint_results"])
+
+
+@pytest.mark.parametrize("on_upload_failure", [
+    "continue",
+    # slow: a second Ray Train run (~40 s); the default suite keeps "continue", the same upload path
+    pytest.param("fail", marks=pytest.mark.slow),
+])
+def test_a_checkpoint_that_cannot_be_uploaded_leaves_the_previous_one_the_latest(
+        ray_session, seaweed, proxy, digits_root, tmp_path, on_upload_failure):
+    """Every request for the step-20 checkpoint is answered 503 SlowDown, past the retries: the step-10 one
+    stays the latest and readable; the run trains on (``continue``) or fails with one clear line (``fail``)."""
+    from sdray.train.launch import TrainingFailed, run_job
+
+    name = f"upload-{on_upload_failure}"
+    proxy.fail(10**6, 503, "SlowDown", path="checkpoint_00000020")
+    job = _checkpoint_job(name, proxy, digits_root, tmp_path, on_upload_failure)
+    if on_upload_failure == "continue":
+        summary = run_job(job, worker_logs=False)
+        assert summary["step"] == 20 and summary["checkpoint_upload_failures"] == 1
+        assert summary["checkpoint"] == f"s3://{BUCKET}/runs/{name}/checkpoint_00000010"
+        records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+        assert {"step": 20, "checkpoint_upload_failures": 1} in records
+        assert (tmp_path / "out" / "pipeline" / "model_index.json").exists()
+    else:
+        with pytest.raises(TrainingFailed) as err:
+            run_job(job, worker_logs=False)
+        message = str(err.value)
+        assert f"cannot write s3://{BUCKET}/runs/{name}/checkpoint_00000020" in message, message
+        assert "max_elapsed_s" in message and "\n" not in message
+    assert _registered_steps(seaweed, name) == [10]
+    latest = storage.local_copy(f"s3://{BUCKET}/runs/{name}/checkpoint_00000010")
+    assert read_manifest(latest)["step"] == 10

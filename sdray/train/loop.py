@@ -115,6 +115,7 @@ class Trainer:
                     if self.cfg.ema else None)
         self.state = TrainState()
         self.resumed_from: int | None = None
+        self.checkpoint_upload_failures = 0  # checkpoints skipped (checkpoint.on_upload_failure: continue)
         self._val_set: list[dict] | None = None
         self._val_measured: tuple[int | None, float | None] = (None, None)
         self._restore()
@@ -173,8 +174,21 @@ class Trainer:
                             lr_scheduler=self.lr_scheduler, scaler=self.strategy.scaler, ema=self.ema,
                             state=self.state, stage=self.spec.stage, job_name=self.job.metadata.name,
                             world_size=self.ctx.world_size, layout=self.strategy.checkpoint_layout())
-            self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
+            try:
+                self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
+            except storage.StorageError as exc:
+                if not (exc.transient and self.spec.checkpoint.on_upload_failure == "continue"):
+                    raise
+                self._skip_checkpoint(exc)
+                return
         self._tell(checkpoint_step=self.state.step, checkpoint_s=time.perf_counter() - started)
+
+    def _skip_checkpoint(self, exc: Exception) -> None:
+        """A checkpoint could not be uploaded (``on_upload_failure: continue``): count it and train on."""
+        self.checkpoint_upload_failures += 1
+        if self.is_main:
+            log.warning("checkpoint of step %d skipped, the previous one stays the latest: %s", self.state.step, exc)
+            self.report.log({"step": self.state.step, "checkpoint_upload_failures": self.checkpoint_upload_failures})
 
     # -- one step ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -418,7 +432,8 @@ class Trainer:
         meta = self.job.metadata
         summary = {"job": meta.name, "namespace": meta.namespace, "labels": meta.labels, "stage": self.spec.stage,
                    "step": self.state.step, "epoch": self.state.epoch, "resumed_from": self.resumed_from,
-                   "loss": metrics.get("loss"), "output": self.spec.output.uri}
+                   "loss": metrics.get("loss"), "output": self.spec.output.uri,
+                   "checkpoint_upload_failures": self.checkpoint_upload_failures}
         if self.spec.data.bucketed:
             summary["batch_shapes"] = dict(sorted(sum_counts_across_workers(self.batch_shapes).items()))
         with self._ema_weights():
@@ -429,6 +444,7 @@ class Trainer:
         if not self.is_main:
             return summary
         summary["metrics"] = storage.join(self.spec.output.uri, "metrics.jsonl")
+        summary["report_upload_failures"] = self.report.upload_failures
         storage.write_bytes(storage.join(self.spec.output.uri, "summary.json"), json.dumps(summary, indent=2).encode(),
                             self.spec.storage)
         return summary
