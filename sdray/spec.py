@@ -143,6 +143,31 @@ class S3Settings(_Strict):
     )
 
 
+class StorageRetries(_Strict):
+    """How storage faults are retried. Transient: connection refused or reset, timeouts, HTTP 5xx, SlowDown
+    and throttling; permanent (403 AccessDenied, no such bucket, a missing object) fail at once."""
+
+    max_attempts: int = Field(
+        default=8, ge=1, le=50,
+        description="Attempts of each S3 request on a transient error, by the AWS SDK (its standard mode: "
+        "exponential backoff with full jitter, each wait up to 20 s); Ray Train's and Ray Data's requests too.",
+    )
+    max_elapsed_s: float = Field(
+        default=60.0, ge=0.0, le=3600.0,
+        description="How long sdray retries a whole operation (an object, a folder, a checkpoint upload) that "
+        "still fails with a transient error after the SDK's attempts, with exponential backoff and jitter; "
+        "0: the SDK's attempts only.",
+    )
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0.0, le=300.0, description="Seconds to wait for a connection to the S3 endpoint.")
+
+
+class StorageSettings(S3Settings):
+    """``spec.storage``: the S3 settings of every ``s3://`` URI of the job, and how its faults are retried."""
+
+    retries: StorageRetries = Field(default_factory=StorageRetries)
+
+
 class VAESource(_Strict):
     pretrained: str = Field(description="Local dir or s3:// URI of a diffusers AutoencoderKL (or a pipeline).")
 
@@ -533,6 +558,13 @@ class CheckpointSpec(_Strict):
         description="Seconds a preempted run has to finish its step and checkpoint: the Ray pods' "
                     "terminationGracePeriodSeconds.",
     )
+    on_upload_failure: Literal["fail", "continue"] = Field(
+        default="fail",
+        description="A checkpoint whose upload still fails after spec.storage.retries: fail ends the run (Ray "
+        "Train restarts it up to distributed.max_failures times, from the latest checkpoint); continue skips "
+        "that checkpoint, counts it in metrics.jsonl and summary.json and trains on. Either way the previous "
+        "checkpoint stays the latest. A permanent error (access denied, no such bucket) always fails.",
+    )
 
 
 class ValidationSpec(_Strict):
@@ -763,8 +795,8 @@ class JobSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     output: OutputSpec
-    storage: S3Settings = Field(
-        default_factory=S3Settings,
+    storage: StorageSettings = Field(
+        default_factory=StorageSettings,
         description="S3 settings for every s3:// URI of the job (model, checkpoints, output); data's own win for data.",
     )
     tune: TuneSpec | None = Field(

@@ -4,28 +4,71 @@ Credentials are never part of a job document. Without a named secret, the AWS SD
 them (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, web identity as IRSA sets it,
 SSO, the instance profile); a named secret (``credentials_secret``) is a folder of files, as a Kubernetes
 Secret volume mounts it. Buckets are never created here: a write to a missing one is refused.
+
+Faults (``spec.storage.retries``): every S3 request is retried by the AWS SDK on a transient error
+(connection refused or reset, timeout, HTTP 5xx, SlowDown/throttling), with exponential backoff and full
+jitter, in every process that uses a filesystem made here (Ray Train and Ray Data included). An operation of
+this module that still fails with one is retried whole (``retrying``) for up to ``max_elapsed_s``. A
+permanent error (access denied, no such bucket, nothing at the URI) is not retried: the StorageError names
+the URI and what to check.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import random
 import re
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from sdray.spec import DNS_SUBDOMAIN, S3Settings
+from sdray.spec import DNS_SUBDOMAIN, S3Settings, StorageRetries
+
+log = logging.getLogger("sdray.storage")
 
 DEFAULT_SECRETS_DIR = "/var/run/secrets/sdray"
+# How the AWS SDK (through pyarrow) words an error that a later attempt may not meet: the server was
+# unreachable, overloaded or failed inside. Ray Data retries its reads on the same words
+# (DataContext.retried_io_errors; sdray.data.pipeline adds these).
+TRANSIENT_ERRORS = (
+    "AWS Error NETWORK_CONNECTION", "AWS Error SLOW_DOWN", "AWS Error SERVICE_UNAVAILABLE",
+    "AWS Error INTERNAL_FAILURE", "AWS Error THROTTLING", "AWS Error REQUEST_TIMEOUT",
+    "(HTTP status 5", "(HTTP status 429)",
+)
+_REFUSED = ("AWS Error ACCESS_DENIED", "AWS Error INVALID_ACCESS_KEY_ID", "AWS Error SIGNATURE_DOES_NOT_MATCH",
+            "(HTTP status 403)")
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
-    """A URI that cannot be reached or read; the message names it."""
+    """A URI that cannot be reached or read; the message names it. ``transient``: the storage kept failing
+    until the retries ran out (it may work later), rather than refusing (access, bucket, nothing there)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a later attempt may succeed where ``exc`` failed (see ``TRANSIENT_ERRORS``)."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return (isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+            and any(words in str(exc) for words in TRANSIENT_ERRORS))
+
+
+def retry_settings(settings: S3Settings | None) -> StorageRetries:
+    """``spec.storage.retries`` (the defaults for settings without them, as ``spec.data``'s own)."""
+    return getattr(settings, "retries", None) or StorageRetries()
 
 
 def is_s3(uri: str) -> bool:
@@ -80,8 +123,11 @@ def filesystem(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileS
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
     opts = s3_options(settings)
+    retries = retry_settings(settings)
     # allow_bucket_creation=False: a typo in a bucket name must not create that bucket.
-    kwargs: dict = {"region": opts["region"], "allow_bucket_creation": False}
+    kwargs: dict = {"region": opts["region"], "allow_bucket_creation": False,
+                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=retries.max_attempts),
+                    "connect_timeout": retries.connect_timeout_s}
     if opts["access_key"]:
         kwargs.update(access_key=opts["access_key"], secret_key=opts["secret_key"])
         if opts["session_token"]:
@@ -106,61 +152,112 @@ def _no_bucket(uri: str, bucket: str, where: str) -> StorageError:
                         "sdray never creates buckets)")
 
 
-def require_bucket(uri: str, settings: S3Settings | None = None) -> None:
-    """Raise StorageError when the bucket of an ``s3://`` URI does not exist (nothing to check for a local
-    path). Writers call it first: AWS refuses a write to a missing bucket, but some S3 servers (SeaweedFS)
-    create it, and a typo would become a bucket. A lookup the credentials may not make (HeadBucket needs
-    s3:ListBucket) leaves the decision to the write itself."""
-    if not is_s3(uri):
-        return
+def _bucket_missing(uri: str, settings: S3Settings | None) -> bool:
+    """Whether the bucket of an ``s3://`` URI is known not to exist; False when the lookup itself fails
+    (HeadBucket needs s3:ListBucket, which the credentials may lack)."""
     bucket, where = _bucket_of(uri, settings)
     if (where, bucket) in _BUCKETS_FOUND:
-        return
+        return False
     fs, _ = filesystem(uri, settings)
     try:
         found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
     except OSError:
-        return
-    if not found:
-        raise _no_bucket(uri, bucket, where)
-    _BUCKETS_FOUND.add((where, bucket))
+        return False
+    if found:
+        _BUCKETS_FOUND.add((where, bucket))
+    return not found
 
 
-def _write_error(uri: str, exc: OSError, settings: S3Settings | None) -> StorageError:
-    if "NO_SUCH_BUCKET" in str(exc) or "NoSuchBucket" in str(exc):
-        return _no_bucket(uri, *_bucket_of(uri, settings))
-    return StorageError(f"cannot write {uri}: {exc}")
+def require_bucket(uri: str, settings: S3Settings | None = None) -> None:
+    """Raise StorageError when the bucket of an ``s3://`` URI does not exist (nothing to check for a local
+    path). Writers call it first: AWS refuses a write to a missing bucket, but some S3 servers (SeaweedFS)
+    create it, and a typo would become a bucket. A lookup that fails leaves the decision to the write."""
+    if is_s3(uri) and _bucket_missing(uri, settings):
+        raise _no_bucket(uri, *_bucket_of(uri, settings))
+
+
+def _missing_bucket(what: str, uri: str, settings: S3Settings | None) -> StorageError:
+    """The bucket of ``uri`` does not exist: create it first (a write), or check its name (a read)."""
+    bucket, where = _bucket_of(uri, settings)
+    if what == "write":
+        return _no_bucket(uri, bucket, where)
+    return StorageError(f"no such bucket {bucket!r} at {where}: nothing to {what} at {uri} (check the bucket's "
+                        "name and the endpoint)")
+
+
+def _not_found(what: str, uri: str, settings: S3Settings | None) -> StorageError:
+    """Nothing at ``uri``: because its bucket does not exist, when that is the reason."""
+    if is_s3(uri) and _bucket_missing(uri, settings):
+        return _missing_bucket(what, uri, settings)
+    return StorageError(f"nothing found at {uri}")
+
+
+def _error(what: str, uri: str, exc: OSError, settings: S3Settings | None, elapsed: float) -> StorageError:
+    """The StorageError of an operation that failed for good: what happened to which URI, and what to do."""
+    text = str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return _not_found(what, uri, settings)
+    if is_s3(uri) and ("NO_SUCH_BUCKET" in text or "NoSuchBucket" in text):
+        return _missing_bucket(what, uri, settings)
+    if any(words in text for words in _REFUSED):
+        return StorageError(f"cannot {what} {uri}: {text} (refused, not retried: check the keys (credentials_secret "
+                            "or AWS_ACCESS_KEY_ID) and what the bucket's policy lets them do)")
+    if transient(exc):
+        where = _bucket_of(uri, settings)[1] if is_s3(uri) else "the storage"
+        attempts = retry_settings(settings).max_attempts
+        return StorageError(f"cannot {what} {uri}: {text} (still failing after {attempts} attempts per request and "
+                            f"{elapsed:.0f} s of retries: check that {where} is up, or retry for longer with "
+                            "spec.storage.retries.max_elapsed_s)", transient=True)
+    return StorageError(f"cannot {what} {uri}: {text}")
+
+
+def retrying(operation: Callable[[], T], what: str, uri: str, settings: S3Settings | None = None) -> T:
+    """``operation()``, run again while it fails with a transient error, for up to ``retries.max_elapsed_s``
+    (waits from 1 s, doubling up to 20 s, each between half and all of that). A permanent error, or a
+    transient one past that time, becomes a StorageError: "cannot ``what`` ``uri``: …", saying what to do."""
+    limit = retry_settings(settings).max_elapsed_s
+    started = time.monotonic()
+    delay = 1.0
+    while True:
+        try:
+            return operation()
+        except StorageError:
+            raise
+        except OSError as exc:
+            elapsed = time.monotonic() - started
+            if not transient(exc) or elapsed >= limit:
+                raise _error(what, uri, exc, settings, elapsed) from None
+            wait = min(delay * random.uniform(0.5, 1.0), limit - elapsed)
+            log.warning("cannot %s %s, retrying in %.1f s: %s", what, uri, wait, exc)
+            time.sleep(wait)  # backoff between attempts, bounded by max_elapsed_s
+            delay = min(2 * delay, 20.0)
 
 
 def exists(uri: str, settings: S3Settings | None = None) -> bool:
     fs, path = filesystem(uri, settings)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return retrying(lambda: fs.get_file_info(path).type != pafs.FileType.NotFound, "look up", uri, settings)
 
 
-def _file_infos(fs: pafs.FileSystem, path: str, uri: str) -> list[pafs.FileInfo]:
+def _file_infos(fs: pafs.FileSystem, path: str, uri: str, settings: S3Settings | None) -> list[pafs.FileInfo]:
     """Every file under ``path``, sorted by path."""
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except FileNotFoundError:
-        raise StorageError(f"nothing found at {uri}") from None
-    except OSError as exc:
-        raise StorageError(f"cannot list {uri}: {exc}") from None
+    infos = retrying(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)), "list", uri, settings)
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
 def list_files(uri: str, settings: S3Settings | None = None) -> list[str]:
     """Every file under ``uri``, as paths inside its filesystem, sorted."""
     fs, path = filesystem(uri, settings)
-    return [i.path for i in _file_infos(fs, path, uri)]
+    return [i.path for i in _file_infos(fs, path, uri, settings)]
 
 
 def read_bytes(uri: str, settings: S3Settings | None = None) -> bytes:
     fs, path = filesystem(uri, settings)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
-    except (FileNotFoundError, OSError) as exc:
-        raise StorageError(f"cannot read {uri}: {exc}") from None
+
+    return retrying(read, "read", uri, settings)
 
 
 def write_bytes(uri: str, data: bytes, settings: S3Settings | None = None) -> None:
@@ -174,11 +271,12 @@ def write_bytes(uri: str, data: bytes, settings: S3Settings | None = None) -> No
         os.replace(tmp, path)
         return
     require_bucket(uri, settings)
-    try:
+
+    def write() -> None:
         with fs.open_output_stream(path) as f:  # an S3 PUT is atomic: the object appears whole or not at all
             f.write(data)
-    except OSError as exc:
-        raise _write_error(uri, exc, settings) from None
+
+    retrying(write, "write", uri, settings)
 
 
 def upload_dir(local_dir: str | Path, uri: str, settings: S3Settings | None = None) -> None:
@@ -188,20 +286,22 @@ def upload_dir(local_dir: str | Path, uri: str, settings: S3Settings | None = No
         shutil.copytree(local_dir, path, dirs_exist_ok=True)
         return
     require_bucket(uri, settings)
-    try:
+
+    def upload() -> None:  # all of it again after a failure: the objects of a first try may be incomplete
         fs.create_dir(path, recursive=True)
         pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    except OSError as exc:
-        raise _write_error(uri, exc, settings) from None
+
+    retrying(upload, "write", uri, settings)
 
 
 def download_dir(uri: str, local_dir: str | Path, settings: S3Settings | None = None) -> Path:
     """Copy the tree under ``uri`` into ``local_dir``; returns ``local_dir``."""
     fs, path = filesystem(uri, settings)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise StorageError(f"nothing found at {uri}")
+    if not exists(uri, settings):
+        raise _not_found("read", uri, settings)
     Path(local_dir).mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    retrying(lambda: pafs.copy_files(path, str(local_dir), source_filesystem=fs,
+                                     destination_filesystem=pafs.LocalFileSystem()), "read", uri, settings)
     return Path(local_dir)
 
 
@@ -210,11 +310,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("SDRAY_CACHE_DIR") or Path.home() / ".cache" / "sdray")
 
 
-def _fingerprint(fs: pafs.FileSystem, path: str, uri: str) -> str:
+def _fingerprint(fs: pafs.FileSystem, path: str, uri: str, settings: S3Settings | None) -> str:
     """A digest of every object under ``path`` (name, size, modification time): it changes when they do."""
-    files = [(i.path, i.size, str(i.mtime)) for i in _file_infos(fs, path, uri)]
+    files = [(i.path, i.size, str(i.mtime)) for i in _file_infos(fs, path, uri, settings)]
     if not files:
-        raise StorageError(f"nothing found at {uri}")
+        raise _not_found("read", uri, settings)
     return hashlib.sha256(json.dumps([uri, files]).encode()).hexdigest()[:20]
 
 
@@ -232,7 +332,7 @@ def local_copy(uri: str, settings: S3Settings | None = None) -> Path:
         return path
     fs, path = filesystem(uri, settings)
     name = uri.removeprefix("s3://").strip("/").replace("/", "_")
-    final = cache_root() / "downloads" / f"{name}-{_fingerprint(fs, path, uri)}"
+    final = cache_root() / "downloads" / f"{name}-{_fingerprint(fs, path, uri, settings)}"
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -34,6 +36,16 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
     if not os.environ.get("SDRAY_VERBOSE"):
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def retry_storage_faults() -> None:
+    """Ray Data retries a read that fails with one of sdray's transient storage errors too (on top of the
+    AWS SDK's attempts, ``spec.storage.retries``): its own list lacks throttling and other 5xx answers."""
+    ctx = ray.data.DataContext.get_current()
+    patterns = [re.escape(words) for words in storage.TRANSIENT_ERRORS]  # regexes, as Ray Data will require
+    with warnings.catch_warnings():  # Ray Data warns of any change to the list, regexes or not
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *patterns]))
 
 
 @dataclass
@@ -63,6 +75,7 @@ def build_datasets(spec: JobSpec, *, resolution: int, tokenizers=()) -> JobData:
     """Lazy train/validation datasets for ``spec.data``; fails early with a clear error when the data
     cannot be read or holds no readable image."""
     quiet_ray_data()
+    retry_storage_faults()
     data = spec.data
     cached = data.format == "latents"
     counter, cached_skips = None, 0

@@ -68,7 +68,9 @@ class WorkerContext(Protocol):
         """A local directory holding the checkpoint to resume from, if the runner has one."""
 
     def save_checkpoint(self, directory: Path, metrics: dict) -> None:
-        """Persist this rank's checkpoint files (every rank calls this at the same step)."""
+        """Persist this rank's checkpoint files (every rank calls this at the same step). A checkpoint that
+        could not be stored raises ``sdray.storage.StorageError`` on every rank and leaves the previous one
+        the latest."""
 
     def progress(self, progress: Progress) -> None:
         """Live progress from rank 0 (step, loss, images/s) for whoever watches the run."""

@@ -4,6 +4,8 @@ Both read the data with Ray Data and run the same per-worker loop (``sdray.train
 - the run lives at ``<checkpoint.uri>/<metadata.name>``; ``resume: auto`` reuses that name, so Ray Train
   hands the loop the latest *registered* checkpoint (registration follows a complete upload: a crash
   mid-write leaves the previous checkpoint the latest); ``never`` or a URI start a fresh, timestamped run;
+- each rank uploads its checkpoint files itself (``sdray.storage``, retried) to ``checkpoint_<step>``, and
+  the checkpoint is registered only when every rank's upload succeeded (``RayContext.save_checkpoint``);
 - ``keep_last`` is Ray Train's ``num_to_keep``; ``max_failures`` its ``FailureConfig``;
 - the ``train`` dataset is split across workers, ``validation`` is not.
 """
@@ -33,6 +35,7 @@ from sdray.spec import DiffusionJob
 from sdray.train.context import LocalContext, iterate
 from sdray.train import preemption
 from sdray.train.loop import train_worker
+from sdray.train.parallel import all_workers_have
 
 # Set for every process of an embedded cluster: no usage reporting, no hub look-ups from workers.
 RAY_ENV = {
@@ -138,9 +141,30 @@ class RayContext:
         return Path(checkpoint.to_directory(self._restored_dir))
 
     def save_checkpoint(self, directory: Path, metrics: dict) -> None:
+        """Upload this rank's files to the run's ``checkpoint_<step>`` (retried by ``storage.upload_dir``),
+        then register the checkpoint with Ray Train if every rank's upload succeeded. Otherwise report the
+        metrics alone (Ray Train pairs the ranks' reports by count) and raise a StorageError on every rank,
+        transient only if every rank's failure was: the previous checkpoint stays the latest."""
         import ray.train
+        from ray.train import Checkpoint, CheckpointUploadMode
 
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+        run = ray.train.get_context().get_storage()
+        name = f"checkpoint_{metrics['step']:08d}"
+        path = f"{run.experiment_fs_path}/{name}"
+        uri = "s3://" + path if storage.is_s3(self.job.spec.checkpoint_uri) else path
+        failure = None
+        try:
+            storage.upload_dir(directory, uri, self.job.spec.storage)
+        except storage.StorageError as exc:
+            failure = exc
+        if all_workers_have(failure is None, self.device):
+            ray.train.report(metrics, checkpoint=Checkpoint(path, filesystem=run.storage_filesystem),
+                             checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+            return
+        transient = all_workers_have(failure is None or failure.transient, self.device)
+        ray.train.report(metrics)
+        raise storage.StorageError(str(failure) if failure else f"checkpoint {uri}: another worker could not upload "
+                                   "its files", transient=transient)
 
     def progress(self, progress: Progress) -> None:
         if self.board is not None:

@@ -123,6 +123,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self.saved_step: int | None = None  # the step of the last checkpoint this run wrote or resumed from
         self.preemption = Preemption(spec.checkpoint.on_preemption, self.device)
+        self.checkpoint_upload_failures = 0  # checkpoints skipped (checkpoint.on_upload_failure: continue)
         self._val_set: list[dict] | None = None
         self._val_measured: tuple[int | None, float | None] = (None, None)
         self._restore()
@@ -208,9 +209,22 @@ class Trainer:
                             state=self.state, stage=self.spec.stage, job_name=self.job.metadata.name,
                             world_size=self.ctx.world_size, layout=self.strategy.checkpoint_layout(),
                             global_batch=self.cfg.batch_size * self.cfg.gradient_accumulation_steps * self.ctx.world_size)
-            self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
+            try:
+                self.ctx.save_checkpoint(Path(tmp), {**metrics, "step": self.state.step})
+            except storage.StorageError as exc:
+                if not (exc.transient and self.spec.checkpoint.on_upload_failure == "continue"):
+                    raise
+                self._skip_checkpoint(exc)
+                return
         self.saved_step = self.state.step
         self._tell(checkpoint_step=self.state.step, checkpoint_s=time.perf_counter() - started)
+
+    def _skip_checkpoint(self, exc: Exception) -> None:
+        """A checkpoint could not be uploaded (``on_upload_failure: continue``): count it and train on."""
+        self.checkpoint_upload_failures += 1
+        if self.is_main:
+            log.warning("checkpoint of step %d skipped, the previous one stays the latest: %s", self.state.step, exc)
+            self.report.log({"step": self.state.step, "checkpoint_upload_failures": self.checkpoint_upload_failures})
 
     # -- one step ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -472,10 +486,11 @@ class Trainer:
         return {"job": meta.name, "namespace": meta.namespace, "labels": meta.labels, "stage": self.spec.stage,
                 "status": status, "step": self.state.step, "epoch": self.state.epoch,
                 "resumed_from": self.resumed_from, "elastic": self.elastic, "loss": metrics.get("loss"),
-                "output": self.spec.output.uri}
+                "output": self.spec.output.uri, "checkpoint_upload_failures": self.checkpoint_upload_failures}
 
     def _write_summary(self, summary: dict) -> None:
         summary["metrics"] = storage.join(self.spec.output.uri, "metrics.jsonl")
+        summary["report_upload_failures"] = self.report.upload_failures
         storage.write_bytes(storage.join(self.spec.output.uri, "summary.json"), json.dumps(summary, indent=2).encode(),
                             self.spec.storage)
 

@@ -1,11 +1,14 @@
 """What a run shows a person: a JSON-lines metrics file, a loss curve, labelled image grids.
 
-Written on rank 0 into a local staging folder, then copied to ``spec.output.uri`` (local or S3).
+Written on rank 0 into a local staging folder, then copied to ``spec.output.uri`` (local or S3). An upload
+that still fails with a transient error after ``spec.storage.retries`` is logged, counted and skipped:
+``metrics.jsonl`` and the loss plot are written whole at every flush, so the next one catches up.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -18,6 +21,8 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from sdray import storage  # noqa: E402
 from sdray.spec import S3Settings  # noqa: E402
+
+log = logging.getLogger("sdray.train")
 
 
 def image_grid(rows: list[list[Image.Image]], labels: list[str], cell: int = 64) -> Image.Image:
@@ -49,6 +54,7 @@ class RunReport:
         self.s3 = s3
         self.staging = Path(tempfile.mkdtemp(prefix="sdray-report-"))
         self.records: list[dict] = []
+        self.upload_failures = 0
         if resume_step:
             self._load_history(resume_step)
 
@@ -61,18 +67,31 @@ class RunReport:
     def log(self, record: dict) -> None:
         self.records.append(record)
 
-    def save_image(self, name: str, image: Image.Image) -> str:
+    def _upload(self, name: str, data: bytes) -> str | None:
+        """Write ``data`` to ``name`` under the output URI and return its URI; None when the storage kept
+        failing (logged and counted); a permanent error (access refused, no bucket) is raised."""
+        uri = storage.join(self.output_uri, name)
+        try:
+            storage.write_bytes(uri, data, self.s3)
+        except storage.StorageError as exc:
+            if not exc.transient:
+                raise
+            self.upload_failures += 1
+            log.warning("%s; the run goes on without it", exc)
+            return None
+        return uri
+
+    def save_image(self, name: str, image: Image.Image) -> str | None:
+        """Save ``image`` as ``name`` under the output URI; its URI, or None if it could not be uploaded."""
         path = self.staging / name
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
-        uri = storage.join(self.output_uri, name)
-        storage.write_bytes(uri, path.read_bytes(), self.s3)
-        return uri
+        return self._upload(name, path.read_bytes())
 
     def flush(self) -> None:
         """Write metrics.jsonl and loss.png to the output URI."""
         text = "".join(json.dumps(r) + "\n" for r in self.records)
-        storage.write_bytes(storage.join(self.output_uri, "metrics.jsonl"), text.encode(), self.s3)
+        self._upload("metrics.jsonl", text.encode())
         self.save_image("loss.png", self.loss_plot())
 
     def loss_plot(self) -> Image.Image:
