@@ -205,6 +205,8 @@ class Bench:
         start = time.monotonic()
         driver = Driver(self.doc(name), self.workdir, self.env)
         code = driver.wait()
+        if code != 0:
+            raise SystemExit(f"the uninterrupted run failed ({code}):\n" + "\n".join(driver.tail))
         return {"fault": "none", "survived": code == 0, "wall_s": time.monotonic() - start,
                 "loss": self.summary(name).get("loss") if code == 0 else None}
 
