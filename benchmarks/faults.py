@@ -189,8 +189,7 @@ class Bench:
         if not results:
             return False
         latest = max(results, key=lambda r: r["metrics"]["step"])
-        path = latest["checkpoint"]["path"]
-        local = Path(storage.local_copy("s3://" + path if not path.startswith("s3://") else path))
+        local = Path(storage.local_copy(f"{run}/{latest['checkpoint_dir_name']}"))
         manifest = json.loads((local / "sdray_checkpoint.json").read_text())
         load_weights_only(local / "trainer_state.pt")
         return manifest["step"] == latest["metrics"]["step"]
