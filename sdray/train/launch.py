@@ -32,8 +32,8 @@ from sdray.data.pipeline import JobData, build_datasets
 from sdray.models.build import check_job, data_requirements
 from sdray.progress import Progress
 from sdray.spec import DiffusionJob
-from sdray.train.context import LocalContext, iterate
 from sdray.train import preemption
+from sdray.train.context import LocalContext, iterate
 from sdray.train.loop import train_worker
 from sdray.train.parallel import all_workers_have
 
@@ -267,9 +267,9 @@ def checkpoint_uri_of(checkpoint, job: DiffusionJob) -> str | None:
 
 
 @contextlib.contextmanager
-def preemption_notice(job: DiffusionJob, forward: Callable[[], None] | None = None):
+def preemption_notice(job: DiffusionJob):
     """While the body runs, SIGTERM to this process (the driver) asks the run to stop with a checkpoint
-    (``sdray.train.preemption``); ``forward`` passes the request on to workers in other processes."""
+    (``sdray.train.preemption``; ``run_job`` passes the request on to its workers through the board)."""
     if not job.spec.checkpoint.on_preemption:
         yield
         return
@@ -277,7 +277,7 @@ def preemption_notice(job: DiffusionJob, forward: Callable[[], None] | None = No
 
     preemption.reset()
     previous = signal.getsignal(signal.SIGTERM)
-    installed = preemption.install_signal_handler(forward)
+    installed = preemption.install_signal_handler()
     try:
         yield
     finally:

@@ -59,25 +59,26 @@ def reset() -> None:
     _reason.clear()
 
 
-def install_signal_handler(on_request: Callable[[], None] | None = None) -> bool:
+def install_signal_handler() -> bool:
     """Make SIGTERM a preemption request in this process (main thread only; returns False elsewhere).
     The first SIGTERM asks for a checkpointed stop; a second one runs the handler that was there before
-    (Ray's worker exits; Python's default ends the process), so a notice never makes a process unkillable."""
+    (Ray's worker exits; Python's default ends the process), so a notice never makes a process unkillable.
+    (A request that came another way, from the driver, does not count as the first SIGTERM.)"""
     if threading.current_thread() is not threading.main_thread():
         return False
     previous = signal.getsignal(signal.SIGTERM)
+    received: list[int] = []
 
     def handler(signum, frame):
-        if _requested.is_set():
+        if received:
             signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
             if callable(previous):
                 previous(signum, frame)
             else:
                 os.kill(os.getpid(), signal.SIGTERM)
             return
+        received.append(signum)
         request(f"SIGTERM to pid {os.getpid()}")
-        if on_request is not None:
-            on_request()
 
     signal.signal(signal.SIGTERM, handler)
     return True
