@@ -77,7 +77,11 @@ class PutWatch:
     def _accept(self):
         while True:
             client, _ = self.listener.accept()
-            upstream = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the server is down (an outage): the client sees its connection closed
+                client.close()
+                continue
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
 
     def _pipe(self, client, upstream):
