@@ -59,12 +59,11 @@ def test_a_run_resumes_on_more_then_fewer_workers(ray_session, digits_root, tmp_
     assert json.loads((out / "summary.json").read_text())["epoch"] == 0
 
 
-@pytest.mark.slow  # two 2-worker starts around a plain one, per strategy (~4 min each)
-@pytest.mark.parametrize("strategy", [{"strategy": "fsdp"}, {"strategy": "deepspeed", "deepspeed": {"zero_stage": 2}}],
-                         ids=["fsdp", "zero2"])
+@pytest.mark.slow  # two 2-worker FSDP starts around a plain one (~4-6 min)
+@pytest.mark.parametrize("strategy", [{"strategy": "fsdp"}], ids=["fsdp"])
 def test_sharded_checkpoints_resume_on_fewer_and_more_workers(ray_session, digits_root, tmp_path, strategy):
-    """FSDP (DCP reshards on load) and ZeRO-1/2 (DeepSpeed's elastic partitions): 2 workers → 1 process →
-    2 workers, each resuming the last one's checkpoint."""
+    """FSDP (DCP reshards on load): 2 workers → 1 process → 2 workers, each resuming the last one's
+    checkpoint. (DeepSpeed needs the same number of workers: ``strategies.deepspeed.EngineLayout``.)"""
     out = tmp_path / "out"
     doc = make_job("elastic", out, str(digits_root / "parquet"), data={"format": "parquet"},
                    train={"max_steps": 4, "batch_size": 8, "log_every_n_steps": 2},

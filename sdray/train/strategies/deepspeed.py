@@ -15,17 +15,14 @@ through ``checkpoint.load_weights_only``, not its own ``torch.load(weights_only=
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 import torch.distributed as dist
 
 from sdray.spec import DeepSpeedSpec, JobSpec
-from sdray.train.checkpoint import Layout, load_ema, load_weights_only, read_manifest, save_ema
+from sdray.train.checkpoint import Layout, load_ema, load_weights_only, save_ema
 from sdray.train.strategies.base import Strategy
-
-log = logging.getLogger("sdray.train")
 
 
 def settings(spec: JobSpec) -> DeepSpeedSpec:
@@ -54,10 +51,6 @@ def engine_config(spec: JobSpec, world_size: int) -> dict:
     """The DeepSpeed config of a job, from spec.train and spec.distributed.deepspeed."""
     train, ds = spec.train, settings(spec)
     zero: dict = {"stage": ds.zero_stage}
-    if ds.zero_stage in (1, 2):
-        # ZeRO-1/2 save their optimizer partitions so that a run on another number of workers can merge and
-        # re-split them (elastic resume); ZeRO-3's elastic format is gone from DeepSpeed (universal only).
-        zero["elastic_checkpoint"] = True
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_params:
@@ -157,13 +150,14 @@ ENGINE_TAG = "engine"  # the engine's subdirectory under deepspeed/
 class EngineLayout(Layout):
     """``deepspeed/``: the engine's own ``save_checkpoint`` files (module, every rank's ZeRO partition of the
     optimizer state, LR schedule), plus rank 0's ``ema.pt`` (the loop keeps EMA of full weights); resuming
-    needs the same ZeRO stage, and under ZeRO-3 the same world size (ZeRO-1/2 partitions are saved elastic:
-    DeepSpeed re-splits the fp32 weights for another number of workers; the optimizer's moments start
-    afresh then, as DeepSpeed 0.19.8 will not re-split them)."""
+    needs the same ZeRO stage and world size: DeepSpeed 0.19.8 does not re-split its optimizer partitions
+    for another number of workers, and its elastic format (``elastic_checkpoint``) cannot resume a torch
+    AdamW even on the same number (no saved step: an assertion in ``_restore_step_from_elastic_checkpoint``)."""
+
+    any_world_size = False
 
     def __init__(self, engine):
         self.engine = engine
-        self.any_world_size = engine.zero_optimization_stage() in (1, 2)
 
     def manifest(self):
         return {"format": "deepspeed", "zero_stage": self.engine.zero_optimization_stage()}
@@ -175,16 +169,7 @@ class EngineLayout(Layout):
             save_ema(directory, ema)
 
     def load(self, directory, *, trainable, optimizer, ema, trainer):
-        saved_world = (read_manifest(directory) or {}).get("world_size")
-        # DeepSpeed 0.19.8 re-splits the fp32 weights of an elastic ZeRO-1/2 checkpoint for another number
-        # of workers but refuses to re-split the optimizer's moments: those start afresh then.
-        same_world = saved_world in (None, dist.get_world_size())
-        if not same_world:
-            log.warning("checkpoint of %s workers resumed on %s under ZeRO-%s: weights, step and LR schedule "
-                        "restored, the optimizer's moments start afresh", saved_world, dist.get_world_size(),
-                        self.engine.zero_optimization_stage())
-        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag=ENGINE_TAG,
-                                              load_optimizer_states=same_world)
+        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag=ENGINE_TAG)
         if path is None:
             raise FileNotFoundError(f"{directory / 'deepspeed'}: the DeepSpeed engine found no checkpoint to load")
         load_ema(directory, ema)
