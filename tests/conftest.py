@@ -148,8 +148,10 @@ def _join_late_threads(known: set, timeout: float) -> None:
     pytest reports (seen once with every test passed). Threads still running then are left as they are."""
     deadline = time.monotonic() + timeout
     for thread in threading.enumerate():
-        if thread in known or thread is threading.current_thread() or type(thread).__name__ == "TMonitor":
-            continue  # (tqdm's monitor sleeps for the process's life)
+        if thread in known or thread is threading.current_thread() or type(thread).__name__ in ("TMonitor",
+                                                                                                   "_DummyThread"):
+            continue  # (tqdm's monitor sleeps for the process's life; a thread threading did not start, one of
+            # Arrow's or Ray's native threads that ran Python, cannot be joined)
         thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 

@@ -124,6 +124,7 @@ def test_train_joins_a_running_cluster_with_address_auto(ray_session, digits_roo
     assert "joins: done" in result.stdout
 
 
+@pytest.mark.slow  # an embedded Ray and a run (~60 s); the lines themselves: test_progress (test-time budget)
 def test_train_logs_progress_lines_when_stderr_is_no_terminal(digits_root, tmp_path):
     """kubectl logs, `sdray logs -f` and CI see a line per interval (here: every update), not an empty log."""
     doc = make_job("lines", tmp_path / "out", str(digits_root / "parquet"), data={"format": "parquet"},

@@ -26,6 +26,7 @@ def test_the_global_batch_is_kept_where_the_accumulation_divides_it(saved, now, 
     assert (note is None) if expected[1] is None else expected[1] in note
 
 
+@pytest.mark.slow  # a 2-worker Ray Train run between two plain ones (~130 s); the policy is unit-tested above
 def test_a_run_resumes_on_more_then_fewer_workers(ray_session, digits_root, tmp_path):
     """1 worker (a plain process) → 2 Ray Train workers → 1 again, each from the other's last checkpoint."""
     out = tmp_path / "out"
