@@ -17,6 +17,7 @@ This module sits at the bottom of sdray: it imports nothing of it.
 from __future__ import annotations
 
 import math
+import time
 from functools import cache
 from itertools import islice
 from typing import Any
@@ -219,8 +220,6 @@ class ProgressLines:
     latest value of each field (an update carries only what changed) and hands each line to ``write``."""
 
     def __init__(self, name: str, write, interval_s: float = 30.0, clock=None):
-        import time
-
         self.name = name
         self.write = write
         self.interval_s = interval_s

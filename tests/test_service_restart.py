@@ -36,6 +36,7 @@ class FakeRay:
         self.submitted: list[str] = []
         self.nodes: list = []
         self.node_lists = 0  # how often the node list was read
+        self.changed = threading.Event()  # a job's log or status changed (what a log follower waits for)
 
     def register(self, **resources: float) -> None:
         self.nodes.append(SimpleNamespace(resources_total=resources))
@@ -46,6 +47,11 @@ class FakeRay:
 
     def log(self, submission_id: str, line: str) -> None:
         self.logs[submission_id] = self.logs.get(submission_id, "") + line + "\n"
+        self.changed.set()
+
+    def finish(self, submission_id: str, status: str) -> None:
+        self.jobs[submission_id] = status
+        self.changed.set()
 
     def get_version(self) -> str:
         return "2.60.0"
@@ -62,26 +68,28 @@ class FakeRay:
     def get_job_info(self, submission_id: str):
         if submission_id not in self.jobs:
             raise RuntimeError(f"Request failed with status code 404: Job {submission_id} does not exist.")
-        return SimpleNamespace(status=SimpleNamespace(value=self.jobs[submission_id]), message="")
+        return SimpleNamespace(status=SimpleNamespace(value=self.jobs[submission_id]), message="",
+                               driver_exit_code=None)
 
     def get_job_logs(self, submission_id: str) -> str:
         return self.logs.get(submission_id, "")
 
     def stop_job(self, submission_id: str) -> bool:
-        self.jobs[submission_id] = "STOPPED"
+        self.finish(submission_id, "STOPPED")
         return True
 
     async def tail_job_logs(self, submission_id: str):
         """The log from its first line, then what it gains, until the job ends (Ray's log websocket)."""
         sent = 0
         while True:
+            self.changed.clear()  # (before reading: a change after the read sets it again)
             text = self.logs.get(submission_id, "")
             if len(text) > sent:
                 yield text[sent:]
                 sent = len(text)
             if self.jobs.get(submission_id) in FINAL:
                 return
-            await asyncio.sleep(0.05)  # the fake's own polling of its log, as Ray's websocket would push
+            await asyncio.to_thread(self.changed.wait, 1.0)  # until the log or the job changes
 
 
 @pytest.fixture
@@ -145,7 +153,7 @@ def test_a_restarted_service_follows_its_jobs_adopts_an_unrecorded_one_and_fails
         assert (kept["state"], kept["attempts"], kept["backend_handle"]) == ("running", 1, handle["kept"])
 
         ray.log(handle["kept"], "the last line")
-        ray.jobs[handle["kept"]] = "SUCCEEDED"
+        ray.finish(handle["kept"], "SUCCEEDED")
         wait_for(lambda: state("kept")["state"] == "succeeded", 30, "the kept job to succeed")
         reader.join(timeout=30)
         assert not reader.is_alive(), "the followed log ends when the job does"
