@@ -58,13 +58,13 @@ def job_doc(name: str, data_uri: str, out: Path, resolution: int, **train) -> di
 
 
 def ray_data_rate(job, tokenizers, batch_size: int, epochs: int) -> list[float]:
-    data = build_datasets(job.spec, resolution=job.spec.model.resolution, tokenizers=tokenizers)
     rates = []
-    for _ in range(epochs):
-        start, n = time.perf_counter(), 0
-        for batch in iterate(data.train, batch_size=batch_size, shuffle=True):
-            n += len(batch["key"])
-        rates.append(n / (time.perf_counter() - start))
+    with build_datasets(job.spec, resolution=job.spec.model.resolution, tokenizers=tokenizers) as data:
+        for _ in range(epochs):
+            start, n = time.perf_counter(), 0
+            for batch in iterate(data.train, batch_size=batch_size, shuffle=True):
+                n += len(batch["key"])
+            rates.append(n / (time.perf_counter() - start))
     return rates
 
 

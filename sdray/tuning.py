@@ -168,11 +168,8 @@ def _finite(value: float, mode: str) -> float:
 def run_trial(config: dict, *, job_doc: dict) -> None:
     """The Tune function trainable: one Ray Train run of the job with ``config``'s values."""
     import ray.tune
-    from ray.tune import Checkpoint
-    from ray.util.queue import Queue
 
-    from sdray.train.launch import TrainingFailed, checkpoint_uri_of, finish_summary, prepare_data, torch_trainer, \
-        worker_error
+    from sdray.train.launch import prepare_data
 
     job = parse_job(job_doc)
     tune_spec = job.spec.tune
@@ -187,7 +184,18 @@ def run_trial(config: dict, *, job_doc: dict) -> None:
         resume_from = pointer["checkpoint"]
         copied_from = pointer["trial"] if pointer["trial"] != trial_id else pointer.get("copied_from")
     trial = trial_job(job, config, trial_id, resume_from)
-    data = prepare_data(trial)
+    with prepare_data(trial) as data:
+        _fit_trial(trial, data, tune_spec, trial_id, copied_from, pointer, config)
+
+
+def _fit_trial(trial: DiffusionJob, data, tune_spec, trial_id: str, copied_from, pointer, config: dict) -> None:
+    """``run_trial``'s Ray Train run of ``trial`` on ``data``, its results reported to Tune as they come."""
+    import ray.tune
+    from ray.tune import Checkpoint
+    from ray.util.queue import Queue
+
+    from sdray.train.launch import TrainingFailed, checkpoint_uri_of, finish_summary, torch_trainer, worker_error
+
     channel = Queue(actor_options={"num_cpus": 0})
     trainer = torch_trainer(trial, data, callbacks=[_callback(channel)])
     outcome: dict = {}

@@ -141,10 +141,11 @@ def _kind(key: str) -> str:
     return key.rsplit("/", 1)[-1].split("_")[0]
 
 
-def test_pipeline_batches_hold_one_bucket_and_sdxl_gets_the_crop(ray_session, mixed_aspect_root, tmp_path):
+def test_pipeline_batches_hold_one_bucket_and_sdxl_gets_the_crop(ray_session, mixed_aspect_root, tmp_path, request):
     spec = parse_job(bucketed_job("pipe", tmp_path, mixed_aspect_root, data={"validation_fraction": 0.2})).spec
     resolution, tokenizers = data_requirements(spec.model)
     data = build_datasets(spec, resolution=resolution, tokenizers=tokenizers)
+    request.addfinalizer(data.close)
     seen = set()
     for batch in iterate(data.train, batch_size=4, shuffle=True, bucketed=True):
         target = tuple(batch["target_size"][0].tolist())
@@ -311,7 +312,7 @@ def test_a_bucketed_cache_holds_each_image_at_its_bucket_as_online_encoding_does
 
 
 @pytest.mark.slow  # precompute and a Ray Train run (~40 s)
-def test_training_on_a_bucketed_cache_batches_by_bucket_and_validates_by_shape(bucketed_cache, tmp_path):
+def test_training_on_a_bucketed_cache_batches_by_bucket_and_validates_by_shape(bucketed_cache, tmp_path, request):
     from sdray.train.context import LocalContext
     from sdray.train.loop import Trainer
 
@@ -322,6 +323,7 @@ def test_training_on_a_bucketed_cache_batches_by_bucket_and_validates_by_shape(b
                                 validation={"every_n_steps": 3, "max_batches": 4},
                                 checkpoint={"every_n_steps": 9}))
     data = build_datasets(job.spec, resolution=32)
+    request.addfinalizer(data.close)
     ctx = LocalContext(train=data.train, validation=data.validation, batch_size=8, shuffle=True,
                        run_dir=tmp_path / "ckpt", keep_last=1, bucketed=True)
     trainer = Trainer(job, ctx)

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_job
+from conftest import make_job, wait_for
 
 from sdray import storage
 from sdray.data.augment import Preprocess, in_validation_split
@@ -21,9 +21,9 @@ def job_spec(uri, fmt="imagefolder", **data):
 
 
 def read_all(spec, tokenizer=None):
-    data = build_datasets(spec, resolution=16, tokenizers=[tokenizer] if tokenizer else [])
-    rows = data.train.take_all()
-    return data, rows
+    with build_datasets(spec, resolution=16, tokenizers=[tokenizer] if tokenizer else []) as data:
+        rows = data.train.take_all()
+    return data, rows  # closed: its skip count stays readable
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -57,6 +57,27 @@ def test_wrong_s3_keys_fail_clearly(ray_session, digits_s3, tmp_path, monkeypatc
     monkeypatch.setenv("SDRAY_SECRETS_DIR", str(tmp_path / "secrets"))
     with pytest.raises(DataError, match=f"{digits_s3}/parquet"):
         read_all(job_spec(f"{digits_s3}/parquet", "parquet", credentials_secret="bad"))
+
+
+def live_skip_counters() -> int:
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", "SkipCounter"), ("state", "=", "ALIVE")]))
+
+
+def test_closed_datasets_end_their_skip_counter_also_when_the_data_is_refused(ray_session, digits_root, tmp_path):
+    """The counter is an actor (a worker process): one left per dataset built piled up to dozens of processes
+    in a test session and starved Ray Data of workers (a CI run hung in ``take``)."""
+    before = live_skip_counters()
+    with build_datasets(job_spec(str(digits_root / "parquet"), "parquet"), resolution=16) as data:
+        assert data.train.take(1)
+        wait_for(lambda: live_skip_counters() == before + 1, 30, "the dataset's skip counter")
+    wait_for(lambda: live_skip_counters() == before, 30, "the closed dataset's counter to end")
+    assert data.skipped() == 0  # the count outlives the actor
+    write_dataset(str(tmp_path / "junk"), [b"junk"] * 3, ["x"] * 3, "imagefolder")
+    with pytest.raises(DataError, match=r"no readable image .*\(3 unreadable"):
+        build_datasets(job_spec(str(tmp_path / "junk")), resolution=16)
+    wait_for(lambda: live_skip_counters() == before, 30, "the refused dataset's counter to end")
 
 
 def test_named_secret_supplies_credentials(ray_session, digits_s3, seaweed, tmp_path, monkeypatch):
@@ -110,9 +131,9 @@ def test_missing_dataset_and_bad_columns_fail_clearly(ray_session, tmp_path, dig
 
 def test_validation_split_is_stable_and_disjoint(ray_session, digits_root):
     spec = job_spec(str(digits_root / "imagefolder"), validation_fraction=0.2)
-    data = build_datasets(spec, resolution=16)
-    train = {r["key"] for r in data.train.take_all()}
-    val = {r["key"] for r in data.validation.take_all()}
+    with build_datasets(spec, resolution=16) as data:
+        train = {r["key"] for r in data.train.take_all()}
+        val = {r["key"] for r in data.validation.take_all()}
     assert not train & val and len(train | val) == 400
     assert 40 <= len(val) <= 120
     assert all(in_validation_split(k, 0.2) for k in val)
@@ -134,13 +155,14 @@ def test_augmentation_random_crop_and_flip():
 
 
 @pytest.mark.slow  # a 2-worker Ray Train run (~30 s)
-def test_shards_are_disjoint_across_workers(ray_session, digits_root, tmp_path):
+def test_shards_are_disjoint_across_workers(ray_session, digits_root, tmp_path, request):
     """Two Ray Train workers each see a disjoint share of one epoch, together all of it."""
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     spec = job_spec(str(digits_root / "webdataset"), "webdataset")
     data = build_datasets(spec, resolution=16)
+    request.addfinalizer(data.close)
     out = tmp_path / "keys"
     out.mkdir()
 

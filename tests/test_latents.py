@@ -102,13 +102,14 @@ def test_precompute_writes_a_manifest_and_the_latents_online_encoding_computes(s
 
 
 @pytest.mark.slow  # precompute and a Ray Train run (~55 s); test_families trains on a cache in-process
-def test_training_on_the_cache_builds_no_encoders_lowers_the_loss_and_exports(s3_cache, tmp_path):
+def test_training_on_the_cache_builds_no_encoders_lowers_the_loss_and_exports(s3_cache, tmp_path, request):
     out = tmp_path / "out"
     job = parse_job(latents_job(
         "on-cache", out, s3_cache, data={"random_flip": True, "validation_fraction": 0.1},
         train={"max_steps": 40, "batch_size": 16, "learning_rate": 2e-3, "log_every_n_steps": 5},
         checkpoint={"every_n_steps": 40}, validation={"prompts": ["a handwritten digit 3"], "num_inference_steps": 2}))
     data = build_datasets(job.spec, resolution=16)
+    request.addfinalizer(data.close)
     ctx = LocalContext(train=data.train, validation=data.validation, batch_size=16, shuffle=True,
                        run_dir=tmp_path / "ckpt", keep_last=1)
     trainer = Trainer(job, ctx)
@@ -169,7 +170,7 @@ def test_cli_refuses_a_stale_or_missing_cache_in_one_line(s3_cache, tmp_path):
         run_in_process(parse_job(doc))
 
 
-def test_precompute_skips_and_counts_corrupt_images(ray_session, tmp_path):
+def test_precompute_skips_and_counts_corrupt_images(ray_session, tmp_path, request):
     n_good, n_bad = corrupt_dataset(tmp_path / "data")
     job = parse_job(make_job("corrupt", tmp_path / "out", str(tmp_path / "data")))
     manifest = precompute(job, str(tmp_path / "cache"))
@@ -177,6 +178,7 @@ def test_precompute_skips_and_counts_corrupt_images(ray_session, tmp_path):
     assert manifest["uri"] == str(tmp_path / "cache")
     cached = parse_job(latents_job("corrupt", tmp_path / "out", str(tmp_path / "cache"))).spec
     data = build_datasets(cached, resolution=16)
+    request.addfinalizer(data.close)
     assert data.train.count() == n_good and data.skipped() == n_bad  # the run's summary reports them
     with pytest.raises(DataError, match="is not empty; .* --overwrite"):
         precompute(job, str(tmp_path / "cache"))

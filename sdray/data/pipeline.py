@@ -60,6 +60,21 @@ class JobData:
             return self.cached_skips
         return ray.get(self.skip_counter.count.remote())
 
+    def close(self) -> None:
+        """End the skip counter, keeping its count. It is an actor (a worker process) that the datasets'
+        reference cycles would otherwise keep alive until a garbage collection happens to find them: one
+        per dataset built, piling up in a process that builds many (a test session, a notebook)."""
+        if self.skip_counter is not None:
+            self.cached_skips = self.skipped()
+            ray.kill(self.skip_counter)
+            self.skip_counter = None
+
+    def __enter__(self) -> "JobData":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _cache_rows(spec: JobSpec) -> tuple[ray.data.Dataset, int]:
     manifest = check_cache(spec)
@@ -73,7 +88,7 @@ def _cache_rows(spec: JobSpec) -> tuple[ray.data.Dataset, int]:
 
 def build_datasets(spec: JobSpec, *, resolution: int, tokenizers=()) -> JobData:
     """Lazy train/validation datasets for ``spec.data``; fails early with a clear error when the data
-    cannot be read or holds no readable image."""
+    cannot be read or holds no readable image. Close the result (or use it in ``with``) when done."""
     quiet_ray_data()
     retry_storage_faults()
     data = spec.data
@@ -107,18 +122,21 @@ def build_datasets(spec: JobSpec, *, resolution: int, tokenizers=()) -> JobData:
 
     train = side(False)
     validation = side(True) if frac > 0 else None
+    job_data = JobData(train, validation, counter, cached_skips)
     try:
         first = train.take(1)
     except Exception as exc:  # a reader failing on the storage itself (missing bucket, refused keys)
+        job_data.close()
         raise DataError(f"spec.data.uri: cannot read {data.uri}: {_root_cause(exc)}") from None
     if not first:
-        skipped = ray.get(counter.count.remote()) if counter is not None else cached_skips
+        job_data.close()
+        skipped = job_data.skipped()
         raise DataError(
             f"spec.data.uri: no readable image in {data.uri} ({skipped} unreadable or corrupt files skipped"
             + (f"; validation_fraction={data.validation_fraction} left none for training" if not skipped else "")
             + ")"
         )
-    return JobData(train, validation, counter, cached_skips)
+    return job_data
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -159,6 +159,17 @@ def precompute(job: DiffusionJob, out: str | None = None, *, batch_size: int = 6
     quiet_ray_data()
     ray.data.DataContext.get_current().enable_progress_bars = progress
     counter = SkipCounter.remote()
+    try:
+        return _encode_and_write(spec, out, counter, resolution, tokenizers, fingerprints, start, progress=progress,
+                                 batch_size=batch_size, concurrency=concurrency, dtype=dtype)
+    finally:
+        ray.kill(counter)  # its worker process would otherwise live as long as this one
+
+
+def _encode_and_write(spec, out, counter, resolution, tokenizers, fingerprints, start, *, progress, batch_size,
+                      concurrency, dtype) -> dict:
+    """``precompute``'s Ray Data run: encode every readable image and write the cache and its manifest."""
+    settings = spec.data_s3
     transform = dict(resolution=resolution, resize=spec.data.resize, crop="center", random_flip=False,
                      tokenizers=tokenizers, skip_counter=counter)
     if spec.data.bucketed:  # each image at its bucket's shape; the manifest records the bucket settings

@@ -292,34 +292,39 @@ def run_job(job: DiffusionJob, *, address: str | None = None,
     ``succeeded``, or ``preempted`` when the driver or a worker got SIGTERM and the run stopped at a
     checkpoint)."""
     with ray_cluster(job, address, log_to_driver=worker_logs):
-        data = prepare_data(job)
-        board = ProgressBoard.remote()
-        trainer = torch_trainer(job, data, board=board, preemptible=job.spec.checkpoint.on_preemption)
-        done = threading.Event()
+        with prepare_data(job) as data:
+            return _fit(job, data, on_progress)
 
-        def watch():
-            told = False
-            while not done.wait(0.5):
-                if preemption.requested() and not told:
-                    board.request_stop.remote()
-                    told = True
-                if on_progress is not None and (progress := ray.get(board.get.remote())) is not None:
-                    on_progress(progress)
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        try:
-            with preemption_notice(job):
-                result = trainer.fit()
-        except Exception as exc:  # Ray Train's TrainingFailedError wraps the worker's exception
-            raise TrainingFailed(worker_error(exc)) from None
-        finally:
-            done.set()
-            watcher.join()
-        if on_progress is not None and (last := ray.get(board.get.remote())) is not None:
-            on_progress(last)
-        return finish_summary(job, data, {"checkpoint": checkpoint_uri_of(result.checkpoint, job),
-                                           "run": run_name(job)})
+def _fit(job: DiffusionJob, data: JobData, on_progress: Callable[[Progress], None] | None) -> dict:
+    """``run_job``'s Ray Train run of ``job`` on ``data``."""
+    board = ProgressBoard.remote()
+    trainer = torch_trainer(job, data, board=board, preemptible=job.spec.checkpoint.on_preemption)
+    done = threading.Event()
+
+    def watch():
+        told = False
+        while not done.wait(0.5):
+            if preemption.requested() and not told:
+                board.request_stop.remote()
+                told = True
+            if on_progress is not None and (progress := ray.get(board.get.remote())) is not None:
+                on_progress(progress)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with preemption_notice(job):
+            result = trainer.fit()
+    except Exception as exc:  # Ray Train's TrainingFailedError wraps the worker's exception
+        raise TrainingFailed(worker_error(exc)) from None
+    finally:
+        done.set()
+        watcher.join()
+    if on_progress is not None and (last := ray.get(board.get.remote())) is not None:
+        on_progress(last)
+    return finish_summary(job, data, {"checkpoint": checkpoint_uri_of(result.checkpoint, job),
+                                       "run": run_name(job)})
 
 
 def worker_error(exc: BaseException) -> str:
@@ -337,8 +342,7 @@ def run_in_process(job: DiffusionJob, *, device: str | None = None, num_threads:
     spec = job.spec
     if storage.is_s3(spec.checkpoint_uri):
         raise ValueError("spec.checkpoint.uri: a plain-process run keeps checkpoints on a local path")
-    with ray_cluster(job):
-        data = prepare_data(job)
+    with ray_cluster(job), prepare_data(job) as data:
         ctx = LocalContext(
             train=data.train, validation=data.validation, batch_size=spec.train.batch_size,
             shuffle=spec.data.shuffle, run_dir=Path(spec.checkpoint_uri) / run_name(job),
