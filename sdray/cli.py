@@ -6,6 +6,7 @@ are wrong; 1: the run failed), never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -337,10 +338,11 @@ def precompute(
     from sdray.data.precompute import precompute as encode
     from sdray.train.launch import ray_cluster
 
+    lines = None if err.is_terminal else _progress_display(f"{doc.metadata.name}: precompute", None, ())
     try:
-        with ray_cluster(doc, address, log_to_driver=False):
+        with ray_cluster(doc, address, log_to_driver=False), lines[0] if lines else contextlib.nullcontext():
             manifest = encode(doc, out_uri, batch_size=batch_size, concurrency=concurrency, dtype=dtype,
-                              overwrite=overwrite, progress=err.is_terminal)
+                              overwrite=overwrite, progress=err.is_terminal, on_progress=lines[1] if lines else None)
     except run.expected_errors() as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"{doc.metadata.name}: latent cache written", show_header=False, title_justify="left")

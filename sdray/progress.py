@@ -140,6 +140,8 @@ class Progress(BaseModel):
     checkpoint: str | None = Field(default=None, description="URI of the last checkpoint (at the end of a run).")
     sample: str | None = Field(default=None, description="URI of the last sample grid.")
     output: str | None = Field(default=None, description="Where the run's outputs go.")
+    # a data job (sdray data precompute)
+    images_done: int | None = Field(default=None, description="Images a data job has processed so far.")
     # a search
     best: float | None = Field(default=None, description="The best metric of a search so far.")
     trials_ended: int | None = Field(default=None, description="Trials of a search that have ended.")
@@ -255,6 +257,12 @@ class ProgressLines:
                 parts.append(f"{sum(t.get('state') == 'RUNNING' for t in p['trials'])} running")
             if "best" in p:
                 parts.append(f"best {p['best']:.4g}")
+        if "images_done" in p:
+            parts.append(f"{p['images_done']} images encoded")
+            if p.get("skipped_images"):
+                parts.append(f"{p['skipped_images']} skipped")
+            rate = p["images_done"] / max(self.clock() - self.started, 1e-9)
+            parts.append(f"{rate:.1f} img/s")
         if "step" in p:
             total = p.get("max_steps")
             parts.append(f"step {p['step']}/{total}" if total else f"step {p['step']}")

@@ -65,9 +65,13 @@ def s3_cache(ray_session, seaweed, digits_s3, tmp_path_factory):
                    data={"format": "webdataset", "random_flip": True})
     path = root / "job.yaml"
     path.write_text(yaml.safe_dump(doc))
-    result = runner.invoke(app, ["data", "precompute", str(path), "--out", CACHE, "--batch-size", "50"])
+    result = runner.invoke(app, ["data", "precompute", str(path), "--out", CACHE, "--batch-size", "50"],
+                           env={"SDRAY_PROGRESS_INTERVAL": "0"})
     assert result.exit_code == 0, result.output
     assert "latent cache written" in result.output and "400" in result.output
+    # not a terminal (a log, kubectl logs): progress lines on stderr, the last one at the end
+    lines = [line for line in result.stderr.splitlines() if "images encoded" in line]
+    assert lines and lines[-1].startswith("digits-pre: precompute | 400 images encoded"), result.stderr
     return CACHE
 
 

@@ -22,7 +22,7 @@ SERVICE_FIELDS = {
     "images_per_s": float, "step_s": float, "data_wait_s": float, "data_wait_share": float,
     "checkpoint_step": int, "checkpoint_s": float, "checkpoint": str, "gpu_memory_bytes": int,
     "skipped_images": int, "images_seen": int, "elapsed_s": float, "sample": str, "output": str,
-    "best": float, "trials_ended": int, "trials_total": int,
+    "best": float, "trials_ended": int, "trials_total": int, "images_done": int,
 }
 
 

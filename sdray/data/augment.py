@@ -19,13 +19,21 @@ from sdray.data.buckets import Bucket, nearest_bucket
 
 @ray.remote(num_cpus=0)
 class SkipCounter:
-    """Collects the keys of unreadable images."""
+    """Collects the keys of unreadable images, and counts the rows a data job has finished (its progress)."""
 
     def __init__(self):
         self.keys: set[str] = set()
+        self.done = 0
 
     def add(self, keys: list[str]) -> None:
         self.keys.update(keys)
+
+    def add_done(self, rows: int) -> None:
+        self.done += rows
+
+    def progress(self) -> tuple[int, int]:
+        """(rows done, unreadable images skipped)."""
+        return self.done, len(self.keys)
 
     def count(self) -> int:
         return len(self.keys)

@@ -17,8 +17,11 @@ per group, and the rows keep their bucket as ``target_size``, which training reg
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import version
 
@@ -40,6 +43,7 @@ from sdray.data.pipeline import quiet_ray_data
 from sdray.models.build import build_components, check_job, data_requirements, frozen_fingerprints
 from sdray.models.conditioning import encode_prompts, token_ids, unconditional_prompts
 from sdray.models.encoding import LATENT_DIST, LATENT_DIST_FLIPPED, latent_distribution
+from sdray.progress import Progress
 from sdray.spec import DiffusionJob, JobSpec, ModelSpec, S3Settings
 
 DTYPES = ("float32", "float16")
@@ -49,8 +53,9 @@ class Encode:
     """A Ray Data actor: Preprocess rows (pixels, token ids, sizes) → latent-cache rows."""
 
     def __init__(self, *, model: ModelSpec, s3: S3Settings, seed: int, flip: bool, dtype: str, use_gpu: bool,
-                 threads: int):
+                 threads: int, counter=None):
         torch.set_num_threads(threads)
+        self.counter = counter  # told each batch's size: the driver's progress
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.comps = build_components(model, s3=s3, seed=seed, denoiser=False)
         for frozen in self.comps.frozen_modules().values():
@@ -62,6 +67,8 @@ class Encode:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pa.Table:
         if len(batch["key"]) == 0:  # (Ray 2.60 drops empty blocks before this step; nothing to encode)
             return {}
+        if self.counter is not None:
+            self.counter.add_done.remote(len(batch["key"]))
         out = {"key": batch["key"], **self.latents(batch)}
         ids = {k: torch.from_numpy(v) for k, v in token_ids(self.comps, batch).items()}
         out.update({k: self.to_numpy(v) for k, v in encode_prompts(self.comps, ids, device=self.device).items()})
@@ -142,9 +149,11 @@ def _count_rows(out: str, settings: S3Settings) -> tuple[list[str], int]:
 
 
 def precompute(job: DiffusionJob, out: str | None = None, *, batch_size: int = 64, concurrency: int | None = None,
-               dtype: str = "float32", overwrite: bool = False, progress: bool = False) -> dict:
+               dtype: str = "float32", overwrite: bool = False, progress: bool = False,
+               on_progress: Callable[[Progress], None] | None = None) -> dict:
     """Encode ``job``'s dataset into a latent cache at ``out`` (default ``<data.uri>-latents``), on the
-    current Ray cluster; returns the manifest written."""
+    current Ray cluster; returns the manifest written. ``progress``: Ray Data's bars (a terminal);
+    ``on_progress`` gets the images encoded so far (``images_done``, ``skipped_images``) every second."""
     spec = job.spec
     out = out or default_destination(spec)
     if dtype not in DTYPES:
@@ -160,13 +169,40 @@ def precompute(job: DiffusionJob, out: str | None = None, *, batch_size: int = 6
     ray.data.DataContext.get_current().enable_progress_bars = progress
     counter = SkipCounter.remote()
     try:
-        return _encode_and_write(spec, out, counter, resolution, tokenizers, fingerprints, start, progress=progress,
-                                 batch_size=batch_size, concurrency=concurrency, dtype=dtype)
+        with _reporting(counter, on_progress):
+            return _encode_and_write(spec, out, counter, resolution, tokenizers, fingerprints, start,
+                                     batch_size=batch_size, concurrency=concurrency, dtype=dtype)
     finally:
         ray.kill(counter)  # its worker process would otherwise live as long as this one
 
 
-def _encode_and_write(spec, out, counter, resolution, tokenizers, fingerprints, start, *, progress, batch_size,
+@contextlib.contextmanager
+def _reporting(counter, on_progress: Callable[[Progress], None] | None, interval_s: float = 1.0):
+    """While the body runs, hand ``on_progress`` the counter's state every ``interval_s`` s, and once at the end."""
+    if on_progress is None:
+        yield
+        return
+    done = threading.Event()
+
+    def report() -> None:
+        images, skipped = ray.get(counter.progress.remote())
+        on_progress(Progress(images_done=images, skipped_images=skipped))
+
+    def poll() -> None:
+        while not done.wait(interval_s):
+            report()
+
+    thread = threading.Thread(target=poll, daemon=True, name="sdray-precompute-progress")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    report()
+
+
+def _encode_and_write(spec, out, counter, resolution, tokenizers, fingerprints, start, *, batch_size,
                       concurrency, dtype) -> dict:
     """``precompute``'s Ray Data run: encode every readable image and write the cache and its manifest."""
     settings = spec.data_s3
@@ -186,7 +222,7 @@ def _encode_and_write(spec, out, counter, resolution, tokenizers, fingerprints, 
         Encode, batch_format="numpy", batch_size=batch_size,
         fn_constructor_kwargs={"model": spec.model, "s3": spec.storage, "seed": spec.train.seed,
                                "flip": spec.data.random_flip, "dtype": dtype, "use_gpu": use_gpu,
-                               "threads": max(1, int(spec.distributed.cpus_per_worker))},
+                               "threads": max(1, int(spec.distributed.cpus_per_worker)), "counter": counter},
         compute=ray.data.ActorPoolStrategy(size=concurrency or spec.distributed.num_workers),
         num_cpus=spec.distributed.cpus_per_worker, num_gpus=1 if use_gpu else None)
     fs, path = storage.filesystem(out, settings)
