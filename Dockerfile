@@ -14,9 +14,10 @@ WORKDIR /src
 RUN pip install --no-cache-dir build==1.2.2.post1
 COPY pyproject.toml README.md ./
 COPY sdray ./sdray
+# (the dependencies and the tracking extra: the image's jobs may turn MLflow or W&B on)
 RUN python -m build --wheel --outdir /dist \
- && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-      > /dist/requirements.txt
+ && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['tracking']))" > /dist/requirements.txt
 
 # -- the two runtime bases: each says where its torch build comes from -------------------------------------
 FROM ${PYTHON_IMAGE} AS base-cpu

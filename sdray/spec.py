@@ -581,6 +581,51 @@ class OutputSpec(_Strict):
     uri: str = Field(description="Where the final model, sample grids and metrics go (local or s3://).")
 
 
+class MLflowTracking(_Strict):
+    enabled: bool | None = Field(
+        default=None, description="null: on when MLFLOW_TRACKING_URI is set in the job's environment (the Ray "
+        "containers', e.g. through cluster.env), as MLflow's own clients do.")
+    tracking_uri: str | None = Field(
+        default=None, max_length=2048, description="The MLflow tracking server (http(s)://…) or store "
+        "(sqlite:///…); default: MLFLOW_TRACKING_URI. A tenant may name only the servers its policy lists "
+        "(rule tracking_uris).")
+    experiment: str | None = Field(
+        default=None, min_length=1, max_length=500,
+        description="Default: MLFLOW_EXPERIMENT_NAME, else the job's metadata.name (a search's trials: the search's).")
+
+
+class TensorBoardTracking(_Strict):
+    enabled: bool = Field(
+        default=True, description="Event files under <output.uri>/tensorboard (object storage included), "
+        "uploaded at every report flush and at the end.")
+
+
+class WandbTracking(_Strict):
+    enabled: bool | None = Field(
+        default=None, description="null: on when WANDB_API_KEY is set, or WANDB_MODE is offline, in the job's "
+        "environment.")
+    project: str | None = Field(default=None, max_length=128, description="Default: WANDB_PROJECT, else sdray.")
+    entity: str | None = Field(default=None, max_length=128, description="Default: WANDB_ENTITY (W&B's own default).")
+    mode: Literal["online", "offline"] | None = Field(
+        default=None, description="Default: WANDB_MODE, else online. Offline runs are copied to <output.uri>/wandb "
+        "for a later `wandb sync`.")
+    tags: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=20)
+
+
+class TrackingSpec(_Strict):
+    """Experiment tracking of rank 0: the metrics of metrics.jsonl, the job document as parameters, the
+    sample grids as images, the exported pipeline's URI and the run's outcome. A tracker that fails (a
+    server down) is logged, counted in summary.json and dropped; training goes on."""
+
+    mlflow: MLflowTracking = Field(default_factory=MLflowTracking)
+    tensorboard: TensorBoardTracking = Field(default_factory=TensorBoardTracking)
+    wandb: WandbTracking = Field(default_factory=WandbTracking)
+    group: str | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="Runs that belong together (MLflow: children of a parent run of this name; W&B: the group). "
+        "A search's trials get the search's metadata.name.")
+
+
 class Distribution(_Strict):
     """One search dimension: exactly one of the four keys."""
 
@@ -805,6 +850,8 @@ class JobSpec(_Strict):
     cluster: ClusterSpec = Field(
         default_factory=ClusterSpec, description="Kubernetes settings: image, Kueue queue, pod resources, placement."
     )
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment tracking: MLflow, TensorBoard, Weights & Biases.")
 
     @field_validator("stage", mode="before")
     @classmethod

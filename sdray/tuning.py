@@ -38,6 +38,7 @@ from ray.tune import Callback
 from sdray import storage
 from sdray.progress import Progress, Trial
 from sdray.spec import DiffusionJob, TuneSpec, parse_job
+from sdray.train.tracking import open_group
 
 POINTER = "sdray_train_checkpoint.json"
 
@@ -133,6 +134,8 @@ def trial_job(job: DiffusionJob, params: dict[str, Any], trial_id: str, resume_f
     if job.spec.tune.scheduler.name == "pbt":  # a weaker trial may copy any of them later: keep them all
         spec["checkpoint"]["keep_last"] = job.spec.train.max_steps // job.spec.checkpoint.every_n_steps + 1
     spec.setdefault("validation", {})["prompts"] = []  # no sample grids per trial: the best is exported once
+    tracking = spec.setdefault("tracking", {})
+    tracking.setdefault("group", job.spec.tracking.group or job.metadata.name)  # the trials of one search together
     return parse_job(doc, f"trial {trial_id}")
 
 
@@ -498,6 +501,7 @@ def run_search(job: DiffusionJob, *, address: str | None = None, resume: bool | 
     # Trials report at every checkpoint, and Tune snapshots the experiment each time; its warning about
     # frequent snapshots is expected here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    open_group(job)  # the search's MLflow parent run, before its trials look for it
     with ray_cluster(job, address, log_to_driver=worker_logs):
         tuner = _tuner(job, restore=resume, on_progress=on_progress)
         grid = tuner.fit()

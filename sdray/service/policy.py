@@ -18,6 +18,7 @@ refused with 403, naming the field and the rule that refused it. Admin tokens by
       priority_classes: []
       queues: []             # Kueue LocalQueues; []: the namespace's default queue
       env: []                # names of cluster.env variables
+      tracking_uris: []      # MLflow servers tracking.mlflow.tracking_uri may name; []: the environment's only
       node_selectors: []     # "key=value" or "key=*" pairs of cluster.node_selector
       tolerations: []        # taint keys cluster.tolerations may name
       resources: [CPU, GPU, memory]  # Ray resource names resources_per_worker may ask for
@@ -78,6 +79,9 @@ class TenantPolicy(BaseModel):
     priority_classes: list[DNS_NAME] = Field(default_factory=list, description="cluster.priority_class values.")
     queues: list[DNS_NAME] = Field(default_factory=list, description="cluster.queue values (Kueue LocalQueues).")
     env: list[str] = Field(default_factory=list, description="Names of cluster.env variables the job may set.")
+    tracking_uris: list[str] = Field(
+        default_factory=list, description="MLflow tracking URIs tracking.mlflow.tracking_uri may name; []: only the "
+        "environment's own (MLFLOW_TRACKING_URI): leave the field out.")
     node_selectors: list[str] = Field(
         default_factory=list, description="cluster.node_selector pairs as key=value, or key=* for any value.")
     tolerations: list[str] = Field(default_factory=list, description="Taint keys cluster.tolerations may tolerate.")
@@ -197,6 +201,7 @@ _FIELDS: list[tuple[str, str]] = [
     ("cluster.priority_class", "priority_classes"),
     ("cluster.queue", "queues"),
     ("cluster.env", "env"),
+    ("tracking.mlflow.tracking_uri", "tracking_uris"),
     ("cluster.node_selector", "node_selectors"),
     ("cluster.tolerations", "tolerations"),
     ("distributed.resources_per_worker", "resources"),
@@ -301,6 +306,14 @@ def _endpoint_rule(allowed: TenantPolicy, value: Any) -> str | None:
     return f"endpoint {value!r} is not allowed for this tenant (allowed: {shown}); the job's credentials would go there"
 
 
+def _tracking_uri_rule(allowed: TenantPolicy, value: Any) -> str | None:
+    if _endpoint_key(str(value)) in {_endpoint_key(u) for u in allowed.tracking_uris}:
+        return None
+    shown = allowed.tracking_uris or "only the environment's MLFLOW_TRACKING_URI: leave the field out"
+    return (f"MLflow tracking URI {value!r} is not allowed for this tenant (allowed: {shown}); the run's parameters "
+            "and metrics would go there")
+
+
 def _node_selector_rule(allowed: TenantPolicy, value: Any) -> str | None:
     key, val = value
     if f"{key}={val}" in allowed.node_selectors or f"{key}=*" in allowed.node_selectors:
@@ -319,6 +332,7 @@ def _toleration_rule(allowed: TenantPolicy, value: Any) -> str | None:
 _RULES: dict[str, Rule] = {
     "uri": _uri_rule,
     "endpoints": _endpoint_rule,
+    "tracking_uris": _tracking_uri_rule,
     "secrets": _listed("secret", "secrets"),
     "service_accounts": _listed("ServiceAccount", "service_accounts"),
     "images": _listed("image", "images"),

@@ -41,6 +41,7 @@ from sdray.train.preemption import Preemption
 from sdray.train.parallel import in_lockstep, mean_across_workers, sum_counts_across_workers
 from sdray.train.strategies import strategy_for
 from sdray.train.reporting import RunReport, image_grid, tensor_to_images
+from sdray.train.tracking import open_trackers
 from sdray.train.trainable import Trainable
 
 log = logging.getLogger("sdray.train")
@@ -127,7 +128,8 @@ class Trainer:
         self._val_set: list[dict] | None = None
         self._val_measured: tuple[int | None, float | None] = (None, None)
         self._restore()
-        self.report = RunReport(spec.output.uri, spec.storage, self.state.step) if self.is_main else None
+        self.report = RunReport(spec.output.uri, spec.storage, self.state.step,
+                                trackers=open_trackers(job, job.metadata.name, self.state.step)) if self.is_main else None
 
     def _with_encoders(self) -> Components:
         """The components with the VAE, tokenizers and text encoders, built on first use when training
@@ -258,6 +260,14 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        except BaseException:
+            if self.is_main and self.report is not None:
+                self.report.finish_tracking("failed", self._summary({}, "failed"))
+            raise
+
+    def _run(self) -> dict:
         cfg = self.cfg
         accum = cfg.gradient_accumulation_steps
         window = {"loss": 0.0, "n": 0, "images": 0, "data_wait": 0.0, "extra": {}}
@@ -491,6 +501,9 @@ class Trainer:
     def _write_summary(self, summary: dict) -> None:
         summary["metrics"] = storage.join(self.spec.output.uri, "metrics.jsonl")
         summary["report_upload_failures"] = self.report.upload_failures
+        summary["tracking"] = self.report.trackers.names
+        self.report.finish_tracking(summary["status"], summary)
+        summary["tracking_failures"] = self.report.trackers.failures
         storage.write_bytes(storage.join(self.spec.output.uri, "summary.json"), json.dumps(summary, indent=2).encode(),
                             self.spec.storage)
 

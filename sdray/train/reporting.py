@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from sdray import storage  # noqa: E402
 from sdray.spec import S3Settings  # noqa: E402
+from sdray.train.tracking import Trackers  # noqa: E402
 
 log = logging.getLogger("sdray.train")
 
@@ -49,12 +50,14 @@ def tensor_to_images(pixels) -> list[Image.Image]:
 class RunReport:
     """Metrics history, loss plot and image grids of one run, mirrored to the output URI."""
 
-    def __init__(self, output_uri: str, s3: S3Settings | None = None, resume_step: int = 0):
+    def __init__(self, output_uri: str, s3: S3Settings | None = None, resume_step: int = 0,
+                 trackers: Trackers | None = None):
         self.output_uri = output_uri
         self.s3 = s3
         self.staging = Path(tempfile.mkdtemp(prefix="sdray-report-"))
         self.records: list[dict] = []
         self.upload_failures = 0
+        self.trackers = trackers or Trackers([])  # experiment tracking (MLflow, TensorBoard, W&B) sees the same
         if resume_step:
             self._load_history(resume_step)
 
@@ -66,6 +69,7 @@ class RunReport:
 
     def log(self, record: dict) -> None:
         self.records.append(record)
+        self.trackers.log(record)
 
     def _upload(self, name: str, data: bytes) -> str | None:
         """Write ``data`` to ``name`` under the output URI and return its URI; None when the storage kept
@@ -86,13 +90,20 @@ class RunReport:
         path = self.staging / name
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
+        if name.startswith("samples/"):  # sample grids; the loss plot is the trackers' own charts
+            self.trackers.log_image("samples", image, self.records[-1]["step"] if self.records else 0)
         return self._upload(name, path.read_bytes())
 
     def flush(self) -> None:
-        """Write metrics.jsonl and loss.png to the output URI."""
+        """Write metrics.jsonl and loss.png to the output URI; the trackers flush too."""
         text = "".join(json.dumps(r) + "\n" for r in self.records)
         self._upload("metrics.jsonl", text.encode())
         self.save_image("loss.png", self.loss_plot())
+        self.trackers.flush()
+
+    def finish_tracking(self, status: str, summary: dict) -> None:
+        """End the tracker runs with the run's outcome (its summary: the exported pipeline's URI…)."""
+        self.trackers.finish(status, summary)
 
     def loss_plot(self) -> Image.Image:
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
