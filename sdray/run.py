@@ -34,12 +34,13 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def configure_logging(verbose: bool = False) -> None:
-    """``verbose``: Ray's, Ray Data's and the libraries' own logging as they set it; otherwise errors only,
-    no hub look-ups and no download progress bars."""
+    """``verbose``: Ray's, Ray Data's and the libraries' own logging as they set it; otherwise errors only and
+    no download progress bars. The Hub is asked only for hf:// sources, and not at all with HF_HUB_OFFLINE=1."""
     if verbose:
         os.environ["SDRAY_VERBOSE"] = "1"
         return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -47,12 +48,14 @@ def configure_logging(verbose: bool = False) -> None:
     for name in ("diffusers", "transformers", "ray", "ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils
     import transformers.utils.logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()  # (the variable above is read once, where it was imported first)
 
 
 class _Reporters:

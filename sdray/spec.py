@@ -15,6 +15,8 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from dataclasses import dataclass
+
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from yaml.composer import Composer
@@ -48,6 +50,14 @@ ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 # Ray resource names: CPU, GPU, memory, TPU, accelerator_type:H100, node:10.0.0.1, custom names.
 RAY_RESOURCE_NAME = r"^[A-Za-z_][-A-Za-z0-9_.:/]*$"
 _LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+# Hugging Face Hub model sources: hf://org/name[@revision], or a bare org/name[@revision] that is not a local
+# path. Names as huggingface_hub's validate_repo_id takes them (letters, digits, '-', '_', '.'; no '--' or
+# '..'; neither starting nor ending with '-' or '.'); a revision is a branch, tag or commit (a git ref name).
+HUB_SCHEME = "hf://"
+_HUB_NAME = r"[A-Za-z0-9_](?:[-A-Za-z0-9_.]*[A-Za-z0-9_])?"
+_HUB_SOURCE = re.compile(rf"(?P<repo>{_HUB_NAME}/{_HUB_NAME})(?:@(?P<revision>[A-Za-z0-9_][-A-Za-z0-9_./]*))?")
+MAX_HUB_REPO = 96
+MAX_HUB_REVISION = 255
 
 
 class SpecError(ValueError):
@@ -121,6 +131,59 @@ class Metadata(_Strict):
         default_factory=dict, description="Kubernetes labels: keys and values as the API server checks them.")
 
 
+@dataclass(frozen=True)
+class HubSource:
+    """A model source on the Hugging Face Hub: ``repo`` (org/name) at ``revision`` (None: main)."""
+
+    repo: str
+    revision: str | None
+    explicit: bool  # written hf://…; a bare org/name is a local path wherever one exists
+
+    @property
+    def org(self) -> str:
+        return self.repo.split("/", 1)[0]
+
+    def __str__(self) -> str:
+        return HUB_SCHEME + self.repo + (f"@{self.revision}" if self.revision else "")
+
+
+def _hub_problem(repo: str, revision: str | None) -> str | None:
+    if len(repo) > MAX_HUB_REPO:
+        return f"a repository name of at most {MAX_HUB_REPO} characters"
+    if "--" in repo or ".." in repo:
+        return "a repository name without '--' or '..'"
+    if revision is not None and (len(revision) > MAX_HUB_REVISION or ".." in revision or "//" in revision
+                                 or revision.endswith(("/", ".", ".lock"))):
+        return (f"a revision of at most {MAX_HUB_REVISION} characters that is a git ref name (a branch, tag or "
+                "commit: no '..' or '//', not ending in '/', '.' or '.lock')")
+    return None
+
+
+def hub_source(value: str) -> HubSource | None:
+    """The Hub repository a model source names (None: a local path or another URI). ``hf://`` always names
+    one, and a malformed ``hf://`` value raises ValueError; a bare value names one when it is exactly
+    ``org/name[@revision]`` in the Hub's characters (``model_sources`` decides against a local path)."""
+    explicit = value.startswith(HUB_SCHEME)
+    match = _HUB_SOURCE.fullmatch(value.removeprefix(HUB_SCHEME))
+    problem = _hub_problem(match["repo"], match["revision"]) if match else "org/name or org/name@revision"
+    if problem is None:
+        return HubSource(match["repo"], match["revision"], explicit)
+    if explicit:
+        raise ValueError(f"expected hf://org/name[@revision] with {problem} (org and name: letters, digits, '-', "
+                         "'_' and '.', starting and ending with a letter, digit or '_')")
+    return None
+
+
+def _pretrained_source(value: str) -> str:
+    hub_source(value)  # a malformed hf:// value is refused here, at the edge
+    return value
+
+
+PretrainedSource = Annotated[str, AfterValidator(_pretrained_source)]
+_SOURCE_FORMS = ("local dir, s3:// URI, or Hugging Face Hub repository (hf://org/name[@revision], or org/name "
+                 "where no such local path exists)")
+
+
 class S3Settings(_Strict):
     """Connection settings for ``s3://`` URIs. Keys never live in the document: they come from
     ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or from the named secret."""
@@ -169,7 +232,24 @@ class StorageSettings(S3Settings):
 
 
 class VAESource(_Strict):
-    pretrained: str = Field(description="Local dir or s3:// URI of a diffusers AutoencoderKL (or a pipeline).")
+    pretrained: PretrainedSource = Field(
+        description=f"{_SOURCE_FORMS[0].upper() + _SOURCE_FORMS[1:]} of a diffusers AutoencoderKL (or a pipeline).")
+
+
+class HubSettings(_Strict):
+    """How ``hf://`` model sources reach the Hugging Face Hub. The token never lives in the document: it comes
+    from ``HF_TOKEN`` (or ``hf auth login``) or from the named secret."""
+
+    credentials_secret: str | None = Field(
+        default=None,
+        pattern=DNS_SUBDOMAIN,
+        max_length=253,
+        description=(
+            "Name of a secret holding the Hub token as HF_TOKEN (for gated and private repositories), mounted as "
+            "a file under $SDRAY_SECRETS_DIR/<name>/ (default /var/run/secrets/sdray/<name>/HF_TOKEN, the "
+            "layout of a Kubernetes Secret volume); default: HF_TOKEN from the environment."
+        ),
+    )
 
 
 class LoRASpec(_Strict):
@@ -209,15 +289,19 @@ class ModelSpec(_Strict):
         "demos), sd15, sd2-base, sdxl-base, sd3-medium, sd35-medium, sd35-large, flux-dev, flux-schnell (the "
         "public releases' shapes).",
     )
-    pretrained: str | None = Field(
+    pretrained: PretrainedSource | None = Field(
         default=None,
-        description="Local dir or s3:// URI of a diffusers pipeline of the family (StableDiffusionPipeline, "
-        "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline), or of one component.",
+        description=f"{_SOURCE_FORMS[0].upper() + _SOURCE_FORMS[1:]} of a diffusers pipeline of the family "
+        "(StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline), or of one "
+        "component.",
     )
-    vae: VAESource | None = Field(default=None, description="Use a VAE trained earlier.")
-    tokenizer: str | None = Field(
-        default=None, description="Local dir or s3:// URI of a CLIPTokenizer; default: the preset's."
+    vae: VAESource | None = Field(default=None, description="Use a VAE trained earlier, or another pretrained one.")
+    tokenizer: PretrainedSource | None = Field(
+        default=None, description=f"{_SOURCE_FORMS[0].upper() + _SOURCE_FORMS[1:]} of a CLIPTokenizer (or of a "
+        "pipeline: its tokenizer); default: the pretrained pipeline's, else the preset's."
     )
+    hub: HubSettings | None = Field(
+        default=None, description="Hugging Face Hub settings of hf:// sources: the secret holding the token.")
     overrides: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)], JsonObject] = Field(
         default_factory=dict,
         description="Per-component config overrides applied to the preset's configs (scheduler: always), keyed "
@@ -256,7 +340,8 @@ class ModelSpec(_Strict):
             raise ValueError(f"spec.model.resolution must be a multiple of 8, got {self.resolution}")
         if self.lora is not None and self.pretrained is None:
             raise ValueError("spec.model.lora adapts pretrained weights: set spec.model.pretrained (a diffusers "
-                             "pipeline dir or s3:// URI); on a preset's random UNet train the UNet itself")
+                             "pipeline dir, s3:// URI or hf:// repository); on a preset's random UNet train the "
+                             "UNet itself")
         if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
             raise ValueError("spec.model.rescale_betas_zero_snr: at zero terminal SNR an epsilon target is "
                              "undefined; set prediction_type: v_prediction")

@@ -80,9 +80,10 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def _secret_credentials(name: str) -> dict[str, str | None]:
-    """The keys in the secret ``name``: files under ``$SDRAY_SECRETS_DIR/<name>/``. The job model checks the
-    name already; it is checked again here, where it becomes a path, and the folder must stay inside."""
+def secret_dir(name: str) -> Path:
+    """The folder of the secret ``name``: ``$SDRAY_SECRETS_DIR/<name>/``, where a Secret volume puts its keys as
+    files. The job model checks the name already; it is checked again here, where it becomes a path, and the
+    folder must stay inside."""
     if not (len(name) <= 253 and re.fullmatch(DNS_SUBDOMAIN, name)):
         raise StorageError(f"credentials_secret {name[:100]!r}: expected a Kubernetes Secret name (a DNS-1123 "
                            "subdomain: lower-case letters, digits, '-' and '.')")
@@ -90,6 +91,12 @@ def _secret_credentials(name: str) -> dict[str, str | None]:
     root = (base / name).resolve()
     if root.parent != base:
         raise StorageError(f"credentials_secret {name!r}: {base / name} leads outside {base}")
+    return root
+
+
+def _secret_credentials(name: str) -> dict[str, str | None]:
+    """The S3 keys in the secret ``name`` (``secret_dir``)."""
+    root = secret_dir(name)
     try:
         key = (root / "AWS_ACCESS_KEY_ID").read_text().strip()
         secret = (root / "AWS_SECRET_ACCESS_KEY").read_text().strip()

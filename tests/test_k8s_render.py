@@ -138,6 +138,25 @@ def test_job_with_credentials_secrets():
     assert "AWS_SECRET_ACCESS_KEY" not in render_yaml([configmap, rayjob])  # no key is ever written out
 
 
+def test_a_hub_token_secret_reaches_every_ray_pod_from_the_jobs_own_namespace():
+    """The tenant's Secret, in the job's namespace, mounted where sdray reads HF_TOKEN; no token of the platform's
+    (no HF_TOKEN variable, no other secret) is put on the pods, and a job without one mounts none."""
+    objects = _objects("hub", namespace="team-a",
+                       model={"pretrained": "hf://team-a-org/model@v1", "hub": {"credentials_secret": "team-a-hf"}})
+    rayjob = objects["RayJob"]
+    assert rayjob["metadata"]["namespace"] == "team-a"
+    for pod in (_head(rayjob), _workers(rayjob)[0]["template"]["spec"]):
+        container = pod["containers"][0]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        mounts = {m["mountPath"]: secrets[m["name"]] for m in container["volumeMounts"] if m["name"] in secrets}
+        assert mounts == {"/var/run/secrets/sdray/team-a-hf": "team-a-hf"}
+        assert all(m["readOnly"] for m in container["volumeMounts"] if m["name"] in secrets)
+        assert "HF_TOKEN" not in {e["name"] for e in container.get("env", [])} and "envFrom" not in container
+    plain = _objects("hub-public", namespace="team-a", model={"pretrained": "hf://team-a-org/model"})["RayJob"]
+    for pod in (_head(plain), _workers(plain)[0]["template"]["spec"]):
+        assert not [v for v in pod["volumes"] if "secret" in v]
+
+
 def test_the_example_with_credentials_runs_under_its_own_name():
     configmap, *_, rayjob = check(render(load_job(REPO / "k8s" / "examples" / "diffusionjob.yaml"), SETTINGS,
                                          namespace="sdray"))

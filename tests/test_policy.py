@@ -119,6 +119,39 @@ def test_pretrained_resume_and_vae_uris_are_governed_too(tmp_path, team_policy):
     assert team_policy.check("alice", fresh) == []
 
 
+@pytest.mark.parametrize("source, allowed", [
+    ("hf://team-a-org/model", True),
+    ("hf://team-a-org/model@v2", True),
+    ("hf://TEAM-A-ORG/Model", True),                # the Hub's names are case-insensitive
+    ("hf://public-org/sd-base", True),              # one repository listed
+    ("hf://public-org/sd-base-evil", False),
+    ("hf://public-org/other", False),               # the organisation is not listed
+    ("hf://team-a-org-evil/model", False),          # a prefix of the organisation is not it
+    ("hf://team-b-org/model", False),
+    ("team-a-org/model", False),                    # bare: a relative path where the job runs
+])
+def test_hub_repositories_are_allowed_by_organisation_or_by_name(tmp_path, source, allowed):
+    p = policy(tmp_path, "tenants: {alice: {hub_repos: [team-a-org/*, public-org/sd-base]}}\n")
+    for model in ({"pretrained": source}, {"preset": "tiny", "vae": {"pretrained": source}},
+                  {"preset": "tiny", "tokenizer": source}):
+        refused = {r.field: r for r in p.check("alice", job(tmp_path, model=model))
+                   if r.field.startswith("spec.model")}
+        assert (not refused) is allowed, (model, refused)
+        if not allowed:
+            (refusal,) = refused.values()
+            assert refusal.rule == ("hub_repos" if source.startswith("hf://") else "local_paths")
+            assert "tenants.alice.hub_repos" in refusal.message or "hf://" in refusal.message
+    assert rules(p.check("mallory", job(tmp_path, model={"pretrained": "hf://team-a-org/model"}))) == {
+        "spec.model.pretrained": "hub_repos", "spec.data.uri": "local_paths", "spec.output.uri": "local_paths"}
+
+
+def test_a_hub_token_secret_is_one_of_the_tenants_secrets(tmp_path, team_policy):
+    doc = job(tmp_path, model={"pretrained": str(tmp_path / "team-a" / "m"), "hub": {"credentials_secret": "team-b-hf"}})
+    assert rules(team_policy.check("alice", doc)) == {"spec.model.hub.credentials_secret": "secrets"}
+    own = job(tmp_path, model={"pretrained": str(tmp_path / "team-a" / "m"), "hub": {"credentials_secret": "team-a-s3"}})
+    assert team_policy.check("alice", own) == []
+
+
 def test_an_endpoint_the_policy_does_not_list_is_refused(tmp_path, team_policy):
     """Naming an endpoint sends the job's S3 credentials there: only listed ones (or the default) go."""
     for endpoint in ("http://169.254.169.254", "http://127.0.0.1:8000", "https://attacker.example"):

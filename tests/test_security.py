@@ -32,7 +32,8 @@ def policy_file(tmp_path) -> Path:
     path.write_text(yaml.safe_dump({
         "default": {"local_paths": []},
         "tenants": {"alice": {"namespace": "team-a", "local_paths": [str(tmp_path / "team-a")],
-                              "secrets": ["team-a-s3"], "queues": ["team-a"]}},
+                              "secrets": ["team-a-s3", "team-a-hf"], "queues": ["team-a"],
+                              "hub_repos": ["team-a-org/*", "stabilityai/stable-diffusion-2-base"]}},
     }))
     return path
 
@@ -90,6 +91,32 @@ def test_a_tenant_cannot_read_or_write_outside_its_paths(service, tokens, tmp_pa
     # bob has the default block: no local path at all
     r = bob.post("/v1/jobs", json=alice_doc(tmp_path, "bobs"))
     assert r.status_code == 403 and {e["field"] for e in r.json()["errors"]} == {"spec.data.uri", "spec.output.uri"}
+
+
+def test_a_tenant_loads_only_its_hub_repositories_with_only_its_own_token(service, tokens, tmp_path):
+    """Another organisation's Hub repository (private models the platform's or another team's token could read),
+    another team's token secret, a bare org/name that would be a local path where the job runs: refused."""
+    alice = service.client(tokens[1]["alice"])
+    attacks = [({"pretrained": "hf://team-b-org/private-model"}, {"spec.model.pretrained": "hub_repos"}),
+               ({"preset": "tiny", "vae": {"pretrained": "hf://stabilityai/sd-vae-ft-mse"}},
+                {"spec.model.vae.pretrained": "hub_repos"}),
+               ({"preset": "tiny", "tokenizer": "team-a-org/tok"}, {"spec.model.tokenizer": "local_paths"}),
+               ({"pretrained": "hf://team-a-org/model", "hub": {"credentials_secret": "team-b-hf"}},
+                {"spec.model.hub.credentials_secret": "secrets"})]
+    for model, refused in attacks:
+        r = alice.post("/v1/jobs", json=alice_doc(tmp_path, model=model))
+        assert r.status_code == 403, (model, r.text)
+        assert {e["field"]: e["rule"] for e in r.json()["errors"]} == refused
+    detail = alice.post("/v1/jobs", json=alice_doc(tmp_path, model={"pretrained": "hf://team-b-org/x"})).json()["detail"]
+    assert "'team-b-org/x' is not allowed" in detail and "tenants.alice.hub_repos" in detail
+    r = alice.post("/v1/jobs", json=alice_doc(tmp_path, model={"pretrained": "hf://team-a-org/../x"}))
+    assert r.status_code == 422 and "spec.model.pretrained" in {e["field"] for e in r.json()["errors"]}
+    own = alice.post("/v1/jobs", json=alice_doc(tmp_path, "own-hub", model={
+        "pretrained": "hf://Team-A-Org/model@v1", "hub": {"credentials_secret": "team-a-hf"}}))
+    assert own.status_code == 201, own.text
+    listed = alice.post("/v1/jobs", json=alice_doc(tmp_path, "sd2", model={
+        "pretrained": "hf://stabilityai/stable-diffusion-2-base"}))
+    assert listed.status_code == 201, listed.text
 
 
 def test_the_kuberay_backend_runs_a_tenants_jobs_in_its_policys_namespace(tmp_path, tokens, policy_file, kube):

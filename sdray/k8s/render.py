@@ -41,7 +41,7 @@ from sdray.spec import DiffusionJob, PodResources
 
 JOB_MOUNT = "/etc/sdray"
 JOB_FILE = "job.yaml"
-SECRETS_MOUNT = "/var/run/secrets/sdray"  # storage.DEFAULT_SECRETS_DIR: where credentials_secret is read
+SECRETS_MOUNT = "/var/run/secrets/sdray"  # storage.DEFAULT_SECRETS_DIR: where credentials_secrets are read
 SPEC_HASH = "sdray.io/spec-hash"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The driver reports step and loss into the DiffusionJob's status (sdray.k8s.progress): its name, and the
@@ -164,8 +164,11 @@ def worker_pod_size(job: DiffusionJob) -> tuple[int, str, str, int]:
 
 
 def _credential_secrets(job: DiffusionJob) -> list[str]:
-    """The secrets the document names as credentials_secret, in order, once each."""
-    names = [job.spec.data.credentials_secret, job.spec.storage.credentials_secret]
+    """The secrets the document names as credentials_secret (S3 keys; the Hub token, HF_TOKEN), in order, once
+    each: Secrets of the job's own namespace, mounted on every Ray pod where sdray reads them."""
+    hub = job.spec.model.hub
+    names = [job.spec.data.credentials_secret, job.spec.storage.credentials_secret,
+             hub.credentials_secret if hub is not None else None]
     return list(dict.fromkeys(n for n in names if n))
 
 

@@ -1,10 +1,10 @@
 """Build the components of a job of any model family: from a preset's configs, or from pretrained weights.
 
-A pretrained source is a local directory or an ``s3://`` URI holding either a whole diffusers pipeline
+A pretrained source is a local directory, an ``s3://`` URI or a Hugging Face Hub repository
+(``hf://org/name[@revision]``: ``sdray.models.hub``) holding either a whole diffusers pipeline
 (``model_index.json`` with its family's folders: ``unet/`` or ``transformer/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/`` …, ``scheduler/``) or one component (a ``config.json`` naming its class). Components a
-pretrained source does not hold come from the preset. Nothing is fetched from a hub. Which family the
-components belong to (``sdray.models.families``) is the spec's ``model.family``, else the preset's, else the
+pretrained source does not hold come from the preset. Which family the components belong to (``sdray.models.families``) is the spec's ``model.family``, else the preset's, else the
 pretrained pipeline's ``_class_name``; a contradiction is refused.
 """
 
@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from sdray import storage
+from sdray.models import hub
 from sdray.models.families import FAMILIES, ModelFamily, TextSlot, family_named, family_of_pipeline
 from sdray.models.presets import PRESETS, Preset
 from sdray.models.tokenizer import build_tokenizer
@@ -195,6 +196,7 @@ class _Sources:
         self.preset = PRESETS.get(spec.preset) if spec.preset else None
         self.pipeline_dir: Path | None = None
         self.component_dirs: dict[str, Path] = {}
+        self.snapshots: list[hub.Snapshot] = []  # the Hub revisions the sources resolved to
         if spec.pretrained:
             kind, path = self._resolve("spec.model.pretrained", spec.pretrained)
             if kind == "pipeline":
@@ -211,10 +213,14 @@ class _Sources:
                         "(overrides apply to preset components only)"
                     )
         if spec.vae:
-            kind, path = self._resolve("spec.model.vae.pretrained", spec.vae.pretrained)
+            kind, path = self._resolve("spec.model.vae.pretrained", spec.vae.pretrained, "vae")
             if kind not in ("vae", "pipeline"):
                 raise ModelError(f"spec.model.vae.pretrained: {spec.vae.pretrained} holds a {kind}, not a VAE")
             self.component_dirs["vae"] = path / "vae" if kind == "pipeline" else path
+        self.tokenizer_dir: Path | None = None
+        if spec.tokenizer:
+            path = self._local("spec.model.tokenizer", spec.tokenizer, "tokenizer")
+            self.tokenizer_dir = path / "tokenizer" if (path / "model_index.json").is_file() else path
 
     def _family(self) -> ModelFamily:
         """The family the spec, the preset and the pretrained pipeline agree on."""
@@ -236,11 +242,33 @@ class _Sources:
                              + ", ".join(f"{where} is {name}" for where, name in claims))
         return family_named(names.pop() if names else "sd")
 
-    def _resolve(self, field: str, uri: str) -> tuple[str, Path]:
+    def _local(self, field: str, uri: str, wants: str) -> Path:
+        """A local directory holding what ``uri`` holds (a Hub snapshot of what ``wants`` needs, a download
+        from S3, or the path itself)."""
         try:
-            return _source_kind(storage.local_copy(uri, self.s3))
-        except (storage.StorageError, ModelError) as exc:
+            source = hub.model_source(uri)
+            if source is None:
+                return storage.local_copy(uri, self.s3)
+            snapshot = hub.snapshot(source, wants, self.spec.hub)
+        except (storage.StorageError, hub.HubError) as exc:
             raise ModelError(f"{field}: {exc}") from None
+        self.snapshots.append(snapshot)
+        return snapshot.path
+
+    def _resolve(self, field: str, uri: str, wants: str = "model") -> tuple[str, Path]:
+        path = self._local(field, uri, wants)
+        try:
+            return _source_kind(path)
+        except ModelError as exc:
+            raise ModelError(f"{field}: {exc}") from None
+
+    def fingerprint(self, directory: Path) -> str:
+        """What identifies a pretrained component's files: a Hub revision's commit and folder, else a digest
+        of the files themselves."""
+        for snapshot in self.snapshots:
+            if directory.is_relative_to(snapshot.path):
+                return snapshot.fingerprint(directory)
+        return "files:" + _hash_files(directory)
 
     def override_key(self, name: str) -> str:
         """The ``spec.model.overrides`` key of a component (the denoiser's is its slot, unet or transformer)."""
@@ -302,8 +330,8 @@ class _Sources:
 
     def tokenizer(self, slot: TextSlot):
         max_length = self.family.max_token_length(slot, self.spec, self.preset)
-        if self.spec.tokenizer and slot.tokenizer == "tokenizer":
-            tok = _load_tokenizer(slot.kind, storage.local_copy(self.spec.tokenizer, self.s3))
+        if self.tokenizer_dir is not None and slot.tokenizer == "tokenizer":
+            tok = _load_tokenizer(slot.kind, self.tokenizer_dir)
         elif self.pipeline_dir is not None:
             tok = _load_tokenizer(slot.kind, self.pipeline_dir, slot.tokenizer)
         else:
@@ -346,8 +374,8 @@ class _Sources:
     def pretrained_dir(self, slot: str) -> Path | None:
         """The directory a pretrained ``slot`` (a model, tokenizer or text encoder) is loaded from, or None
         when the preset builds it."""
-        if slot == "tokenizer" and self.spec.tokenizer:
-            return storage.local_copy(self.spec.tokenizer, self.s3)
+        if slot == "tokenizer" and self.tokenizer_dir is not None:
+            return self.tokenizer_dir
         if slot in self.component_dirs:
             return self.component_dirs[slot]
         if self.pipeline_dir is not None and (self.pipeline_dir / slot).is_dir():
@@ -454,20 +482,21 @@ def _hash_model(model) -> str:
 def frozen_fingerprints(spec: ModelSpec, *, s3: S3Settings | None = None, seed: int = 0) -> dict[str, str]:
     """A content digest of each frozen component of a denoiser job (VAE, tokenizers, text encoders): what a
     latent cache depends on. A pretrained component is hashed from its files (config and weights; nothing
-    is loaded), a preset one from its configuration and the weights ``seed`` initialises."""
+    is loaded), one from the Hub named by its resolved commit, a preset one from its configuration and the
+    weights ``seed`` initialises."""
     sources = _Sources(spec, s3)
     out: dict[str, str] = {}
     directory = sources.pretrained_dir("vae")
-    out["vae"] = "files:" + _hash_files(directory) if directory else "preset:" + _hash_model(sources.build("vae", seed))
+    out["vae"] = sources.fingerprint(directory) if directory else "preset:" + _hash_model(sources.build("vae", seed))
     for slot in sources.text_slots():
         tok = sources.tokenizer(slot)
         directory = sources.pretrained_dir(slot.tokenizer)
-        out[slot.tokenizer] = ("files:" + _hash_files(directory) if directory is not None else "preset:" + hashlib.sha256(
+        out[slot.tokenizer] = (sources.fingerprint(directory) if directory is not None else "preset:" + hashlib.sha256(
             f"{tok.model_max_length}:{tok.backend_tokenizer.to_str()}".encode()).hexdigest())
         if directory is not None and slot.kind == "t5":
             out[slot.tokenizer] += f":{tok.model_max_length}"  # the T5 length the spec sets changes the rows
         directory = sources.pretrained_dir(slot.encoder)
-        out[slot.encoder] = ("files:" + _hash_files(directory) if directory is not None
+        out[slot.encoder] = (sources.fingerprint(directory) if directory is not None
                              else "preset:" + _hash_model(sources.build(slot.encoder, seed, slot, tok)))
     extras = sources.extras()
     if extras:  # shapes of the cached prompt embeddings no encoder above fixes (SD3 without T5)

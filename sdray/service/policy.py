@@ -11,8 +11,9 @@ refused with 403, naming the field and the rule that refused it. Admin tokens by
       namespace: null        # where its jobs run (kuberay backend); null: the service's --namespace
       local_paths: []        # absolute path prefixes its URIs may use (data, checkpoint, output, pretrained, resume)
       s3_prefixes: null      # s3:// prefixes its URIs may use; null: any (the job's credentials decide)
+      hub_repos: []          # Hugging Face Hub repositories its hf:// sources may name: org/name, or org/* for an org
       endpoints: []          # S3 endpoints it may name (data.endpoint, storage.endpoint); []: the service's own
-      secrets: []            # credentials_secret and cluster.env_secrets names
+      secrets: []            # credentials_secret (data, storage, model.hub) and cluster.env_secrets names
       service_accounts: []   # cluster.service_account; []: the chart's job ServiceAccount only
       images: []             # cluster.image; []: the service's default image only
       priority_classes: []
@@ -30,7 +31,9 @@ A tenant's own block overrides the default block field by field. Without ``--pol
 the default block as above: nothing outside the service's own defaults.
 
 Paths are compared after normalisation (``file://`` stripped, ``..`` and symbolic links resolved), so
-``/data/team-a/../team-b`` is ``/data/team-b``. A search's ``search_space`` may not vary a field the policy
+``/data/team-a/../team-b`` is ``/data/team-b``. Hub repositories are compared without regard to case, as the
+Hub names them; a bare ``org/name`` is a relative path here (it would be a local path wherever one exists
+where the job runs): tenants write ``hf://org/name``. A search's ``search_space`` may not vary a field the policy
 governs with values the policy refuses: every candidate value is checked like the document's own.
 """
 
@@ -46,11 +49,13 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sdray.spec import DNS_SUBDOMAIN, DiffusionJob, JobSpec
+from sdray.spec import DNS_SUBDOMAIN, DiffusionJob, JobSpec, hub_source
 
 TENANT_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_LABEL = Annotated[str, Field(pattern=TENANT_NAME, max_length=63)]
 DNS_NAME = Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=253)]
+HUB_PATTERN = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][-A-Za-z0-9_.]*/([-A-Za-z0-9_.]*[A-Za-z0-9_]|\*)$",
+                                   max_length=96)]
 
 
 class PolicyError(ValueError):
@@ -71,6 +76,9 @@ class TenantPolicy(BaseModel):
     s3_prefixes: list[str] | None = Field(
         default=None, description="s3:// prefixes that the job's URIs may use; null: any (access rests on the "
         "credentials the job gets).")
+    hub_repos: list[HUB_PATTERN] = Field(
+        default_factory=list, description="Hugging Face Hub repositories the job's hf:// sources may name: org/name, "
+        "or org/* for every repository of an organisation; []: none.")
     endpoints: list[str] = Field(
         default_factory=list, description="S3 endpoint URLs the job may name; []: only the service's own default.")
     secrets: list[DNS_NAME] = Field(default_factory=list, description="credentials_secret / cluster.env_secrets names.")
@@ -154,7 +162,8 @@ class Policy:
         for field, rule, value in _governed(job.spec, allowed):
             problem = _RULES[rule](allowed, value)
             if rule == "uri":  # named for the list that would allow it
-                rule = "s3_prefixes" if str(value).startswith("s3://") else "local_paths"
+                rule = "s3_prefixes" if str(value).startswith("s3://") else "hub_repos" if _is_hub(value) \
+                    else "local_paths"
             if problem:
                 refusals.append(Refusal(field, rule, f"{problem} (policy rule {self.rule_name(tenant, rule)}, "
                                                      f"from {self.source})"))
@@ -195,6 +204,7 @@ _FIELDS: list[tuple[str, str]] = [
     *((path, "uri") for path in _URI_FIELDS),
     ("data.endpoint", "endpoints"), ("storage.endpoint", "endpoints"),
     ("data.credentials_secret", "secrets"), ("storage.credentials_secret", "secrets"),
+    ("model.hub.credentials_secret", "secrets"),
     ("cluster.env_secrets", "secrets"),
     ("cluster.service_account", "service_accounts"),
     ("cluster.image", "images"),
@@ -270,8 +280,33 @@ def normalise_local(uri: str) -> Path | None:
     return Path(path).resolve(strict=False)
 
 
+def _is_hub(value: Any) -> bool:
+    """Whether a source is written hf:// (a malformed one is refused by the job model before)."""
+    try:
+        source = hub_source(str(value))
+    except ValueError:
+        return True
+    return source is not None and source.explicit
+
+
+def _hub_rule(allowed: TenantPolicy, uri: str) -> str | None:
+    try:
+        source = hub_source(uri)
+    except ValueError as exc:
+        return f"{uri!r}: {exc}"
+    repo = source.repo.lower()
+    for pattern in allowed.hub_repos:
+        pattern = pattern.lower()
+        if repo == pattern or (pattern.endswith("/*") and source.org.lower() == pattern[:-2]):
+            return None
+    return (f"Hugging Face Hub repository {source.repo!r} is not allowed for this tenant (allowed: "
+            f"{allowed.hub_repos or 'none'})")
+
+
 def _uri_rule(allowed: TenantPolicy, value: Any) -> str | None:
     uri = str(value)
+    if _is_hub(uri):
+        return _hub_rule(allowed, uri)
     scheme = urlparse(uri).scheme
     if scheme == "s3":
         if {".", ".."} & set(uri.removeprefix("s3://").split("/")):  # some clients resolve them: never compare
@@ -285,7 +320,8 @@ def _uri_rule(allowed: TenantPolicy, value: Any) -> str | None:
         return f"{uri!r}: only local paths and s3:// URIs are allowed"
     path = normalise_local(uri)
     if path is None:
-        return f"{uri!r}: give an absolute path (a relative one depends on where the job runs)"
+        hub = " or hf:// before a Hugging Face Hub repository" if hub_source(uri) is not None else ""
+        return f"{uri!r}: give an absolute path{hub} (a relative one depends on where the job runs)"
     for prefix in allowed.local_paths:
         root = normalise_local(prefix)
         if root is not None and (path == root or path.is_relative_to(root)):

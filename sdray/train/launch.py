@@ -37,10 +37,11 @@ from sdray.train.context import LocalContext, iterate
 from sdray.train.loop import train_worker
 from sdray.train.parallel import all_workers_have
 
-# Set for every process of an embedded cluster: no usage reporting, no hub look-ups from workers.
+# Set for every process of an embedded cluster: no usage reporting. The Hub is reached only for hf:// sources;
+# HF_HUB_OFFLINE=1, where the user sets it, keeps every process to the hub cache (workers inherit it).
 RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
 }

@@ -36,8 +36,9 @@ def job_state(info) -> str:
     return "preempted" if state == "failed" and info.driver_exit_code == PREEMPTED_EXIT else state
 
 
-# Set for every job driver: no usage reporting, no hub look-ups, quiet Ray Train.
-JOB_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+# Set for every job driver: no usage reporting, quiet Ray Train. The Hub is reached only for hf:// sources (the
+# service's own HF_HUB_OFFLINE, where set, reaches the drivers through the Ray head's environment).
+JOB_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
            "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "PYTHONUNBUFFERED": "1",
            # `sdray train` passes its own runtime env to ray.init; inside a Ray job the two are merged.
            "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
