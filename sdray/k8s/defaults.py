@@ -48,7 +48,9 @@ def _empty_is_none(value: Any) -> Any:
     return None if value == "" else value
 
 
-OptionalName = Annotated[str | None, BeforeValidator(_empty_is_none), Field(pattern=DNS_SUBDOMAIN, max_length=253)]
+# "" (the chart's unset value) is None.
+OptionalName = Annotated[Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=253)] | None,
+                         BeforeValidator(_empty_is_none)]
 
 
 class SecretReference(BaseModel):
