@@ -29,10 +29,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from sdray.config_files import load_model
 from sdray.spec import DNS_LABEL, DNS_SUBDOMAIN, ExtendedResource, LabelKey, LabelValue
 
 # Volume names the renderer uses itself: Ray's shared memory, the job document, credentials, a document's volumes.
@@ -103,17 +103,4 @@ class PodDefaults(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> PodDefaults:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise PodDefaultsError(f"{path}: cannot read the pod defaults: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise PodDefaultsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        try:
-            return cls.model_validate(raw or {})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])  # empty for the checks across fields, which name theirs
-            message = first["msg"].removeprefix("Value error, ")
-            raise PodDefaultsError(f"{path}: {where + ': ' if where else ''}{message}") from None
+        return load_model(path, cls, PodDefaultsError, "pod defaults")

@@ -53,9 +53,9 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlparse
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from sdray.config_files import load_model
 from sdray.spec import DNS_SUBDOMAIN, RESERVED_KEY_DOMAINS, DiffusionJob, JobSpec, reserved_key
 
 TENANT_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -142,19 +142,7 @@ class Policy:
     def load(cls, path: str | Path | None) -> Policy:
         if path is None:
             return cls()
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise PolicyError(f"{path}: cannot read the policy: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise PolicyError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        try:
-            return cls(PolicyFile.model_validate(raw or {}), str(path))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "<policy>"
-            raise PolicyError(f"{path}: {where}: {first['msg']}") from None
+        return cls(load_model(path, PolicyFile, PolicyError, "policy"), str(path))
 
     def for_tenant(self, tenant: str) -> TenantPolicy:
         own = self.data.tenants.get(tenant)
