@@ -468,6 +468,8 @@ def test_render_command_takes_the_platforms_pod_defaults(tmp_path):
     ("acceleratorResource: gpu\n", "acceleratorResource"),
     ("labels: {team: 'a b'}\n", "labels.team"),
     ("volumeMounts: [{name: nowhere, mountPath: /x}]\n", "volumeMounts[0]: needs the name of one of volumes"),
+    ("volumes: [{name: c, emptyDir: {}}]\nvolumeMounts: [{name: c, mountPath: /etc/sdray}]\n",
+     "volumeMounts[0].mountPath: /etc/sdray is where sdray mounts"),
     ("topologySpreadConstraints: [{maxSkew: 1}]\n", "topologySpreadConstraints[0]: needs maxSkew"),
     ("schedulerName: Volcano\n", "schedulerName"),
     ("imagePullSecrets: [regcred]\n", "imagePullSecrets.0"),

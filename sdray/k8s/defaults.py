@@ -33,7 +33,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from pydantic.alias_generators import to_camel
 
 from sdray.config_files import load_model
-from sdray.spec import DNS_LABEL, DNS_SUBDOMAIN, ExtendedResource, LabelKey, LabelValue
+from sdray.spec import DNS_LABEL, DNS_SUBDOMAIN, RESERVED_MOUNTS, ExtendedResource, LabelKey, LabelValue
 
 # Volume names the renderer uses itself: Ray's shared memory, the job document, credentials, a document's volumes.
 BUILTIN_VOLUMES = ("dshm", "job")
@@ -89,9 +89,13 @@ class PodDefaults(BaseModel):
                                  f"{', '.join(BUILTIN_VOLUMES)}, {'*, '.join(BUILTIN_VOLUME_PREFIXES)}*)")
             names.append(name)
         for i, mount in enumerate(self.volume_mounts):
-            if mount.get("name") not in names or not isinstance(mount.get("mountPath"), str):
+            path = mount.get("mountPath")
+            if mount.get("name") not in names or not isinstance(path, str):
                 raise ValueError(f"volumeMounts[{i}]: needs the name of one of volumes ({', '.join(names) or 'none'}) "
                                  "and a mountPath")
+            if any(path.rstrip("/") == m or path.startswith(m + "/") for m in RESERVED_MOUNTS):
+                raise ValueError(f"volumeMounts[{i}].mountPath: {path} is where sdray mounts what the run needs "
+                                 f"({', '.join(RESERVED_MOUNTS)})")
         for i, constraint in enumerate(self.topology_spread_constraints):
             if not {"maxSkew", "topologyKey", "whenUnsatisfiable"} <= set(constraint):
                 raise ValueError(f"topologySpreadConstraints[{i}]: needs maxSkew, topologyKey and whenUnsatisfiable")
