@@ -619,13 +619,26 @@ def k8s_crd() -> None:
     sys.stdout.write(crd_yaml())
 
 
-def _render_settings(image: str | None, job_service_account: str | None,
-                     allowed_service_accounts: list[str] | None = None):
+def _render_settings(image: str | None, job_service_account: str | None, pod_defaults: Path | None = None,
+                     **allowed: list[str] | None):
+    """RenderSettings from the options; ``allowed``: allowed_service_accounts, allowed_volume_claims,
+    allowed_config_maps (None: any)."""
+    from sdray.k8s.defaults import PodDefaults, PodDefaultsError
     from sdray.k8s.render import RenderSettings
 
     given = {"image": image, "job_service_account": job_service_account,
-             "allowed_service_accounts": tuple(allowed_service_accounts) if allowed_service_accounts is not None else None}
+             **{k: tuple(v) if v is not None else None for k, v in allowed.items()}}
+    if pod_defaults is not None:
+        try:
+            given["pods"] = PodDefaults.load(pod_defaults)
+        except PodDefaultsError as exc:
+            raise _fail(str(exc), EXIT_BAD_INPUT) from None
     return RenderSettings(**{k: v for k, v in given.items() if v is not None and v != ""})
+
+
+_POD_DEFAULTS_HELP = ("The platform's defaults for every job's pods (YAML; the chart's jobPods values: image pull "
+                      "secrets, labels, annotations, affinity, topology spread, volumes, acceleratorResource, "
+                      "runtimeClassName, schedulerName, priorityClassName, serviceAccountAnnotations).")
 
 
 @app.command()
@@ -636,13 +649,15 @@ def render(
                                               "spec.cluster.image).")] = None,
     job_service_account: Annotated[str | None, typer.Option(
         envvar="SDRAY_JOB_SERVICE_ACCOUNT", help="ServiceAccount of the Ray pods (unless spec.cluster.service_account).")] = None,
+    pod_defaults: Annotated[Path | None, typer.Option(envvar="SDRAY_POD_DEFAULTS", help=_POD_DEFAULTS_HELP)] = None,
 ) -> None:
     """Print the ConfigMap and KubeRay RayJob the controller makes of a document (YAML, for kubectl apply -f -)."""
     from sdray.k8s.render import RenderError, render as render_objects, render_yaml
 
     doc = _load(job)
+    settings = _render_settings(image, job_service_account, pod_defaults)
     try:
-        objects = render_objects(doc, _render_settings(image, job_service_account), namespace=namespace)
+        objects = render_objects(doc, settings, namespace=namespace)
     except RenderError as exc:
         raise _fail(f"{job}: {exc}", EXIT_BAD_INPUT) from None
     sys.stdout.write(render_yaml(objects))
@@ -663,6 +678,13 @@ def controller(
     allow_service_account: Annotated[list[str] | None, typer.Option(
         help="A ServiceAccount that documents may name in spec.cluster.service_account (e.g. one bound to an S3 "
         "role); repeat for several. None given: documents may name none (each job runs as its own).")] = None,
+    allow_volume_claim: Annotated[list[str] | None, typer.Option(
+        help="A PersistentVolumeClaim that documents may mount (spec.cluster.volumes); repeat for several. None "
+        "given: none.")] = None,
+    allow_config_map: Annotated[list[str] | None, typer.Option(
+        help="A ConfigMap that documents may mount (spec.cluster.volumes); repeat for several. None given: "
+        "none.")] = None,
+    pod_defaults: Annotated[Path | None, typer.Option(envvar="SDRAY_POD_DEFAULTS", help=_POD_DEFAULTS_HELP)] = None,
 ) -> None:
     """Run the DiffusionJob controller: each DiffusionJob becomes a KubeRay RayJob, whose progress is mirrored
     into the DiffusionJob's status. Replicas elect a leader through a Lease; only the leader acts."""
@@ -674,7 +696,10 @@ def controller(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lease_ns = lease_namespace or (namespace[0] if namespace else "default")
     config = ControllerConfig(namespaces=namespace or None, lease_namespace=lease_ns, lease_name=lease_name,
-                              render=_render_settings(image, job_service_account, allow_service_account or []))
+                              render=_render_settings(image, job_service_account, pod_defaults,
+                                                      allowed_service_accounts=allow_service_account or [],
+                                                      allowed_volume_claims=allow_volume_claim or [],
+                                                      allowed_config_maps=allow_config_map or []))
     try:
         clients = Clients.connect(kubeconfig=str(kubeconfig) if kubeconfig else None, user_agent="sdray-controller")
     except Exception as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 import re
 import typing
 from collections.abc import Hashable
@@ -847,6 +848,116 @@ class Toleration(_Strict):
         return self
 
 
+# Label and annotation key domains that belong to the platform: sdray's own (the NetworkPolicy selects a job's
+# pods by sdray.io/job), KubeRay's, Kubernetes' (app.kubernetes.io/* selects the service's pods), Kueue's and the
+# other x-k8s.io projects' (queue names, pod groups) and Volcano's. A job document may not set them on its pods.
+RESERVED_KEY_DOMAINS = ("sdray.io", "ray.io", "kubernetes.io", "k8s.io", "x-k8s.io", "volcano.sh")
+# Where sdray mounts what the run needs (the job document, credentials, Ray's shared memory): no volume of a
+# document may cover them, or the driver would read a document the tenant policy never checked.
+RESERVED_MOUNTS = ("/etc/sdray", "/var/run/secrets/sdray", "/dev/shm")
+_EXTENDED_RESOURCE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/"
+                                r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+
+
+def reserved_key(key: str) -> bool:
+    """Whether a label or annotation key lies in a domain of ``RESERVED_KEY_DOMAINS`` (or a subdomain of one)."""
+    prefix, slash, _ = key.rpartition("/")
+    return bool(slash) and any(prefix == d or prefix.endswith("." + d) for d in RESERVED_KEY_DOMAINS)
+
+
+def _extended_resource(name: str) -> str:
+    """A Kubernetes extended resource name (a device plugin's: nvidia.com/gpu, amd.com/gpu, habana.ai/gaudi):
+    fully qualified, outside the kubernetes.io domain."""
+    if len(name) > 253 or not _EXTENDED_RESOURCE.fullmatch(name):
+        raise ValueError("expected an extended resource name such as nvidia.com/gpu, amd.com/gpu or habana.ai/gaudi "
+                         "(a DNS domain, '/', a name)")
+    domain = name.split("/", 1)[0]
+    if domain == "kubernetes.io" or domain.endswith(".kubernetes.io") or domain.startswith("requests."):
+        raise ValueError(f"{name!r} is not an extended resource (the kubernetes.io domain is Kubernetes' own)")
+    return name
+
+
+ExtendedResource = Annotated[str, AfterValidator(_extended_resource)]
+
+
+def _mount_path(path: str) -> str:
+    if not path.startswith("/") or posixpath.normpath(path) != path or path == "/":
+        raise ValueError("expected an absolute, normalised path below / (no '.', '..', '//' or trailing '/')")
+    for reserved in RESERVED_MOUNTS:
+        if path == reserved or path.startswith(reserved + "/") or reserved.startswith(path + "/"):
+            raise ValueError(f"{path} would cover {reserved}, where sdray mounts what the run needs "
+                             f"(reserved: {', '.join(RESERVED_MOUNTS)})")
+    return path
+
+
+class ClusterVolume(_Strict):
+    """An existing PersistentVolumeClaim or ConfigMap of the job's namespace, mounted into the Ray head and
+    worker containers (a dataset, a shared model cache). Nothing else: a job document never names a hostPath
+    or any other volume source."""
+
+    name: str = Field(pattern=DNS_LABEL, max_length=48, description="Name of the volume within the pods.")
+    mount_path: Annotated[str, AfterValidator(_mount_path)] = Field(
+        max_length=1024, description="Absolute path in the Ray containers.")
+    persistent_volume_claim: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253, description="Name of a PersistentVolumeClaim.")
+    config_map: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253, description="Name of a ConfigMap (always read-only).")
+    read_only: bool = Field(default=True, description="Mount read-only (default); false to write to a claim.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_host_path(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("host_path", "hostPath"):
+                if key in data:
+                    raise ValueError(f"{key}: hostPath volumes are never allowed in a job document (they reach the "
+                                     "node's own files); mount a persistent_volume_claim instead")
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ClusterVolume:
+        if (self.persistent_volume_claim is None) == (self.config_map is None):
+            raise ValueError("give exactly one of persistent_volume_claim and config_map")
+        if self.config_map is not None and not self.read_only:
+            raise ValueError("read_only: a ConfigMap is always mounted read-only")
+        return self
+
+
+class NodeSelectorRequirement(_Strict):
+    key: LabelKey = Field(description="Node label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: list[LabelValue] = Field(
+        default_factory=list, max_length=64, description="In/NotIn: one or more; Gt/Lt: one integer; else none.")
+
+    @model_validator(mode="after")
+    def _values_fit(self) -> NodeSelectorRequirement:
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"operator {self.operator} needs values")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"operator {self.operator} takes no values")
+        if self.operator in ("Gt", "Lt") and (len(self.values) != 1 or not re.fullmatch(r"-?[0-9]+", self.values[0])):
+            raise ValueError(f"operator {self.operator} takes exactly one integer value")
+        return self
+
+
+class NodeSelectorTerm(_Strict):
+    match_expressions: list[NodeSelectorRequirement] = Field(
+        min_length=1, max_length=32, description="Node label requirements, all of which must hold.")
+
+
+class PreferredSchedulingTerm(NodeSelectorTerm):
+    weight: int = Field(ge=1, le=100, description="Weight of this preference (1-100).")
+
+
+class NodeAffinity(_Strict):
+    """Which nodes the Ray head and workers may (required) or would rather (preferred) run on; added to the
+    platform's own affinity, which still holds."""
+
+    required: list[NodeSelectorTerm] = Field(
+        default_factory=list, max_length=16, description="Terms of which at least one must hold.")
+    preferred: list[PreferredSchedulingTerm] = Field(default_factory=list, max_length=16)
+
+
 class PodResources(_Strict):
     cpu: Quantity | None = Field(default=None, description="CPU request and limit of the pod (8, 500m).")
     memory: Quantity | None = Field(default=None, description="Memory request and limit of the pod (32Gi).")
@@ -854,8 +965,8 @@ class PodResources(_Strict):
 
 class WorkerPodResources(PodResources):
     gpu: int | None = Field(
-        default=None, ge=0, le=128, description="nvidia.com/gpu of each worker pod; default: the GPUs its Ray Train "
-        "workers take (spec.distributed.use_gpu / resources_per_worker.GPU).")
+        default=None, ge=0, le=128, description="GPUs (cluster.accelerator_resource) of each worker pod; default: the "
+        "GPUs its Ray Train workers take (spec.distributed.use_gpu / resources_per_worker.GPU).")
 
 
 class ClusterSpec(_Strict):
@@ -892,6 +1003,24 @@ class ClusterSpec(_Strict):
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for a document that names no credentials_secret.")
     env: dict[Annotated[str, Field(pattern=ENV_NAME)], str] = Field(
         default_factory=dict, description="Plain environment variables of the Ray containers (no credentials).")
+    pod_labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=64,
+        description="Labels of the Ray pods, beside the platform's (keys of sdray.io, ray.io, kubernetes.io, k8s.io, "
+        "x-k8s.io and volcano.sh are the platform's own).")
+    pod_annotations: dict[LabelKey, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict, max_length=64,
+        description="Annotations of the Ray pods, beside the platform's (same reserved domains as pod_labels).")
+    node_affinity: NodeAffinity | None = Field(
+        default=None, description="Node affinity of the Ray head and workers, added to the platform's.")
+    volumes: list[ClusterVolume] = Field(
+        default_factory=list, max_length=16,
+        description="PersistentVolumeClaims and ConfigMaps of the job's namespace mounted into the Ray head and workers.")
+    accelerator_resource: ExtendedResource | None = Field(
+        default=None, description="Resource the worker pods ask their GPUs as (amd.com/gpu …); default: the "
+        "platform's (nvidia.com/gpu unless the controller is told otherwise).")
+    scheduler_name: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="Kubernetes scheduler of the Ray pods (volcano …); default: the platform's.")
     ttl_seconds_after_finished: int = Field(
         default=600, ge=0, le=_INT32, description="Seconds the finished RayJob (and its cluster's logs) are kept.")
     active_deadline_seconds: int | None = Field(
@@ -900,6 +1029,15 @@ class ClusterSpec(_Strict):
         default=0, ge=0, le=100,
         description="Retries of the whole RayJob on a fresh cluster (it resumes from the latest "
         "checkpoint with checkpoint.resume: auto).")
+
+    @model_validator(mode="after")
+    def _volumes_apart(self) -> ClusterSpec:
+        for attr in ("name", "mount_path"):
+            seen = [getattr(v, attr) for v in self.volumes]
+            twice = sorted({x for x in seen if seen.count(x) > 1})
+            if twice:
+                raise ValueError(f"spec.cluster.volumes: {attr} {twice[0]!r} is given twice")
+        return self
 
     @field_validator("env")
     @classmethod
@@ -1065,6 +1203,9 @@ def _set_path(doc: dict, path: list[str], value: Any) -> None:
     doc[path[-1]] = value
 
 
+_NOT_TUNABLE = ("tune", "output", "checkpoint", "storage", "cluster")
+
+
 def tune_space_errors(spec: JobSpec) -> list[str]:
     """Every problem of ``spec.tune``: paths that are not spec fields, distributions of the wrong type, values
     the field refuses, and scheduler settings that do not fit the job."""
@@ -1075,7 +1216,8 @@ def tune_space_errors(spec: JobSpec) -> list[str]:
         where = f"spec.tune.search_space.{_clip(key, 100)}"
         path = key.split(".")
         info = _field_at(JobSpec, path)
-        if info is None or path[0] in ("tune", "output", "checkpoint", "storage") or isinstance(info.annotation, type) \
+        # cluster: the pods are made once for the whole search, so its values could not differ between trials.
+        if info is None or path[0] in _NOT_TUNABLE or isinstance(info.annotation, type) \
                 and issubclass(info.annotation, BaseModel):
             errors.append(f"{where}: not a tunable field of the job spec (give a dotted path such as "
                           "train.learning_rate or train.batch_size)")

@@ -8,9 +8,13 @@ import functools
 import helm_python
 import pytest
 import yaml
+from conftest import make_job
 from k8s_checks import REPO, check, load_all
 
+from sdray.k8s.defaults import PodDefaults
+from sdray.k8s.render import RenderSettings, render
 from sdray.service.policy import Policy, PolicyFile, policy_schema
+from sdray.spec import parse_job
 
 CHART = REPO / "helm" / "sdray"
 VALUES = {"default": {}, **{p.name.removesuffix("-values.yaml"): yaml.safe_load(p.read_text())
@@ -33,6 +37,12 @@ def of_kind(objects, kind) -> list[dict]:
 
 def named(objects, kind, name) -> dict:
     return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def pod_defaults(objects) -> PodDefaults:
+    """The controller's --pod-defaults file, as the chart writes it into its ConfigMap."""
+    return PodDefaults.model_validate(yaml.safe_load(
+        named(objects, "ConfigMap", "sdray-pod-defaults")["data"]["pod-defaults.yaml"]))
 
 
 def test_lint_strict_finds_nothing():
@@ -77,7 +87,9 @@ def test_default_install():
     assert named(objects, "Deployment", "sdray-service")["spec"]["strategy"] == {"type": "Recreate"}  # one SQLite writer
     controller = named(objects, "Deployment", "sdray-controller")["spec"]["template"]["spec"]["containers"][0]
     assert controller["args"] == ["controller", "--lease-name=sdray-controller", "--health-port=8081",
-                                  f"--namespace={NAMESPACE}"]
+                                  f"--namespace={NAMESPACE}", "--pod-defaults=/etc/sdray/pod-defaults/pod-defaults.yaml"]
+    # The chart's defaults for the job pods are the renderer's own: a plain install changes no RayJob.
+    assert pod_defaults(objects) == PodDefaults()
     env = {e["name"]: e.get("value") for e in controller["env"]}
     assert (env["SDRAY_IMAGE"], env["SDRAY_RAY_OPERATOR_NAMESPACE"]) == ("sdray:0.1.0", "kuberay-system")
     # No shared job ServiceAccount: the controller gives each job its own (sdray/k8s/render.py).
@@ -222,6 +234,29 @@ def test_controller_only_install():
     ({"kuberay": {"operatorNamespace": "Ray System"}}, "/kuberay/operatorNamespace"),
     ({"policy": {"tenants": {"alice": {"imagez": []}}}}, "/policy/tenants/alice"),
     ({"policy": {"default": {"max_workers": 0}}}, "/policy/default/max_workers"),
+    ({"policy": {"default": {"volume_claims": ["team-a:rw"]}}}, "/policy/default/volume_claims/0"),
+    ({"jobServiceAccount": {"annotations": {"eks.amazonaws.com/role-arn": 7}}},
+     "/jobServiceAccount/annotations/eks.amazonaws.com~1role-arn"),
+    ({"jobServiceAccount": {"annotations": {"bad key!": "x"}}}, "invalid propertyName 'bad key!'"),
+    ({"controller": {"allowedVolumeClaims": ["Team_A"]}}, "/controller/allowedVolumeClaims/0"),
+    ({"controller": {"allowedConfigMaps": "team-a"}}, "/controller/allowedConfigMaps"),
+    ({"jobPods": {"imagePullSecrets": ["regcred"]}}, "/jobPods/imagePullSecrets/0"),
+    ({"jobPods": {"labels": {"team": "a b"}}}, "/jobPods/labels/team"),
+    ({"jobPods": {"annotations": {"note": ["x"]}}}, "/jobPods/annotations/note"),
+    ({"jobPods": {"affinity": {"nodeAfinity": {}}}}, "/jobPods/affinity"),
+    ({"jobPods": {"topologySpreadConstraints": [{"maxSkew": 0, "topologyKey": "zone",
+                                                 "whenUnsatisfiable": "ScheduleAnyway"}]}},
+     "/jobPods/topologySpreadConstraints/0/maxSkew"),
+    ({"jobPods": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone"}]}},
+     "/jobPods/topologySpreadConstraints/0"),
+    ({"jobPods": {"volumes": [{"name": "dshm", "emptyDir": {}}]}}, "/jobPods/volumes/0/name"),
+    ({"jobPods": {"volumeMounts": [{"name": "cache", "mountPath": "cache"}]}}, "/jobPods/volumeMounts/0/mountPath"),
+    ({"jobPods": {"acceleratorResource": "gpu"}}, "/jobPods/acceleratorResource"),
+    ({"jobPods": {"acceleratorResource": "kubernetes.io/gpu"}}, "/jobPods/acceleratorResource"),
+    ({"jobPods": {"runtimeClassName": "Nvidia"}}, "/jobPods/runtimeClassName"),
+    ({"jobPods": {"schedulerName": 3}}, "/jobPods/schedulerName"),
+    ({"jobPods": {"priorityClassName": "high priority"}}, "/jobPods/priorityClassName"),
+    ({"jobPods": {"tolerations": []}}, "additional properties 'tolerations' not allowed"),
 ])
 def test_values_schema_refuses_bad_values(values, where):
     with helm_python.Chart.load(CHART) as chart:
@@ -264,3 +299,64 @@ def test_the_charts_policy_schema_is_the_models():
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["properties"]["policy"] == policy_schema(), "stale: run python k8s/generate.py"
+
+
+def test_the_job_pod_values_reach_every_ray_pod_through_the_controllers_settings(tmp_path):
+    """values.jobPods and jobServiceAccount.annotations → the controller's --pod-defaults ConfigMap, read as the
+    controller reads it (PodDefaults.load) with the --allow-* flags the chart passes → a GPU job's RayJob,
+    valid against the real schemas, with every value on the head and the workers."""
+    objects = rendered("full")
+    deployment = named(objects, "Deployment", "sdray-controller")["spec"]["template"]
+    args = deployment["spec"]["containers"][0]["args"]
+    path = tmp_path / "pod-defaults.yaml"
+    path.write_text(named(objects, "ConfigMap", "sdray-pod-defaults")["data"]["pod-defaults.yaml"])
+    assert "--pod-defaults=/etc/sdray/pod-defaults/pod-defaults.yaml" in args
+    assert {"name": "pod-defaults", "mountPath": "/etc/sdray/pod-defaults", "readOnly": True} in deployment["spec"][
+        "containers"][0]["volumeMounts"]
+
+    def flag(name):
+        return tuple(a.split("=", 1)[1] for a in args if a.startswith(f"--{name}="))
+    settings = RenderSettings(image="registry.example.com/ml/sdray:0.1.0-cuda", pods=PodDefaults.load(path),
+                              allowed_volume_claims=flag("allow-volume-claim"),
+                              allowed_config_maps=flag("allow-config-map"))
+    assert (settings.allowed_volume_claims, settings.allowed_config_maps) == (("team-a-data", "hf-cache"),
+                                                                             ("team-a-prompts",))
+    job = parse_job(make_job("full", "s3://o/x", "s3://d/x", distributed={"num_workers": 2, "use_gpu": True},
+                             cluster={"volumes": [{"name": "data", "mount_path": "/data",
+                                                   "persistent_volume_claim": "team-a-data"}]}))
+    rayjob = check(render(job, settings, namespace="team-a"))[-1]
+    values = VALUES["full"]["jobPods"]
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    for pod in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        spec = pod["spec"]
+        assert pod["metadata"]["labels"]["cost-center"] == "ml-research"
+        assert pod["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert spec["imagePullSecrets"] == [{"name": "job-registry-pull"}]
+        assert spec["affinity"] == values["affinity"]
+        assert spec["topologySpreadConstraints"][0]["labelSelector"] == {"matchLabels": {"sdray.io/job": "full"}}
+        assert (spec["runtimeClassName"], spec["schedulerName"], spec["priorityClassName"]) == (
+            "rocm", "volcano", "training-default")
+        mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+        assert {"/cache/huggingface", "/data"} <= mounts
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["amd.com/gpu"] == "1" and "nvidia.com/gpu" not in worker["resources"]["limits"]
+    # The shared job ServiceAccount the chart makes carries the cloud identity.
+    for account in (a for a in of_kind(objects, "ServiceAccount") if a["metadata"]["name"] == "ray-pods"):
+        assert account["metadata"]["annotations"] == {
+            "eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/sdray-jobs"}
+    # A changed default restarts the controller (its pod template carries the file's checksum).
+    with helm_python.Chart.load(CHART) as chart:
+        other = chart.render({**VALUES["full"], "jobPods": {**values, "schedulerName": "kai-scheduler"}},
+                             name=RELEASE, namespace=NAMESPACE)
+    changed = named([o for path, text in other.items() if not path.endswith("NOTES.txt") for o in load_all(text)],
+                    "Deployment", "sdray-controller")["spec"]["template"]["metadata"]["annotations"]
+    key = "sdray.io/pod-defaults-checksum"
+    assert changed[key] != deployment["metadata"]["annotations"][key]
+
+
+def test_the_job_pods_take_the_charts_pull_secrets_unless_told_otherwise():
+    with helm_python.Chart.load(CHART) as chart:
+        files = chart.render({"imagePullSecrets": [{"name": "registry-pull"}]}, name=RELEASE, namespace=NAMESPACE)
+    objects = [o for path, text in sorted(files.items()) if not path.endswith("NOTES.txt") for o in load_all(text)]
+    assert pod_defaults(objects).image_pull_secrets[0].name == "registry-pull"
+    assert pod_defaults(rendered("full")).image_pull_secrets[0].name == "job-registry-pull"

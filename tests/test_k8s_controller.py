@@ -132,6 +132,25 @@ def test_a_document_may_name_only_the_service_accounts_the_controller_allows(kub
     assert head["serviceAccountName"] == "team-a-s3"
 
 
+def test_pod_fields_the_controller_refuses_fail_the_job_without_a_rayjob(kube, user):
+    """Whoever may create a DiffusionJob (no tenant policy on this path): a pod label that passes another job's
+    NetworkPolicy, one that jumps a Kueue queue, and the service's own database claim are refused."""
+    settings = dataclasses.replace(SETTINGS, allowed_volume_claims=("team-a-data",))
+    attacks = {"net": ({"pod_labels": {"sdray.io/job": "victim"}}, "spec.cluster.pod_labels.sdray.io/job"),
+               "jump": ({"pod_annotations": {"kueue.x-k8s.io/queue-name": "urgent"}},
+                        "spec.cluster.pod_annotations.kueue.x-k8s.io/queue-name"),
+               "db": ({"volumes": [{"name": "db", "mount_path": "/db", "persistent_volume_claim": "sdray-data",
+                                    "read_only": False}]}, "PersistentVolumeClaim 'sdray-data' is not among")}
+    with running(kube, render=settings):
+        for name, (cluster, message) in attacks.items():
+            submit(user, name, cluster=cluster)
+        for name, (cluster, message) in attacks.items():
+            failed = wait_state(kube, name, "Failed")
+            assert conditions(failed)["Failed"] == ("True", "InvalidSpec")
+            assert message in failed["message"], failed["message"]
+            assert kube.get("rayjobs", NS, name) is None
+
+
 def test_an_identity_made_by_someone_else_is_never_adopted(kube, user):
     # Made before the job, so that its pods would run as a ServiceAccount the maker holds tokens for.
     planted = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sdray-job-target", "namespace": NS}}
@@ -446,12 +465,23 @@ def test_controller_command_runs_until_sigterm_and_gives_the_lease_up(kube, user
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", "POD_NAMESPACE")}
+    # The pod defaults as the chart writes them (values jobPods), and a claim it lets documents mount.
+    [defaults] = [o for o in chart_objects(NS, {"jobPods": {"schedulerName": "volcano", "labels": {"cost": "ml"}}})
+                  if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "sdray-pod-defaults"]
+    (tmp_path / "pod-defaults.yaml").write_text(defaults["data"]["pod-defaults.yaml"])
     proc = subprocess.Popen([sys.executable, "-m", "sdray.cli", "controller", "-n", NS, "--kubeconfig", str(kubeconfig),
-                             "--health-port", str(port), "--image", "img:2"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--health-port", str(port), "--image", "img:2", "--allow-volume-claim", "team-a-data",
+                             "--pod-defaults", str(tmp_path / "pod-defaults.yaml")],
+                            env=env, stderr=subprocess.PIPE, text=True)
     try:
-        submit(user, "from-cli")
+        submit(user, "from-cli", cluster={"volumes": [{"name": "d", "mount_path": "/data",
+                                                       "persistent_volume_claim": "team-a-data"}]})
         rayjob = kube.wait(lambda: kube.get("rayjobs", NS, "from-cli"), 30, "the CLI controller's RayJob")
-        assert rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "img:2"
+        head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+        assert head["spec"]["containers"][0]["image"] == "img:2"
+        assert head["spec"]["schedulerName"] == "volcano" and head["metadata"]["labels"]["cost"] == "ml"
+        assert {"name": "vol-d", "persistentVolumeClaim": {"claimName": "team-a-data", "readOnly": True}} in head[
+            "spec"]["volumes"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
             assert response.status == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

@@ -4,6 +4,8 @@ core kinds, KubeRay v1.7.0's RayJob CRD)."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
 
@@ -12,8 +14,9 @@ import yaml
 from conftest import make_job
 from k8s_checks import REPO, check, load_all, network_allows
 
+from sdray.k8s.defaults import PodDefaults, PodDefaultsError
 from sdray.k8s.render import RenderError, RenderSettings, render, render_yaml
-from sdray.spec import load_job, parse_job
+from sdray.spec import SpecError, load_job, parse_job
 
 SETTINGS = RenderSettings(image="registry.example/sdray:0.1.0", ray_operator_namespace="kuberay-system")
 
@@ -293,3 +296,207 @@ def test_ray_pods_hear_a_preemption_notice_and_get_the_jobs_grace_period():
     _, _, rayjob = _render(checkpoint={"on_preemption": False})
     for pod in _pods(rayjob).values():
         assert "terminationGracePeriodSeconds" not in pod["spec"] and "lifecycle" not in pod["spec"]["containers"][0]
+
+
+# -- the platform's pod defaults (the chart's jobPods) and a document's own pod fields ----------------------------
+
+PODS = PodDefaults.model_validate({
+    "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/sdray-jobs"},
+    "imagePullSecrets": [{"name": "registry-pull"}],
+    "annotations": {"sidecar.istio.io/inject": "false"},
+    "labels": {"cost-center": "ml"},
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "node-pool", "operator": "In", "values": ["gpu-a", "gpu-b"]}]},
+        {"matchExpressions": [{"key": "node-pool", "operator": "In", "values": ["reserved"]}]}]}},
+        "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "podAffinityTerm": {
+            "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "noisy"}}}}]}},
+    "topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"},
+        {"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+         "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "ray-worker"}}}],
+    "volumes": [{"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache", "readOnly": True}}],
+    "volumeMounts": [{"name": "hf-cache", "mountPath": "/cache/huggingface", "readOnly": True}],
+    "acceleratorResource": "amd.com/gpu",
+    "runtimeClassName": "rocm",
+    "schedulerName": "volcano",
+    "priorityClassName": "training-default",
+})
+PLATFORM = RenderSettings(image="registry.example/sdray:0.1.0", ray_operator_namespace="kuberay-system", pods=PODS)
+GPU_JOB = {"distributed": {"num_workers": 2, "use_gpu": True}}
+
+
+def test_the_platforms_pod_defaults_reach_the_head_and_every_worker():
+    objects = _objects("platform", settings=PLATFORM, **GPU_JOB)
+    assert objects["ServiceAccount"]["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/sdray-jobs"}
+    pods = _pods(objects["RayJob"])
+    for role in ("head", "worker"):
+        meta, spec = pods[role]["metadata"], pods[role]["spec"]
+        assert meta["labels"]["cost-center"] == "ml" and meta["labels"]["sdray.io/job"] == "platform"
+        assert meta["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert spec["imagePullSecrets"] == [{"name": "registry-pull"}]
+        assert (spec["runtimeClassName"], spec["schedulerName"], spec["priorityClassName"]) == (
+            "rocm", "volcano", "training-default")
+        assert spec["affinity"] == PODS.affinity
+        # A constraint without a selector spreads this job's pods; one with a selector is the platform's as written.
+        assert spec["topologySpreadConstraints"] == [
+            {**PODS.topology_spread_constraints[0], "labelSelector": {"matchLabels": {"sdray.io/job": "platform"}}},
+            PODS.topology_spread_constraints[1]]
+        assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache", "readOnly": True}} in spec["volumes"]
+        assert {"name": "hf-cache", "mountPath": "/cache/huggingface", "readOnly": True} in spec["containers"][0][
+            "volumeMounts"]
+    # The GPUs are asked as the platform's accelerator resource, on the workers only.
+    assert pods["worker"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "32Gi",
+                                                                            "amd.com/gpu": "1"}
+    assert "amd.com/gpu" not in pods["head"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in render_yaml([objects["RayJob"]])
+    # The submitter pulls the same image through the same secret and goes through the same scheduler, but runs
+    # no Ray: no GPU runtime, volumes or spreading.
+    submitter = pods["submitter"]["spec"]
+    assert submitter["imagePullSecrets"] == [{"name": "registry-pull"}] and submitter["schedulerName"] == "volcano"
+    assert pods["submitter"]["metadata"]["labels"]["cost-center"] == "ml"
+    assert {"runtimeClassName", "affinity", "topologySpreadConstraints", "volumes"}.isdisjoint(submitter)
+
+
+def test_a_documents_pod_fields_add_to_the_platforms():
+    objects = _objects("own", settings=PLATFORM, distributed={"num_workers": 2, "use_gpu": True}, cluster={
+        "pod_labels": {"team": "a"}, "pod_annotations": {"example.com/owner": "alice"},
+        "priority_class": "team-a-high", "scheduler_name": "kai-scheduler", "accelerator_resource": "nvidia.com/gpu",
+        "node_affinity": {"required": [{"match_expressions": [{"key": "zone", "operator": "In", "values": ["eu-1"]}]}],
+                          "preferred": [{"weight": 50, "match_expressions": [{"key": "gpu.memory", "operator": "Gt",
+                                                                              "values": ["40000"]}]}]},
+        "volumes": [{"name": "data", "mount_path": "/data", "persistent_volume_claim": "team-a-data"},
+                    {"name": "out", "mount_path": "/scratch", "persistent_volume_claim": "team-a-scratch",
+                     "read_only": False},
+                    {"name": "prompts", "mount_path": "/prompts", "config_map": "team-a-prompts"}]})
+    pods = _pods(objects["RayJob"])
+    for role in ("head", "worker"):
+        meta, spec = pods[role]["metadata"], pods[role]["spec"]
+        assert {"team": "a", "cost-center": "ml"}.items() <= meta["labels"].items()
+        assert meta["annotations"] == {"sidecar.istio.io/inject": "false", "example.com/owner": "alice"}
+        assert (spec["priorityClassName"], spec["schedulerName"]) == ("team-a-high", "kai-scheduler")
+        node = spec["affinity"]["nodeAffinity"]
+        # Kubernetes ORs terms: each of the platform's two terms now also needs the document's zone.
+        zone = {"key": "zone", "operator": "In", "values": ["eu-1"]}
+        assert [t["matchExpressions"] for t in node["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"]] == [[{"key": "node-pool", "operator": "In", "values": ["gpu-a", "gpu-b"]}, zone],
+                                      [{"key": "node-pool", "operator": "In", "values": ["reserved"]}, zone]]
+        assert node["preferredDuringSchedulingIgnoredDuringExecution"] == [{"weight": 50, "preference": {
+            "matchExpressions": [{"key": "gpu.memory", "operator": "Gt", "values": ["40000"]}]}}]
+        assert spec["affinity"]["podAntiAffinity"] == PODS.affinity["podAntiAffinity"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["vol-data"]["persistentVolumeClaim"] == {"claimName": "team-a-data", "readOnly": True}
+        assert volumes["vol-out"]["persistentVolumeClaim"] == {"claimName": "team-a-scratch"}
+        assert volumes["vol-prompts"]["configMap"] == {"name": "team-a-prompts"}
+        mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts["/data"] == {"name": "vol-data", "mountPath": "/data", "readOnly": True}
+        assert mounts["/scratch"] == {"name": "vol-out", "mountPath": "/scratch"}
+        assert mounts["/prompts"]["readOnly"] is True and "/cache/huggingface" in mounts
+    assert pods["worker"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "volumes" not in pods["submitter"]["spec"]
+
+
+def test_without_platform_defaults_nothing_extra_is_rendered():
+    pods = _pods(_objects("plain", **GPU_JOB)["RayJob"])
+    for pod in pods.values():
+        assert {"imagePullSecrets", "schedulerName", "runtimeClassName", "affinity", "topologySpreadConstraints",
+                "priorityClassName"}.isdisjoint(pod["spec"]) and "annotations" not in pod["metadata"]
+    assert pods["worker"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+@pytest.mark.parametrize("key", ["sdray.io/job", "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class",
+                                 "app.kubernetes.io/instance", "ray.io/node-type", "scheduling.x-k8s.io/pod-group",
+                                 "volcano.sh/queue-name"])
+@pytest.mark.parametrize("field", ["pod_labels", "pod_annotations"])
+def test_a_document_cannot_set_the_platforms_label_or_annotation_keys(field, key):
+    """The attacks: a pod labelled sdray.io/job: victim passes the victim's NetworkPolicy (to its GCS and
+    dashboard); a Kueue or Volcano queue label moves the pods to another team's queue; app.kubernetes.io/*
+    is what the chart's Services select."""
+    job = parse_job(make_job("jumper", "s3://o/x", "s3://d/x", cluster={field: {key: "victim"}}))
+    with pytest.raises(RenderError, match=rf"spec\.cluster\.{field}\.{key}: the key is reserved to the platform"):
+        render(job, PLATFORM, namespace="ml")
+
+
+def test_the_controller_mounts_only_the_claims_and_config_maps_it_allows():
+    settings = dataclasses.replace(PLATFORM, allowed_volume_claims=("team-a-data",),
+                                   allowed_config_maps=("team-a-prompts",))
+    # The attack: mount the service's own job database (the chart's sdray-data claim) read-write.
+    steal = parse_job(make_job("steal", "s3://o/x", "s3://d/x", cluster={"volumes": [
+        {"name": "db", "mount_path": "/db", "persistent_volume_claim": "sdray-data", "read_only": False}]}))
+    with pytest.raises(RenderError, match=r"spec\.cluster\.volumes\[0\]: PersistentVolumeClaim 'sdray-data' is not "
+                                          r"among .*\(team-a-data: the controller's --allow-volume-claim\)"):
+        render(steal, settings, namespace="ml")
+    policy = parse_job(make_job("peek", "s3://o/x", "s3://d/x", cluster={"volumes": [
+        {"name": "p", "mount_path": "/p", "config_map": "sdray-policy"}]}))
+    with pytest.raises(RenderError, match=r"ConfigMap 'sdray-policy' is not among .*--allow-config-map"):
+        render(policy, settings, namespace="ml")
+    over = parse_job(make_job("over", "s3://o/x", "s3://d/x", cluster={"volumes": [
+        {"name": "c", "mount_path": "/cache/huggingface", "persistent_volume_claim": "team-a-data"}]}))
+    with pytest.raises(RenderError, match=r"volumes\[0\]\.mount_path: /cache/huggingface is where the platform mounts"):
+        render(over, settings, namespace="ml")
+    ok = parse_job(make_job("ok", "s3://o/x", "s3://d/x", cluster={"volumes": [
+        {"name": "d", "mount_path": "/data", "persistent_volume_claim": "team-a-data"}]}))
+    check(render(ok, settings, namespace="ml"))
+
+
+@pytest.mark.parametrize("volume, message", [
+    ({"name": "node", "mount_path": "/host", "host_path": "/"}, "hostPath volumes are never allowed"),
+    ({"name": "node", "mount_path": "/host", "hostPath": {"path": "/var/run/docker.sock"}},
+     "hostPath volumes are never allowed"),
+    # The job document the driver runs is /etc/sdray/job.yaml: a ConfigMap there would run one the policy never saw.
+    ({"name": "doc", "mount_path": "/etc/sdray", "config_map": "my-own-job"}, "would cover /etc/sdray"),
+    ({"name": "doc", "mount_path": "/etc", "config_map": "my-own-job"}, "would cover /etc/sdray"),
+    ({"name": "cred", "mount_path": "/var/run/secrets/sdray/team-b-s3", "persistent_volume_claim": "x"},
+     "would cover /var/run/secrets/sdray"),
+    ({"name": "up", "mount_path": "/data/../etc/sdray", "persistent_volume_claim": "x"}, "normalised path"),
+    ({"name": "two", "mount_path": "/d", "persistent_volume_claim": "x", "config_map": "y"}, "exactly one of"),
+    ({"name": "rw", "mount_path": "/d", "config_map": "y", "read_only": False}, "always mounted read-only"),
+])
+def test_a_document_volume_is_a_claim_or_config_map_away_from_sdrays_mounts(volume, message):
+    with pytest.raises(SpecError, match=r"spec\.cluster\.volumes\.0.*" + re.escape(message)):
+        parse_job(make_job("vol", "s3://o/x", "s3://d/x", cluster={"volumes": [volume]}))
+
+
+@pytest.mark.parametrize("resource", ["gpu", "kubernetes.io/gpu", "cpu", "requests.nvidia.com/gpu", "a/b/c"])
+def test_an_accelerator_resource_must_be_an_extended_resource(resource):
+    with pytest.raises(SpecError, match=r"spec\.cluster\.accelerator_resource"):
+        parse_job(make_job("acc", "s3://o/x", "s3://d/x", cluster={"accelerator_resource": resource}))
+    with pytest.raises(ValueError, match="acceleratorResource"):
+        PodDefaults.model_validate({"acceleratorResource": resource})
+
+
+def test_render_command_takes_the_platforms_pod_defaults(tmp_path):
+    defaults = tmp_path / "pod-defaults.yaml"
+    defaults.write_text(yaml.safe_dump(PODS.model_dump(by_alias=True)))
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(make_job("cli-pods", "s3://o/x", "s3://d/x", **GPU_JOB)))
+    result = subprocess.run([sys.executable, "-m", "sdray.cli", "render", str(path), "-n", "ml", "--pod-defaults",
+                             str(defaults)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rayjob = check(load_all(result.stdout))[-1]
+    worker = _workers(rayjob)[0]["template"]["spec"]
+    assert worker["schedulerName"] == "volcano" and worker["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "1"
+    defaults.write_text("volumes: [{name: dshm, emptyDir: {}}]\n")
+    refused = subprocess.run([sys.executable, "-m", "sdray.cli", "render", str(path), "--pod-defaults", str(defaults)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "volumes[0].name: 'dshm' is taken" in " ".join(refused.stderr.split())
+
+
+@pytest.mark.parametrize("text, where", [
+    ("acceleratorResource: gpu\n", "acceleratorResource"),
+    ("labels: {team: 'a b'}\n", "labels.team"),
+    ("volumeMounts: [{name: nowhere, mountPath: /x}]\n", "volumeMounts[0]: needs the name of one of volumes"),
+    ("volumes: [{name: c, emptyDir: {}}]\nvolumeMounts: [{name: c, mountPath: /etc/sdray}]\n",
+     "volumeMounts[0].mountPath: /etc/sdray is where sdray mounts"),
+    ("topologySpreadConstraints: [{maxSkew: 1}]\n", "topologySpreadConstraints[0]: needs maxSkew"),
+    ("schedulerName: Volcano\n", "schedulerName"),
+    ("imagePullSecrets: [regcred]\n", "imagePullSecrets.0"),
+    ("tolerations: []\n", "tolerations: Extra inputs are not permitted"),
+    ("[", "not valid YAML"),
+])
+def test_a_broken_pod_defaults_file_is_refused_with_its_field(tmp_path, text, where):
+    path = tmp_path / "pod-defaults.yaml"
+    path.write_text(text)
+    with pytest.raises(PodDefaultsError, match=re.escape(f"{path}: ") + ".*" + re.escape(where)):
+        PodDefaults.load(path)

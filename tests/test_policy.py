@@ -4,6 +4,7 @@ paths compared after normalisation; a search's candidate values checked like the
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,88 @@ def test_a_broken_policy_file_is_refused_with_its_place(tmp_path, text, where):
     with pytest.raises(PolicyError, match=r"policy\.yaml: .*" + where.replace(".", r"\.").replace("!", "!")):
         policy(tmp_path, text)
 
+
+
+# -- pod fields (issue #16): labels, annotations, node affinity, volumes, scheduler, accelerator --------------------
+
+def pod_job(tmp_path: Path, cluster: dict):
+    """A job whose URIs every policy allows (s3://, no s3_prefixes list), with ``cluster``."""
+    return job(tmp_path, data={"uri": "s3://team-a/data"}, output={"uri": "s3://team-a/out"}, cluster=cluster)
+
+
+@pytest.fixture
+def pods_policy(tmp_path) -> Policy:
+    return policy(tmp_path, """
+tenants:
+  alice:
+    node_selectors: ["pool=gpu-a", "zone=*"]
+    pod_labels: [team, "example.com/*"]
+    pod_annotations: ["*"]
+    volume_claims: [team-a-data, "shared-models:ro"]
+    config_maps: [team-a-prompts]
+    scheduler_names: [volcano]
+    accelerator_resources: [amd.com/gpu]
+""")
+
+
+def test_a_tenants_pod_fields_pass_when_its_policy_lists_them(tmp_path, pods_policy):
+    allowed = pod_job(tmp_path, cluster={
+        "pod_labels": {"team": "a", "example.com/cost": "ml"}, "pod_annotations": {"example.org/anything": "x"},
+        "node_affinity": {"required": [{"match_expressions": [{"key": "pool", "operator": "In", "values": ["gpu-a"]},
+                                                              {"key": "zone", "operator": "NotIn", "values": ["b"]}]}]},
+        "volumes": [{"name": "d", "mount_path": "/data", "persistent_volume_claim": "team-a-data", "read_only": False},
+                    {"name": "m", "mount_path": "/models", "persistent_volume_claim": "shared-models"},
+                    {"name": "p", "mount_path": "/prompts", "config_map": "team-a-prompts"}],
+        "scheduler_name": "volcano", "accelerator_resource": "amd.com/gpu"})
+    assert pods_policy.check("alice", allowed) == []
+
+
+def test_every_pod_field_of_the_attack_is_refused_with_its_rule(tmp_path, pods_policy):
+    """The attacks: another tenant's claim, writing to a claim shared read-only, the platform's ConfigMap, a
+    scheduler and an accelerator the tenant was not given, steering onto another team's nodes, and labels the
+    tenant may not set."""
+    attack = pod_job(tmp_path, cluster={
+        "pod_labels": {"owner": "x"}, "pod_annotations": {"example.org/ok": "x"},
+        "node_affinity": {"required": [{"match_expressions": [{"key": "pool", "operator": "In", "values": ["gpu-b"]}]}],
+                          "preferred": [{"weight": 1, "match_expressions": [{"key": "pool", "operator": "NotIn",
+                                                                             "values": ["gpu-a"]}]}]},
+        "volumes": [{"name": "b", "mount_path": "/b", "persistent_volume_claim": "team-b-data"},
+                    {"name": "m", "mount_path": "/models", "persistent_volume_claim": "shared-models", "read_only": False},
+                    {"name": "p", "mount_path": "/p", "config_map": "sdray-policy"}],
+        "scheduler_name": "default-scheduler-2", "accelerator_resource": "habana.ai/gaudi"})
+    refused = pods_policy.check("alice", attack)
+    assert rules(refused) == {
+        "spec.cluster.pod_labels.owner": "pod_labels",
+        "spec.cluster.node_affinity.required[0].match_expressions[0]": "node_selectors",
+        "spec.cluster.node_affinity.preferred[0].match_expressions[0]": "node_selectors",
+        "spec.cluster.volumes[0]": "volume_claims", "spec.cluster.volumes[1]": "volume_claims",
+        "spec.cluster.volumes[2]": "config_maps",
+        "spec.cluster.scheduler_name": "scheduler_names", "spec.cluster.accelerator_resource": "accelerator_resources",
+    }
+    messages = {r.field: r.message for r in refused}
+    assert "'team-b-data' is not allowed" in messages["spec.cluster.volumes[0]"]
+    assert "may only be mounted read-only" in messages["spec.cluster.volumes[1]"]
+    assert "tenants.alice.volume_claims" in messages["spec.cluster.volumes[1]"]
+    # A tenant on the default block may name none of these.
+    assert set(rules(pods_policy.check("mallory", attack))) >= set(rules(refused)) | {"spec.cluster.pod_annotations.example.org/ok"}
+
+
+@pytest.mark.parametrize("key", ["kueue.x-k8s.io/queue-name", "sdray.io/job", "app.kubernetes.io/name",
+                                 "ray.io/cluster", "scheduling.x-k8s.io/pod-group", "volcano.sh/queue-name"])
+def test_the_platforms_keys_are_refused_even_where_the_policy_allows_every_key(tmp_path, key):
+    """Jumping a queue or passing another job's NetworkPolicy by a label: no list of the policy allows it."""
+    everything = policy(tmp_path, "default: {pod_labels: ['*'], pod_annotations: ['*']}\n")
+    for field in ("pod_labels", "pod_annotations"):
+        refused = everything.check("anyone", pod_job(tmp_path, cluster={field: {key: "team-b", "team": "a"}}))
+        assert rules(refused) == {f"spec.cluster.{field}.{key}": "reserved_keys"}, refused
+        assert "reserved to the platform" in refused[0].message
+
+
+@pytest.mark.parametrize("text, where", [
+    ("default: {volume_claims: ['team-a:rw']}", "default.volume_claims.0"),
+    ("default: {pod_labels: ['bad key']}", "default.pod_labels.0"),
+    ("default: {scheduler_names: [Volcano]}", "default.scheduler_names.0"),
+])
+def test_a_broken_pod_rule_is_refused_with_its_place(tmp_path, text, where):
+    with pytest.raises(PolicyError, match=r"policy\.yaml: " + re.escape(where)):
+        policy(tmp_path, text)

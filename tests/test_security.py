@@ -78,6 +78,32 @@ def test_a_tenant_cannot_take_the_platforms_or_another_teams_cluster_fields(serv
     assert root.post("/v1/jobs", json=attack).status_code == 201
 
 
+def test_a_tenant_cannot_jump_a_queue_mount_anothers_claim_or_reach_its_node_through_pod_fields(service, tokens,
+                                                                                                  tmp_path):
+    """Issue #16's pod fields over HTTP: a Kueue queue label on the pods, a NetworkPolicy label of another job,
+    another tenant's claim, a scheduler the tenant was not given (403, each with its rule); a hostPath, or a
+    ConfigMap over the job document the driver reads (422: the job model has no such volume)."""
+    alice = service.client(tokens[1]["alice"])
+    attack = alice_doc(tmp_path, "pods", cluster={
+        "pod_labels": {"kueue.x-k8s.io/queue-name": "team-b-urgent", "sdray.io/job": "victim"},
+        "volumes": [{"name": "b", "mount_path": "/b", "persistent_volume_claim": "team-b-data"}],
+        "scheduler_name": "my-scheduler"})
+    for route in ("/v1/jobs", "/v1/validate"):
+        r = alice.post(route, json=attack)
+        assert r.status_code == 403, r.text
+        assert {e["field"]: e["rule"] for e in r.json()["errors"]} == {
+            "spec.cluster.pod_labels.kueue.x-k8s.io/queue-name": "reserved_keys",
+            "spec.cluster.pod_labels.sdray.io/job": "reserved_keys",
+            "spec.cluster.volumes[0]": "volume_claims", "spec.cluster.scheduler_name": "scheduler_names"}
+    for volume, message in (({"name": "n", "mount_path": "/n", "host_path": "/var/run"}, "hostPath volumes are never"),
+                            ({"name": "d", "mount_path": "/etc/sdray", "config_map": "mine"}, "would cover /etc/sdray")):
+        r = alice.post("/v1/jobs", json=alice_doc(tmp_path, "node", cluster={"volumes": [volume]}))
+        assert r.status_code == 422, r.text
+        [error] = r.json()["errors"]
+        assert error["field"].startswith("spec.cluster.volumes") and message in error["message"], error
+    assert service.client(tokens[1]["root"]).get("/v1/jobs").json()["jobs"] == []  # nothing was queued
+
+
 def test_a_tenant_cannot_read_or_write_outside_its_paths(service, tokens, tmp_path):
     bob, alice = service.client(tokens[1]["bob"]), service.client(tokens[1]["alice"])
     escapes = [{"output": {"uri": str(tmp_path / "team-a" / ".." / "team-b" / "out")}},

@@ -21,11 +21,21 @@ Isolation between jobs (several tenants share a namespace):
   ServiceAccount's namespace): the pods then run as the namespace's default ServiceAccount. A document
   may not name another job's ``sdray-job-…`` ServiceAccount.
 
+What the platform sets on every job's pods (image pull secrets, labels and annotations, affinity, topology
+spread, volumes, the GPU resource name, runtime class, scheduler, default priority class, the job ServiceAccount's
+annotations) comes from ``RenderSettings.pods`` (``sdray.k8s.defaults``, the chart's ``jobPods``); a document adds
+its own ``spec.cluster`` labels, annotations, node affinity and volumes to it, never removes from it. Label and
+annotation keys of the platform's domains (``sdray.spec.RESERVED_KEY_DOMAINS``: ``sdray.io/job`` is what the
+NetworkPolicy lets in, ``kueue.x-k8s.io/*`` what Kueue queues by) are refused in a document, and the controller
+mounts only the claims and ConfigMaps it is told documents may name (``--allow-volume-claim``,
+``--allow-config-map``).
+
 The same function serves ``sdray render`` (no owner) and the controller (owned by the DiffusionJob).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -37,7 +47,8 @@ from typing import Any
 import yaml
 
 from sdray.k8s import API_VERSION, GROUP, JOB_LABEL, KIND, MANAGED_BY, PLURAL, RAY_GROUP, RAY_VERSION
-from sdray.spec import DiffusionJob, PodResources
+from sdray.k8s.defaults import PodDefaults
+from sdray.spec import RESERVED_KEY_DOMAINS, DiffusionJob, NodeAffinity, NodeSelectorTerm, PodResources, reserved_key
 
 JOB_MOUNT = "/etc/sdray"
 JOB_FILE = "job.yaml"
@@ -93,6 +104,12 @@ class RenderSettings:
     # output is applied with its user's own rights). The controller creates pods for whoever may create a
     # DiffusionJob, so it allows only the ones the platform lists (sdray controller --allow-service-account).
     allowed_service_accounts: tuple[str, ...] | None = None
+    # PersistentVolumeClaims and ConfigMaps a document may mount (spec.cluster.volumes); None: any (``sdray
+    # render``). The controller's --allow-volume-claim / --allow-config-map: the namespace's other claims (the
+    # service's own database among them) stay out of reach of whoever may create a DiffusionJob.
+    allowed_volume_claims: tuple[str, ...] | None = None
+    allowed_config_maps: tuple[str, ...] | None = None
+    pods: PodDefaults = field(default_factory=PodDefaults)
 
 
 def configmap_name(job_name: str) -> str:
@@ -140,9 +157,9 @@ def _metadata(name: str, namespace: str | None, labels: dict, owner: dict | None
     return meta
 
 
-def _resources(cpu: str, memory: str, gpu: int = 0) -> dict:
+def _resources(cpu: str, memory: str, gpu: int = 0, accelerator: str = "nvidia.com/gpu") -> dict:
     # Requests equal to limits: a training pod is Guaranteed and is not evicted first under pressure.
-    amounts = {"cpu": cpu, "memory": memory, **({"nvidia.com/gpu": str(gpu)} if gpu else {})}
+    amounts = {"cpu": cpu, "memory": memory, **({accelerator: str(gpu)} if gpu else {})}
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
@@ -172,14 +189,41 @@ def _credential_secrets(job: DiffusionJob) -> list[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
+def accelerator_resource(job: DiffusionJob, settings: RenderSettings) -> str:
+    """The extended resource worker pods ask their GPUs as: the document's, else the platform's."""
+    return job.spec.cluster.accelerator_resource or settings.pods.accelerator_resource
+
+
+def _job_volumes(job: DiffusionJob) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts) of the document's spec.cluster.volumes, named vol-<name> in the pods."""
+    volumes, mounts = [], []
+    for volume in job.spec.cluster.volumes:
+        name = f"vol-{volume.name}"
+        if volume.persistent_volume_claim is not None:
+            source = {"persistentVolumeClaim": {"claimName": volume.persistent_volume_claim,
+                                                **({"readOnly": True} if volume.read_only else {})}}
+        else:
+            source = {"configMap": {"name": volume.config_map}}
+        volumes.append({"name": name, **source})
+        mounts.append({"name": name, "mountPath": volume.mount_path, **({"readOnly": True} if volume.read_only else {})})
+    return volumes, mounts
+
+
 def _pod(job: DiffusionJob, settings: RenderSettings, name: str, container: str, resources: dict, *,
          head: bool, account: str | None) -> dict:
     cluster = job.spec.cluster
+    pods = settings.pods
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]  # Ray's object store lives in shared memory
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     for i, secret in enumerate(_credential_secrets(job)):
         mounts.append({"name": f"credentials-{i}", "mountPath": f"{SECRETS_MOUNT}/{secret}", "readOnly": True})
         volumes.append({"name": f"credentials-{i}", "secret": {"secretName": secret}})
+    # Fresh copies: YAML would write a dict shared by the head and the workers as an anchor and an alias.
+    volumes += copy.deepcopy(pods.volumes)
+    mounts += copy.deepcopy(pods.volume_mounts)
+    own_volumes, own_mounts = _job_volumes(job)
+    volumes += own_volumes
+    mounts += own_mounts
     env = [{"name": k, "value": v} for k, v in sorted(cluster.env.items())]
     if head:
         mounts.append({"name": "job", "mountPath": JOB_MOUNT, "readOnly": True})
@@ -198,7 +242,14 @@ def _pod(job: DiffusionJob, settings: RenderSettings, name: str, container: str,
         main["env"] = env
     if cluster.env_secrets:
         main["envFrom"] = [{"secretRef": {"name": secret}} for secret in cluster.env_secrets]
-    spec = _placement(job)
+    spec = _common_spec(job, settings)
+    if pods.runtime_class_name:
+        spec["runtimeClassName"] = pods.runtime_class_name
+    affinity = _affinity(pods.affinity, cluster.node_affinity)
+    if affinity:
+        spec["affinity"] = affinity
+    if pods.topology_spread_constraints:
+        spec["topologySpreadConstraints"] = [_spread(c, name) for c in pods.topology_spread_constraints]
     checkpoint = job.spec.checkpoint
     if checkpoint.on_preemption:
         # Eviction or preemption: the hook tells the run (Kubernetes signals only Ray, the first process) and
@@ -209,23 +260,74 @@ def _pod(job: DiffusionJob, settings: RenderSettings, name: str, container: str,
     if account:
         spec["serviceAccountName"] = account
     return {
-        "metadata": {"labels": _labels(name, "ray-head" if head else "ray-worker")},
+        "metadata": _pod_metadata(job, settings, name, "ray-head" if head else "ray-worker"),
         "spec": {**spec, "containers": [main], "volumes": volumes},
     }
+
+
+def _pod_metadata(job: DiffusionJob, settings: RenderSettings, name: str, component: str) -> dict:
+    """Labels and annotations of a pod: the platform's, the document's, and sdray's own last (they win)."""
+    cluster = job.spec.cluster
+    meta: dict[str, Any] = {"labels": {**settings.pods.labels, **cluster.pod_labels, **_labels(name, component)}}
+    annotations = {**settings.pods.annotations, **cluster.pod_annotations}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def _node_term(term: NodeSelectorTerm) -> dict:
+    return {"matchExpressions": [{"key": r.key, "operator": r.operator, **({"values": list(r.values)} if r.values else {})}
+                                 for r in term.match_expressions]}
+
+
+def _affinity(platform: dict, job: NodeAffinity | None) -> dict:
+    """The platform's affinity with the document's node affinity added: a required term of each must hold
+    (Kubernetes ORs terms, so the result is every pair of them joined), and the preferences of both count."""
+    affinity = copy.deepcopy(platform)
+    if job is None or not (job.required or job.preferred):
+        return affinity
+    node = affinity.setdefault("nodeAffinity", {})
+    if job.required:
+        terms = [_node_term(t) for t in job.required]
+        theirs = (node.get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or []
+        if theirs:
+            terms = [{**copy.deepcopy(p), "matchExpressions": [*copy.deepcopy(p.get("matchExpressions", [])),
+                                                               *j["matchExpressions"]]}
+                     for p in theirs for j in terms]
+        node["requiredDuringSchedulingIgnoredDuringExecution"] = {"nodeSelectorTerms": terms}
+    if job.preferred:
+        node.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).extend(
+            {"weight": t.weight, "preference": _node_term(t)} for t in job.preferred)
+    return affinity
+
+
+def _spread(constraint: dict, name: str) -> dict:
+    """A topology spread constraint of the platform's; without a labelSelector it spreads the job's own pods."""
+    constraint = copy.deepcopy(constraint)
+    constraint.setdefault("labelSelector", {"matchLabels": {JOB_LABEL: name}})
+    return constraint
 
 
 def _container_security() -> dict:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
-def _placement(job: DiffusionJob) -> dict:
-    cluster = job.spec.cluster
+def _common_spec(job: DiffusionJob, settings: RenderSettings) -> dict:
+    """What every pod of the RayJob gets, the submitter's included: security context, image pull secrets,
+    scheduler, priority class and the document's node selector and tolerations."""
+    cluster, pods = job.spec.cluster, settings.pods
     spec: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
                             "seccompProfile": {"type": "RuntimeDefault"}},
     }
-    if cluster.priority_class:
-        spec["priorityClassName"] = cluster.priority_class
+    if pods.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": s.name} for s in pods.image_pull_secrets]
+    scheduler = cluster.scheduler_name or pods.scheduler_name
+    if scheduler:
+        spec["schedulerName"] = scheduler
+    priority = cluster.priority_class or pods.priority_class_name
+    if priority:
+        spec["priorityClassName"] = priority
     if cluster.node_selector:
         spec["nodeSelector"] = dict(cluster.node_selector)
     if cluster.tolerations:
@@ -243,8 +345,8 @@ def _submitter(job: DiffusionJob, settings: RenderSettings, name: str) -> dict:
                  "imagePullPolicy": settings.image_pull_policy,
                  "resources": _resources("500m", "1Gi"), "securityContext": _container_security()}
     # It only talks to the Ray dashboard: the namespace's default ServiceAccount, not the job's.
-    return {"metadata": {"labels": _labels(name, "ray-submitter")},
-            "spec": {**_placement(job), "restartPolicy": "Never", "containers": [container]}}
+    return {"metadata": _pod_metadata(job, settings, name, "ray-submitter"),
+            "spec": {**_common_spec(job, settings), "restartPolicy": "Never", "containers": [container]}}
 
 
 def check_name(name: str) -> None:
@@ -271,17 +373,46 @@ def check_service_account(job: DiffusionJob, settings: RenderSettings) -> None:
                           "--allow-service-account); leave the field out to run as the job's own")
 
 
-def _identity(name: str, namespace: str, owner: dict | None) -> list[dict]:
+def check_pod_fields(job: DiffusionJob, settings: RenderSettings) -> None:
+    """Refuse what a document may not put on its pods: label or annotation keys of the platform's domains
+    (a pod labelled ``sdray.io/job: <victim>`` would pass the victim's NetworkPolicy; a Kueue label would
+    jump a queue), claims and ConfigMaps the settings do not list, and a mount path the platform mounts."""
+    cluster = job.spec.cluster
+    for attr in ("pod_labels", "pod_annotations"):
+        for key in getattr(cluster, attr):
+            if reserved_key(key):
+                raise RenderError(f"spec.cluster.{attr}.{key}: the key is reserved to the platform (keys under "
+                                  f"{', '.join(RESERVED_KEY_DOMAINS)} are sdray's, KubeRay's, Kubernetes' and the "
+                                  "schedulers')")
+    taken = set(settings.pods.mount_paths)
+    for i, volume in enumerate(cluster.volumes):
+        where = f"spec.cluster.volumes[{i}]"
+        kind, value, allowed, flag = (
+            ("PersistentVolumeClaim", volume.persistent_volume_claim, settings.allowed_volume_claims,
+             "--allow-volume-claim") if volume.persistent_volume_claim is not None else
+            ("ConfigMap", volume.config_map, settings.allowed_config_maps, "--allow-config-map"))
+        if allowed is not None and value not in allowed:
+            raise RenderError(f"{where}: {kind} {value!r} is not among those this cluster's jobs may mount "
+                              f"({', '.join(allowed) or 'none'}: the controller's {flag})")
+        if volume.mount_path in taken:
+            raise RenderError(f"{where}.mount_path: {volume.mount_path} is where the platform mounts one of its "
+                              "own volumes")
+
+
+def _identity(name: str, namespace: str, settings: RenderSettings, owner: dict | None) -> list[dict]:
     """ServiceAccount, Role and RoleBinding ``sdray-job-<name>``: the Ray pods may patch the status of
-    DiffusionJob ``name`` (step and loss), and nothing else."""
+    DiffusionJob ``name`` (step and loss), and nothing else. The ServiceAccount carries the platform's
+    annotations (a cloud identity: EKS IRSA, GKE Workload Identity)."""
     account = identity_name(name)
     rbac = "rbac.authorization.k8s.io"
 
-    def meta() -> dict:  # one each: YAML would write a shared dict as an anchor and an alias
-        return _metadata(account, namespace, _labels(name, "identity"), owner)
+    def meta(**extra) -> dict:  # one each: YAML would write a shared dict as an anchor and an alias
+        return _metadata(account, namespace, _labels(name, "identity"), owner, **extra)
 
+    annotations = dict(settings.pods.service_account_annotations)
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta()},
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": meta(**({"annotations": annotations} if annotations else {}))},
         {"apiVersion": f"{rbac}/v1", "kind": "Role", "metadata": meta(),
          "rules": [{"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "resourceNames": [name],
                     "verbs": ["patch"]}]},
@@ -328,12 +459,13 @@ def render(job: DiffusionJob, settings: RenderSettings | None = None, *, namespa
     name = owner["metadata"]["name"] if owner is not None else job.metadata.name
     check_name(name)
     check_service_account(job, settings)
+    check_pod_fields(job, settings)
     namespace = namespace or job.metadata.namespace
     cluster = job.spec.cluster
     account = cluster.service_account or settings.job_service_account
     identity = []
     if account is None and namespace:
-        identity = _identity(name, namespace, owner)
+        identity = _identity(name, namespace, settings, owner)
         account = identity_name(name)
     doc = job_document(job, namespace)
     configmap = {
@@ -371,7 +503,8 @@ def render(job: DiffusionJob, settings: RenderSettings | None = None, *, namespa
                 "groupName": "workers",
                 "replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas,
                 "rayStartParams": {},
-                "template": _pod(job, settings, name, "ray-worker", _resources(cpu, memory, gpu), head=False,
+                "template": _pod(job, settings, name, "ray-worker",
+                                 _resources(cpu, memory, gpu, accelerator_resource(job, settings)), head=False,
                                  account=account),
             }],
         },

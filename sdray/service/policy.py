@@ -20,12 +20,23 @@ refused with 403, naming the field and the rule that refused it. Admin tokens by
       queues: []             # Kueue LocalQueues; []: the namespace's default queue
       env: []                # names of cluster.env variables
       tracking_uris: []      # MLflow servers tracking.mlflow.tracking_uri may name; []: the environment's only
-      node_selectors: []     # "key=value" or "key=*" pairs of cluster.node_selector
+      node_selectors: []     # "key=value" or "key=*" pairs of cluster.node_selector and cluster.node_affinity
       tolerations: []        # taint keys cluster.tolerations may name
+      pod_labels: []         # keys of cluster.pod_labels: "team", "example.com/*" (a prefix), "*" (any)
+      pod_annotations: []    # keys of cluster.pod_annotations, the same way
+      volume_claims: []      # PersistentVolumeClaims cluster.volumes may mount: "name", or "name:ro" (read-only only)
+      config_maps: []        # ConfigMaps cluster.volumes may mount (always read-only)
+      scheduler_names: []    # cluster.scheduler_name; []: the platform's scheduler only
+      accelerator_resources: []  # cluster.accelerator_resource; []: the platform's (nvidia.com/gpu) only
       resources: [CPU, GPU, memory]  # Ray resource names resources_per_worker may ask for
       max_workers: 8         # Ray Train workers of one job (× a search's concurrent trials)
     tenants:
       alice: {namespace: team-a, secrets: [team-a-s3], queues: [team-a], local_paths: [/data/team-a]}
+
+Label and annotation keys of the platform's domains (``sdray.spec.RESERVED_KEY_DOMAINS``: sdray.io, ray.io,
+kubernetes.io, k8s.io, x-k8s.io, volcano.sh) are refused whatever the lists say (rule ``reserved_keys``): a pod
+labelled ``sdray.io/job: <another job>`` would pass that job's NetworkPolicy, and a ``kueue.x-k8s.io/…`` label
+would move it to another queue. A job document cannot name a hostPath volume at all (the job model has none).
 
 A tenant's own block overrides the default block field by field. Without ``--policy`` every tenant gets
 the default block as above: nothing outside the service's own defaults.
@@ -46,16 +57,18 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlparse
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from sdray.spec import DNS_SUBDOMAIN, DiffusionJob, JobSpec, hub_source
+from sdray.config_files import load_model
+from sdray.spec import DNS_SUBDOMAIN, RESERVED_KEY_DOMAINS, DiffusionJob, JobSpec, hub_source, reserved_key
 
 TENANT_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_LABEL = Annotated[str, Field(pattern=TENANT_NAME, max_length=63)]
 DNS_NAME = Annotated[str, Field(pattern=DNS_SUBDOMAIN, max_length=253)]
 HUB_PATTERN = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][-A-Za-z0-9_.]*/([-A-Za-z0-9_.]*[A-Za-z0-9_]|\*)$",
                                    max_length=96)]
+CLAIM_ENTRY = Annotated[str, Field(pattern=DNS_SUBDOMAIN.removesuffix("$") + r"(:ro)?$", max_length=256)]
+KEY_ENTRY = Annotated[str, Field(pattern=r"^(\*|[A-Za-z0-9][-A-Za-z0-9_./]*(/\*)?)$", max_length=317)]
 
 
 class PolicyError(ValueError):
@@ -93,6 +106,18 @@ class TenantPolicy(BaseModel):
     node_selectors: list[str] = Field(
         default_factory=list, description="cluster.node_selector pairs as key=value, or key=* for any value.")
     tolerations: list[str] = Field(default_factory=list, description="Taint keys cluster.tolerations may tolerate.")
+    pod_labels: list[KEY_ENTRY] = Field(
+        default_factory=list, description="Keys of cluster.pod_labels: a key, prefix/* or *; the platform's "
+        "domains are never allowed.")
+    pod_annotations: list[KEY_ENTRY] = Field(
+        default_factory=list, description="Keys of cluster.pod_annotations, as pod_labels.")
+    volume_claims: list[CLAIM_ENTRY] = Field(
+        default_factory=list, description="PersistentVolumeClaims cluster.volumes may mount: name, or name:ro for "
+        "read-only mounts only.")
+    config_maps: list[DNS_NAME] = Field(default_factory=list, description="ConfigMaps cluster.volumes may mount.")
+    scheduler_names: list[DNS_NAME] = Field(default_factory=list, description="cluster.scheduler_name values.")
+    accelerator_resources: list[str] = Field(
+        default_factory=list, description="cluster.accelerator_resource values (amd.com/gpu …).")
     resources: list[str] = Field(
         default_factory=lambda: ["CPU", "GPU", "memory"],
         description="Ray resource names distributed.resources_per_worker may ask for.")
@@ -129,19 +154,7 @@ class Policy:
     def load(cls, path: str | Path | None) -> Policy:
         if path is None:
             return cls()
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise PolicyError(f"{path}: cannot read the policy: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise PolicyError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        try:
-            return cls(PolicyFile.model_validate(raw or {}), str(path))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "<policy>"
-            raise PolicyError(f"{path}: {where}: {first['msg']}") from None
+        return cls(load_model(path, PolicyFile, PolicyError, "policy"), str(path))
 
     def for_tenant(self, tenant: str) -> TenantPolicy:
         own = self.data.tenants.get(tenant)
@@ -161,12 +174,14 @@ class Policy:
         refusals = []
         for field, rule, value in _governed(job.spec, allowed):
             problem = _RULES[rule](allowed, value)
-            if rule == "uri":  # named for the list that would allow it
-                rule = "s3_prefixes" if str(value).startswith("s3://") else "hub_repos" if _is_hub(value) \
-                    else "local_paths"
-            if problem:
-                refusals.append(Refusal(field, rule, f"{problem} (policy rule {self.rule_name(tenant, rule)}, "
-                                                     f"from {self.source})"))
+            if not problem:
+                continue
+            if rule == "reserved_keys":  # no list of the file allows these
+                refusals.append(Refusal(field, rule, problem))
+                continue
+            rule = _LIST_OF.get(rule, lambda _: rule)(value)  # named for the list that would allow it
+            refusals.append(Refusal(field, rule, f"{problem} (policy rule {self.rule_name(tenant, rule)}, "
+                                                 f"from {self.source})"))
         if job.metadata.namespace is not None and job.metadata.namespace != allowed.namespace:
             refusals.append(Refusal("metadata.namespace", "namespace",
                                     f"tenant {tenant!r} runs its jobs in namespace {allowed.namespace or 'of the service'}; "
@@ -214,8 +229,20 @@ _FIELDS: list[tuple[str, str]] = [
     ("tracking.mlflow.tracking_uri", "tracking_uris"),
     ("cluster.node_selector", "node_selectors"),
     ("cluster.tolerations", "tolerations"),
+    ("cluster.pod_labels", "reserved_keys"), ("cluster.pod_labels", "pod_labels"),
+    ("cluster.pod_annotations", "reserved_keys"), ("cluster.pod_annotations", "pod_annotations"),
+    ("cluster.volumes", "volume"),
+    ("cluster.scheduler_name", "scheduler_names"),
+    ("cluster.accelerator_resource", "accelerator_resources"),
     ("distributed.resources_per_worker", "resources"),
 ]
+# Rules checked by one function but allowed by one of several lists: the list, from the value.
+_LIST_OF: dict[str, Callable[[Any], str]] = {
+    "uri": lambda value: "s3_prefixes" if str(value).startswith("s3://") else "hub_repos" if _is_hub(value)
+    else "local_paths",
+    "volume": lambda volume: "volume_claims" if volume.persistent_volume_claim is not None else "config_maps",
+    "node_affinity": lambda _: "node_selectors",
+}
 
 
 def _value_at(spec: Any, path: str) -> Any:
@@ -246,6 +273,11 @@ def _governed(spec: JobSpec, allowed: TenantPolicy) -> Iterator[tuple[str, str, 
             continue
         for suffix, item in _items(value):
             yield f"spec.{path}{suffix}", rule, item
+    affinity = spec.cluster.node_affinity
+    for kind in ("required", "preferred") if affinity is not None else ():
+        for i, term in enumerate(getattr(affinity, kind)):
+            for j, requirement in enumerate(term.match_expressions):
+                yield f"spec.cluster.node_affinity.{kind}[{i}].match_expressions[{j}]", "node_affinity", requirement
     if spec.tune is not None:
         governed = dict(_FIELDS)
         for key, dist in spec.tune.search_space.items():
@@ -365,6 +397,49 @@ def _toleration_rule(allowed: TenantPolicy, value: Any) -> str | None:
     return f"tolerating {shown} is not allowed for this tenant (allowed taint keys: {allowed.tolerations or 'none'})"
 
 
+def _node_affinity_rule(allowed: TenantPolicy, value: Any) -> str | None:
+    key, operator, values = value.key, value.operator, value.values
+    if f"{key}=*" in allowed.node_selectors:
+        return None
+    if operator == "In" and all(f"{key}={v}" in allowed.node_selectors for v in values):
+        return None
+    shown = f"{key} {operator} {values}" if values else f"{key} {operator}"
+    return (f"node affinity {shown} is not allowed for this tenant (allowed: {allowed.node_selectors or 'none'}; "
+            "operators other than In need key=*)")
+
+
+def _reserved_rule(allowed: TenantPolicy, value: Any) -> str | None:
+    if reserved_key(value[0]):
+        return (f"the key {value[0]!r} is reserved to the platform (keys under {', '.join(RESERVED_KEY_DOMAINS)} are "
+                "sdray's, KubeRay's, Kubernetes' and the schedulers'; no policy allows them)")
+    return None
+
+
+def _keys_rule(what: str, attr: str) -> Rule:
+    """Keys of a label or annotation map: listed, under a listed ``prefix/*``, or ``*``. Reserved keys are
+    the reserved_keys rule's."""
+    def rule(allowed: TenantPolicy, value: Any) -> str | None:
+        key, entries = value[0], getattr(allowed, attr)
+        if reserved_key(key) or "*" in entries or key in entries:
+            return None
+        if any(e.endswith("/*") and key.startswith(e[:-1]) for e in entries):
+            return None
+        return f"{what} key {key!r} is not allowed for this tenant (allowed: {entries or 'none'})"
+    return rule
+
+
+def _volume_rule(allowed: TenantPolicy, volume: Any) -> str | None:
+    if volume.config_map is not None:
+        return _listed("ConfigMap", "config_maps")(allowed, volume.config_map)
+    claim = volume.persistent_volume_claim
+    if claim in allowed.volume_claims or (volume.read_only and f"{claim}:ro" in allowed.volume_claims):
+        return None
+    if f"{claim}:ro" in allowed.volume_claims:
+        return f"PersistentVolumeClaim {claim!r} may only be mounted read-only by this tenant (read_only: true)"
+    return (f"PersistentVolumeClaim {claim!r} is not allowed for this tenant (allowed: "
+            f"{allowed.volume_claims or 'none'})")
+
+
 _RULES: dict[str, Rule] = {
     "uri": _uri_rule,
     "endpoints": _endpoint_rule,
@@ -378,4 +453,11 @@ _RULES: dict[str, Rule] = {
     "node_selectors": _node_selector_rule,
     "tolerations": _toleration_rule,
     "resources": _listed("Ray resource", "resources", key=lambda item: item[0]),
+    "reserved_keys": _reserved_rule,
+    "pod_labels": _keys_rule("label", "pod_labels"),
+    "pod_annotations": _keys_rule("annotation", "pod_annotations"),
+    "volume": _volume_rule,
+    "node_affinity": _node_affinity_rule,
+    "scheduler_names": _listed("scheduler", "scheduler_names"),
+    "accelerator_resources": _listed("accelerator resource", "accelerator_resources"),
 }

@@ -48,6 +48,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* The controller's --pod-defaults file (sdray/k8s/defaults.py): jobPods, with the chart's imagePullSecrets
+when jobPods.imagePullSecrets is null, and the job ServiceAccount's annotations. */}}
+{{- define "sdray.podDefaults" -}}
+{{- $pods := .Values.jobPods -}}
+{{- $secrets := $pods.imagePullSecrets -}}
+{{- if kindIs "invalid" $secrets -}}{{- $secrets = .Values.imagePullSecrets -}}{{- end -}}
+{{- $out := dict "serviceAccountAnnotations" .Values.jobServiceAccount.annotations "imagePullSecrets" $secrets
+  "annotations" $pods.annotations "labels" $pods.labels "affinity" $pods.affinity
+  "topologySpreadConstraints" $pods.topologySpreadConstraints "volumes" $pods.volumes
+  "volumeMounts" $pods.volumeMounts "acceleratorResource" $pods.acceleratorResource
+  "runtimeClassName" $pods.runtimeClassName "schedulerName" $pods.schedulerName
+  "priorityClassName" $pods.priorityClassName -}}
+{{- toYaml $out -}}
+{{- end -}}
+
 {{/* auto: only when the Prometheus operator's API is served; otherwise the value itself. */}}
 {{- define "sdray.monitoring" -}}
 {{- $want := toString .want -}}
