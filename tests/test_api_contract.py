@@ -112,19 +112,22 @@ def test_job_schema_keeps_the_models_fields_and_adds_value_rules():
     parse_job(EXAMPLE_JOB, strict=True)
 
 
+@pytest.mark.slow  # 2.5-3.5 min on a loaded 2-core machine: the coverage phase over the DiffusionJob schema
 def test_schemathesis_with_every_check_and_phase_finds_nothing(service, tokens, tmp_path):
-    """Bounded: a few examples per operation, all four phases, one worker, a fixed seed (~40 s here)."""
-    report = tmp_path / "report"
+    """All four phases, every check but use_after_free, a few examples per operation, one worker, a fixed seed.
+    use_after_free is left out because DELETE /v1/jobs/{job_id} cancels a job and keeps its record (its state,
+    logs and curves stay readable), so a GET after it answers 200 by design."""
+    report = tmp_path / "junit.xml"
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(
         [str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(TESTS / "schemathesis.toml"),
          "run", service.url + "/openapi.json", "-H", f"Authorization: Bearer {tokens[1]['alice']}",
-         "--checks", "all", "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "5",
-         "--workers", "1", "--seed", "1", "--report", "junit", "--report-dir", str(report)],
+         "--checks", "all", "--exclude-checks", "use_after_free", "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "5",
+         "--workers", "1", "--seed", "1", "--report", "junit", "--report-junit-path", str(report)],
         capture_output=True, text=True, env=env, timeout=300)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-6000:]
     assert "11 selected / 11 total" in out
-    junit = (report / "junit.xml").read_text()
+    junit = report.read_text()
     assert 'failures="0"' in junit and 'errors="0"' in junit, junit[:2000]
