@@ -1292,11 +1292,26 @@ def _format_errors(exc: ValidationError) -> list[str]:
     return lines
 
 
-def parse_job(doc: Any, source: str | None = None) -> DiffusionJob:
-    """Validate a parsed document; raise ``SpecError`` naming every bad field."""
+def _integral_floats_as_ints(value: Any) -> Any:
+    """JSON Schema's integers include 8.0; pydantic's strict ints do not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    return value
+
+
+def parse_job(doc: Any, source: str | None = None, *, strict: bool = False) -> DiffusionJob:
+    """Validate a parsed document; raise ``SpecError`` naming every bad field. ``strict``: each value has its
+    field's JSON type, as the JSON Schema says (no "8" for 8; 8.0 is an integer), for a JSON body; YAML stays
+    lax, since YAML 1.1 reads ``1e-4`` as a string."""
     if not isinstance(doc, dict):
         raise SpecError([f"<document>: expected a mapping with apiVersion, kind, metadata, spec; got {type(doc).__name__}"], source)
     try:
+        if strict:  # a check only: the job is built from the document as sent (an override's 1.0 stays a float)
+            DiffusionJob.model_validate_json(json.dumps(_integral_floats_as_ints(doc)), strict=True)
         return DiffusionJob.model_validate(doc)
     except ValidationError as exc:
         raise SpecError(_format_errors(exc), source) from None

@@ -22,16 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from sdray.service.auth import Authenticator
 from sdray.service.backends.base import Backend
-from sdray.service.deps import Refused, Service, error_response
+from sdray.service.deps import MAX_ERRORS, Refused, Service, error_response
 from sdray.service.jobs import JobManager
 from sdray.service.metrics import ServiceMetrics
 from sdray.service.policy import Policy
 from sdray.service.routes import internal, jobs, operations
 from sdray.service.store import JobStore
-from sdray.spec import json_schema
+from sdray.service.views import ErrorBody
+from sdray.spec_rules import job_schema
 
 log = logging.getLogger("sdray.service")
 
@@ -89,23 +95,45 @@ def _counting(metrics: ServiceMetrics):
 
 
 def _openapi(app: FastAPI):
-    """FastAPI's document, with the DiffusionJob schema (from the pydantic model) and bearer auth."""
+    """FastAPI's document with the DiffusionJob schema (the pydantic model's, with the cross-field rules of
+    ``sdray.spec_rules``), the error body every error answer has, and bearer auth on every route but those
+    that declare ``security: []``."""
     def build():
         if app.openapi_schema:
             return app.openapi_schema
         from fastapi.openapi.utils import get_openapi
 
-        schema = json_schema()
+        schema = job_schema()
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = doc.setdefault("components", {}).setdefault("schemas", {})
         components.update(schema.get("$defs", {}))
         components["DiffusionJob"] = {k: v for k, v in schema.items() if k != "$defs"}
+        components.update(ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")["$defs"])
+        components["ErrorBody"] = {k: v for k, v in ErrorBody.model_json_schema().items() if k != "$defs"}
+        # Parameters outside their schema are answered 400 with ErrorBody (below), not FastAPI's 422.
+        for path in doc["paths"].values():
+            for operation in path.values():
+                if "HTTPValidationError" in json.dumps(operation["responses"].get("422", {})):
+                    del operation["responses"]["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
         doc = json.loads(json.dumps(doc).replace("#/$defs/", "#/components/schemas/"))
-        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["components"]["securitySchemes"] = {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "A token from `sdray token create`; /internal/v1 takes a job's own progress token."}}
         doc["security"] = [{"bearer": []}]
         app.openapi_schema = doc
         return doc
     return build
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods of every route at ``path`` (Starlette's 405 names only the first matching route's)."""
+    methods = set()
+    for route in iter_route_contexts(app.routes):
+        if compile_path(route.path)[0].match(path):
+            methods |= set(route.methods or ())
+    return sorted(methods)
 
 
 def create_app(settings: Settings, backend: Backend, *, store: JobStore | None = None,
@@ -153,6 +181,22 @@ def create_app(settings: Settings, backend: Backend, *, store: JobStore | None =
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused):
         return error_response(exc.status, exc.detail, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(request: Request, exc: RequestValidationError):
+        """A query or path parameter outside its schema: 400, each with its field (query.limit) and the rule."""
+        found = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()[:MAX_ERRORS]]
+        return error_response(400, "invalid request: " + "; ".join(f"{e['field']}: {e['message']}" for e in found),
+                              errors=found)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """Starlette's own answers (404 for an unknown path, 405) with the service's error body; a 405 names
+        every method of the path in Allow."""
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request.app, request.url.path))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     app.add_middleware(_Middleware, handler=_counting(metrics))
     for module in (jobs, internal, operations):

@@ -112,9 +112,10 @@ def spec_errors(lines: list[str]) -> list[dict]:
     return out
 
 
-async def document(request: Request, svc: Service = Depends(service)) -> DiffusionJob:
-    """The body as a valid DiffusionJob: 413 over the size limit, 415 for another Content-Type, 400 when it
-    does not parse (aliases, duplicate keys and runaway nesting included), 422 naming each invalid field."""
+async def document(request: Request, who: Principal = Depends(caller), svc: Service = Depends(service)) -> DiffusionJob:
+    """The body as a valid DiffusionJob: 401 before anything is read without a valid token, 413 over the size
+    limit, 415 for another Content-Type, 400 when it does not parse (aliases, duplicate keys and runaway
+    nesting included), 422 naming each invalid field."""
     body = await read_body(request, MAX_BODY, "a job document is a few KiB")
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype in YAML_TYPES:
@@ -132,7 +133,7 @@ async def document(request: Request, svc: Service = Depends(service)) -> Diffusi
     except SpecError as exc:
         raise Refused(400, f"the body is not a usable {fmt.upper()} document: {exc.errors[0]}") from None
     try:
-        job = parse_job(doc, "request body")
+        job = parse_job(doc, "request body", strict=fmt == "json")
     except SpecError as exc:
         for line in exc.errors:
             svc.metrics.validation_failures.labels(_metric_field(line)).inc()

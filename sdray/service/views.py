@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -86,6 +86,16 @@ class ErrorBody(BaseModel):
     text: list[str] | None = Field(default=None, description="422: the lines `sdray validate` prints.")
 
 
+class Check(BaseModel):
+    ok: bool
+    message: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, Check] = Field(description="store and backend: whether each answers, and what it said.")
+
+
 class Validated(BaseModel):
     valid: bool
     name: str
@@ -94,7 +104,8 @@ class Validated(BaseModel):
 
 class Curves(BaseModel):
     id: str
-    curves: dict[str, list[tuple[int, float]]]
+    curves: dict[str, list[Annotated[list[float], Field(min_length=2, max_length=2)]]] = Field(
+        description="Each curve's [step, value] points.")
     latest: dict[str, Any]
 
 
@@ -124,17 +135,24 @@ def job_view(rec: JobRecord, base: str) -> JobView:
     return view
 
 
-# The error answers each kind of route may give, for the OpenAPI document.
+ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+# What each error answer means, for the OpenAPI document; every one has the body ErrorBody.
+ERRORS = {
+    400: "A malformed request: a query or path parameter outside its schema (each in `errors` with its field), "
+         "or a body that is not UTF-8 JSON/YAML (anchors, aliases and duplicate keys refused)",
+    401: "No valid bearer token (`WWW-Authenticate: Bearer`)",
+    403: "Refused by the caller's tenant policy: each refused field with the rule that refused it (`errors`)",
+    404: "No such job (another tenant's job is answered the same way)",
+    413: "The body (or the document once expanded) is larger than 1 MiB",
+    415: "The body is neither JSON nor YAML (Content-Type)",
+    422: "An invalid document: each error with its field path (`errors`) and the lines `sdray validate` prints "
+         "(`text`); this includes the rules of the DiffusionJob schema's description that JSON Schema cannot "
+         "express",
+    429: "Over the tenant's quota (concurrent jobs, workers or GPUs)",
+    502: "The backend did not answer",
+}
+
+
 def errors(*codes: int) -> dict[int, dict]:
-    described = {
-        400: "A malformed request (body, query or page token)",
-        401: "No valid bearer token",
-        403: "Refused by the tenant policy: each refused field with its rule",
-        404: "No such job (or another tenant's)",
-        413: "The body is too large",
-        415: "The body is neither JSON nor YAML",
-        422: "An invalid document: each error with its field path",
-        429: "Over the tenant's quota",
-        502: "The backend did not answer",
-    }
-    return {code: {"model": ErrorBody, "description": described[code]} for code in codes}
+    """The OpenAPI responses of these error codes (each with ErrorBody, whatever the route's own content)."""
+    return {code: {"description": ERRORS[code], "content": ERROR_BODY} for code in codes}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import StringConstraints
 
 from sdray.service.auth import Principal
 from sdray.service.client import LOG_OFFSET
@@ -21,29 +22,47 @@ from sdray.spec import DiffusionJob
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=errors(401))
 
 MAX_LABEL_FILTERS = 20
-MAX_STATE_FILTERS = len(STATES)
 MAX_LOG_BYTES = 8 << 20  # a log answer's size: the tail of a longer log
 
+# A document the built-in tenant policy allows (s3:// URIs; no local path, secret or image of its own).
+EXAMPLE_JOB = {
+    "apiVersion": "sdray.io/v1alpha1", "kind": "DiffusionJob",
+    "metadata": {"name": "digits", "labels": {"team": "vision"}},
+    "spec": {"model": {"preset": "tiny"}, "data": {"uri": "s3://datasets/digits"},
+             "train": {"max_steps": 200, "batch_size": 32}, "output": {"uri": "s3://models/digits"}},
+}
+_DOCUMENT = {"schema": {"$ref": "#/components/schemas/DiffusionJob"}, "example": EXAMPLE_JOB}
 _JOB_BODY = {
     "requestBody": {
         "required": True,
         "description": "A DiffusionJob document, as JSON or YAML (by Content-Type). YAML anchors and aliases, "
-                       "duplicate keys and documents over 1 MiB are refused.",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DiffusionJob"}},
-                    "application/yaml": {"schema": {"type": "string"}}},
+                       "duplicate keys and documents over 1 MiB are refused. The schema's description lists the "
+                       "cross-field rules JSON Schema cannot express (answered with 422); the caller's tenant "
+                       "policy decides which paths, endpoints, secrets, images, queues and resources a document "
+                       "may name (403).",
+        # YAML is typed as YAML 1.1 reads it (1e-4 is a string there, which the job model reads as a number),
+        # so its schema is the text; the document it holds is the DiffusionJob above.
+        "content": {"application/json": _DOCUMENT,
+                    "application/yaml": {"schema": {"type": "string", "description": "A DiffusionJob as YAML"}}},
     }
 }
 _SUBMIT_ERRORS = errors(400, 403, 413, 415, 422)
+# OpenAPI links: what a client (or a stateful tester) can call with the id of a job it submitted.
+_JOB_LINKS = {name: {"operationId": op, "parameters": {"job_id": "$response.body#/id"}} for name, op in (
+    ("GetJob", "get_job"), ("CancelJob", "cancel_job"), ("JobLogs", "job_logs"), ("JobMetrics", "job_metrics"),
+    ("JobSample", "job_sample"))}
 
 
-@router.post("/validate", openapi_extra=_JOB_BODY, response_model=Validated, responses=_SUBMIT_ERRORS)
+@router.post("/validate", openapi_extra=_JOB_BODY, response_model=Validated, responses=_SUBMIT_ERRORS,
+             operation_id="validate_job")
 async def validate(job: DiffusionJob = Depends(checked_document)):
     """Check a document as `POST /v1/jobs` would (the tenant policy included), without submitting it."""
     return Validated(valid=True, name=job.metadata.name, kind="tune" if job.spec.tune else "train")
 
 
-@router.post("/jobs", status_code=201, openapi_extra=_JOB_BODY, response_model=JobView,
-             responses={**_SUBMIT_ERRORS, **errors(429)})
+@router.post("/jobs", status_code=201, openapi_extra=_JOB_BODY, response_model=JobView, operation_id="submit_job",
+             responses={201: {"description": "Queued: the job as GET /v1/jobs/{job_id} shows it (Location: its URL)",
+                              "links": _JOB_LINKS}, **_SUBMIT_ERRORS, **errors(429)})
 async def submit(job: DiffusionJob = Depends(checked_document), who: Principal = Depends(caller),
                  svc: Service = Depends(service)):
     """Submit a DiffusionJob; it waits in the queue until the cluster has room for it."""
@@ -59,32 +78,21 @@ async def submit(job: DiffusionJob = Depends(checked_document), who: Principal =
     return JSONResponse(view.model_dump(mode="json"), status_code=201, headers={"Location": view.links.self})
 
 
-@router.get("/jobs", response_model=JobList, responses=errors(400))
+@router.get("/jobs", response_model=JobList, responses=errors(400), operation_id="list_jobs")
 def list_jobs(who: Principal = Depends(caller), svc: Service = Depends(service),
-              state: list[str] = Query(default=[], description="Only jobs in these states."),
-              label: list[str] = Query(default=[], description=f"key=value; all must match (at most "
-                                                               f"{MAX_LABEL_FILTERS})."),
-              limit: int = Query(default=50, ge=1, le=500), page_token: str | None = None,
+              state: list[Literal[STATES]] = Query(default=[], description="Only jobs in these states."),
+              label: list[Annotated[str, StringConstraints(pattern=r"^[^=]+=")]] = Query(
+                  default=[], max_length=MAX_LABEL_FILTERS,
+                  description=f"key=value; all must match (at most {MAX_LABEL_FILTERS})."),
+              limit: int = Query(default=50, ge=1, le=500),
+              page_token: str | None = Query(default=None, pattern=r"^[0-9]{1,18}$",
+                                             description="The next_page_token of the previous page."),
               order: Literal["oldest", "newest"] = Query(
                   default="oldest", description="oldest: in submission order; newest: latest first."),
               tenant: str | None = Query(default=None, description="Admins only: one tenant's jobs.")):
     """The caller's jobs (an admin's: everyone's), oldest (or newest) first, a page at a time."""
-    bad = [s for s in state if s not in STATES]
-    if bad:
-        raise Refused(400, f"state: expected one of {', '.join(STATES)}, got {bad[0]!r}")
-    if len(label) > MAX_LABEL_FILTERS:
-        raise Refused(400, f"label: at most {MAX_LABEL_FILTERS} label filters, got {len(label)}")
-    labels = {}
-    for item in label:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise Refused(400, f"label: expected key=value, got {item!r}")
-        labels[key] = value
-    after = 0
-    if page_token is not None:
-        if not page_token.isdigit() or len(page_token) > 18:
-            raise Refused(400, "page_token: use the next_page_token of the previous page")
-        after = int(page_token)
+    labels = dict(item.split("=", 1) for item in label)
+    after = int(page_token) if page_token is not None else 0
     if not who.admin:
         tenant = who.tenant
     recs = svc.store.list(tenant=tenant, states=sorted(set(state)) or None, labels=labels or None, after_seq=after,
@@ -94,13 +102,13 @@ def list_jobs(who: Principal = Depends(caller), svc: Service = Depends(service),
     return JobList(jobs=[job_view(r, svc.base_url) for r in recs], next_page_token=str(recs[-1].seq) if more else None)
 
 
-@router.get("/jobs/{job_id}", response_model=JobView, responses=errors(404))
+@router.get("/jobs/{job_id}", response_model=JobView, responses=errors(404), operation_id="get_job")
 def get_job(rec: JobRecord = Depends(own_job), svc: Service = Depends(service)):
     """State, conditions, progress, last checkpoint, output and (for a search) its trials."""
     return job_view(rec, svc.base_url)
 
 
-@router.delete("/jobs/{job_id}", response_model=JobView, responses=errors(404, 502))
+@router.delete("/jobs/{job_id}", response_model=JobView, responses=errors(404, 502), operation_id="cancel_job")
 def cancel_job(rec: JobRecord = Depends(own_job), svc: Service = Depends(service)):
     """Cancel: the run is stopped, its checkpoints stay. Cancelling a finished job changes nothing."""
     try:
@@ -119,7 +127,8 @@ def _bounded(text: str) -> str:
     return cut[cut.find("\n") + 1:]
 
 
-@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(404, 502))
+@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, responses=errors(400, 404, 502),
+            operation_id="job_logs")
 def job_logs(rec: JobRecord = Depends(own_job), svc: Service = Depends(service),
              tail: int | None = Query(default=None, ge=0, le=100_000), follow: bool = False,
              offset: int | None = Query(default=None, ge=0, description=(
@@ -209,7 +218,10 @@ def _logs_or_empty(svc: Service, handle: str) -> str:
 
 
 @router.get("/jobs/{job_id}/samples/latest.png", response_class=Response,
-            responses={200: {"content": {"image/png": {}}}, **errors(404)})
+            responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                             "headers": {"X-Sdray-Step": {"description": "The step the grid was drawn at",
+                                                          "schema": {"type": "string"}}}},
+                       **errors(404)}, operation_id="job_sample")
 def latest_sample(rec: JobRecord = Depends(own_job), svc: Service = Depends(service)):
     """The latest sample grid the job drew."""
     found = svc.store.sample(rec.id)
@@ -219,7 +231,7 @@ def latest_sample(rec: JobRecord = Depends(own_job), svc: Service = Depends(serv
     return Response(png, media_type="image/png", headers={"X-Sdray-Step": str(step if step is not None else "")})
 
 
-@router.get("/jobs/{job_id}/metrics", response_model=Curves, responses=errors(404))
+@router.get("/jobs/{job_id}/metrics", response_model=Curves, responses=errors(404), operation_id="job_metrics")
 def job_metrics(rec: JobRecord = Depends(own_job), svc: Service = Depends(service)):
     """The loss curve: ``{"loss": [[step, value], …], "val_loss": […]}``, plus the latest progress."""
     return Curves(id=rec.id, curves=svc.store.points(rec.id),

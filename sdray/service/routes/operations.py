@@ -9,19 +9,20 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sdray.service.deps import Service, service
+from sdray.service.views import Readiness
 
 router = APIRouter(tags=["service"])
 _NO_TOKEN = {"security": []}  # OpenAPI: these routes need no bearer token
 
 
-@router.get("/healthz", openapi_extra=_NO_TOKEN)
+@router.get("/healthz", openapi_extra=_NO_TOKEN, operation_id="healthz")
 def healthz():
     """The process answers."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", openapi_extra=_NO_TOKEN,
-            responses={503: {"description": "The store or the backend does not answer"}})
+@router.get("/readyz", openapi_extra=_NO_TOKEN, operation_id="readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "The store or the backend does not answer"}})
 def readyz(svc: Service = Depends(service)):
     """Ready only when the job store and the backend both answer."""
     checks = {}
@@ -42,7 +43,7 @@ def readyz(svc: Service = Depends(service)):
 metrics_router = APIRouter(tags=["service"])
 
 
-@metrics_router.get("/metrics", response_class=PlainTextResponse, openapi_extra=_NO_TOKEN)
+@metrics_router.get("/metrics", response_class=PlainTextResponse, openapi_extra=_NO_TOKEN, operation_id="metrics")
 def prometheus_metrics(svc: Service = Depends(service)):
     """Prometheus exposition: the service's and the training's metrics (labelled with tenant and job names:
     keep this route off public ingresses, or serve it on its own port with `--metrics-port`)."""
