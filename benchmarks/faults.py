@@ -334,8 +334,9 @@ def main() -> None:
         baseline = bench.uninterrupted()
         print(f"baseline: {baseline['wall_s']:.0f} s, loss {baseline['loss']}", flush=True)
         rows = []
-        for fault in args.faults:
-            for trial in range(args.trials):
+        # Round by round (one trial of each fault per round): a run cut short still has every fault in it.
+        for trial in range(args.trials):
+            for fault in args.faults:
                 if fault == "resize":
                     runs = [(s, b, a) for s in args.strategies for b, a in ((2, 1), (1, 2))]
                     results = [bench.resize(*r) for r in runs]

@@ -101,7 +101,7 @@ def test_a_run_and_its_resumption_are_tracked_in_mlflow_tensorboard_and_wandb(ra
     events.Reload()
     assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(losses)
     assert [e.step for e in events.Images("samples")] == [6, 9]  # each start's final grid
-    assert "job" in events.Tags()["tensors"]  # the document as text
+    assert "job/text_summary" in events.Tags()["tensors"]  # the document as text
 
     # W&B offline: the two starts' run files, copied to <output.uri>/wandb, are one run (one id) for `wandb sync`
     run_files = sorted((out / "wandb").rglob("run-*.wandb"))
