@@ -14,6 +14,7 @@ settings are refused on the other stage).
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import yaml
@@ -56,6 +57,17 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
         target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
         # The field's own keys (its description) win over the referenced model's.
         node = {**target, **node}
+    if "anyOf" in node and (names := _bare_names(node["anyOf"], defs)):
+        # An object also written as its bare name (sdray.spec.by_name: `scheduler: asha`). A structural schema
+        # has no "string or object" type; its one escape that keeps the object's fields (so they are still
+        # checked and pruned) is a node without a type that preserves unknown fields. `pattern` applies to
+        # strings only: a bare name must be one of the names, and an object is checked by its properties.
+        branches = node.pop("anyOf")
+        target = next(b for b in branches if b.get("type") != "string")
+        out = _convert({**target, **node}, defs, path)
+        out.pop("type", None)
+        return {**out, "x-kubernetes-preserve-unknown-fields": True,
+                "pattern": f"^({'|'.join(re.escape(n) for n in names)})$"}
     if "anyOf" in node:
         node = _merge_union(node, path)
         if "x-kubernetes-int-or-string" in node:
@@ -105,6 +117,17 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
             raise SchemaConversionError(f"{path}: no type for {sorted(out)}")
         out["x-kubernetes-preserve-unknown-fields"] = True  # Any: every JSON value
     return out
+
+
+def _bare_names(branches: list[dict[str, Any]], defs: dict[str, Any]) -> list[str] | None:
+    """The names of a union of a string enum and an object with a ``name`` property (the bare-name form of
+    that object), or None for any other union."""
+    strings = [b for b in branches if b.get("type") == "string" and ("enum" in b or "const" in b)]
+    objects = [defs[b["$ref"].rsplit("/", 1)[-1]] if "$ref" in b else b for b in branches if b not in strings]
+    if len(branches) != 2 or len(strings) != 1 or len(objects) != 1 or objects[0].get("type") != "object" \
+            or "name" not in objects[0].get("properties", {}):
+        return None
+    return list(strings[0]["enum"]) if "enum" in strings[0] else [strings[0]["const"]]
 
 
 def _merge_union(node: dict[str, Any], path: str) -> dict[str, Any]:
