@@ -39,6 +39,7 @@ from sdray.k8s.leader import LeaderElector
 from sdray.k8s.render import JOB_FILE, SPEC_HASH, RenderError, RenderSettings, configmap_name, render
 from sdray.k8s.status import TERMINAL, failed_status, now_iso, rayjob_state, rayjob_status
 from sdray.spec import SpecError, parse_job
+from sdray.states import JobState
 
 log = logging.getLogger("sdray.controller")
 GENERATION = "sdray.io/generation"  # the DiffusionJob generation a RayJob was made from
@@ -421,7 +422,7 @@ class Controller:
 
     def _fail(self, dj: dict, reason: str, message: str) -> None:
         status = dj.get("status") or {}
-        if status.get("state") == "Failed" and status.get("message") == message:
+        if status.get("state") == JobState.FAILED and status.get("message") == message:
             return
         self._event(dj, "Warning", reason, message)
         new = failed_status(status, reason, message, dj["metadata"].get("generation"))
@@ -436,7 +437,7 @@ class Controller:
         new["observedGeneration"] = applied
         if any(current.get(k) != v for k, v in new.items()):
             if new["state"] != current.get("state"):
-                kind = "Warning" if new["state"] == "Failed" else "Normal"
+                kind = "Warning" if new["state"] == JobState.FAILED else "Normal"
                 self._event(dj, kind, new["state"], new["message"])
             self._patch_status(dj, new)
 

@@ -21,9 +21,9 @@ import yaml
 
 from sdray.k8s import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from sdray.spec import json_schema
+from sdray.states import STATES
 
 SHORT_NAMES = ["dj"]
-STATES = ["Pending", "Queued", "Running", "Preempted", "Succeeded", "Failed"]
 CONDITION_TYPES = ["Admitted", "Running", "Succeeded", "Failed"]
 
 # The keys apiextensions.k8s.io/v1 JSONSchemaProps has; anything else is refused by the API server.
@@ -161,7 +161,10 @@ def status_schema() -> dict[str, Any]:
         "type": "object",
         "description": "Written by the sdray controller and the training driver.",
         "properties": {
-            "state": {"type": "string", "enum": STATES},
+            "state": {"type": "string", "enum": list(STATES),
+                      "description": "Queued (waiting for Kueue), Pending (the Ray cluster is starting), Running, "
+                                     "Preempted (checkpointed; resumes once admitted again), Succeeded or Failed: "
+                                     "the states the sdray REST API says too."},
             "message": {"type": "string", "description": "Why the job is in its state."},
             "step": {"type": "integer", "description": "Last optimizer step the training reported."},
             "loss": {"type": "number", "description": "Training loss at that step."},

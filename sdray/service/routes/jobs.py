@@ -11,17 +11,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from sdray.service.auth import Principal
 from sdray.service.client import LOG_OFFSET
-from sdray.service.backends.base import FINAL, STATES, BackendError, tail_lines
+from sdray.service.backends.base import BackendError, tail_lines
 from sdray.service.deps import Refused, Service, caller, checked_document, own_job, service, stored_document
 from sdray.service.jobs import QuotaExceeded
 from sdray.service.store import JobRecord
 from sdray.service.views import Curves, JobList, JobView, Validated, errors, job_view
 from sdray.spec import DiffusionJob
+from sdray.states import FINAL, STATES, parse_state
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=errors(401))
 
 MAX_LABEL_FILTERS = 20
-MAX_STATE_FILTERS = len(STATES)
 MAX_LOG_BYTES = 8 << 20  # a log answer's size: the tail of a longer log
 
 _JOB_BODY = {
@@ -61,7 +61,8 @@ async def submit(job: DiffusionJob = Depends(checked_document), who: Principal =
 
 @router.get("/jobs", response_model=JobList, responses=errors(400))
 def list_jobs(who: Principal = Depends(caller), svc: Service = Depends(service),
-              state: list[str] = Query(default=[], description="Only jobs in these states."),
+              state: list[str] = Query(default=[], description=f"Only jobs in these states: {', '.join(STATES)} "
+                                                               "(any case: running is Running)."),
               label: list[str] = Query(default=[], description=f"key=value; all must match (at most "
                                                                f"{MAX_LABEL_FILTERS})."),
               limit: int = Query(default=50, ge=1, le=500), page_token: str | None = None,
@@ -69,9 +70,10 @@ def list_jobs(who: Principal = Depends(caller), svc: Service = Depends(service),
                   default="oldest", description="oldest: in submission order; newest: latest first."),
               tenant: str | None = Query(default=None, description="Admins only: one tenant's jobs.")):
     """The caller's jobs (an admin's: everyone's), oldest (or newest) first, a page at a time."""
-    bad = [s for s in state if s not in STATES]
-    if bad:
-        raise Refused(400, f"state: expected one of {', '.join(STATES)}, got {bad[0]!r}")
+    try:
+        states = sorted({parse_state(s) for s in state})
+    except ValueError as exc:
+        raise Refused(400, f"state: {exc}") from None
     if len(label) > MAX_LABEL_FILTERS:
         raise Refused(400, f"label: at most {MAX_LABEL_FILTERS} label filters, got {len(label)}")
     labels = {}
@@ -87,7 +89,7 @@ def list_jobs(who: Principal = Depends(caller), svc: Service = Depends(service),
         after = int(page_token)
     if not who.admin:
         tenant = who.tenant
-    recs = svc.store.list(tenant=tenant, states=sorted(set(state)) or None, labels=labels or None, after_seq=after,
+    recs = svc.store.list(tenant=tenant, states=states or None, labels=labels or None, after_seq=after,
                           limit=limit, newest_first=order == "newest")
     more = len(recs) > limit
     recs = recs[:limit]
