@@ -172,7 +172,10 @@ def status_schema() -> dict[str, Any]:
             "startTime": time,
             "completionTime": time,
             "observedGeneration": {"type": "integer", "format": "int64",
-                                   "description": "The generation of the spec the RayJob was made from."},
+                                   "description": "The last spec generation the controller has seen and acted on: "
+                                                  "applied, or refused (then refusedGeneration says so)."},
+            "appliedGeneration": {"type": "integer", "format": "int64",
+                                  "description": "The generation of the spec the RayJob was made from."},
             "refusedGeneration": {"type": "integer", "format": "int64",
                                   "description": "The last spec generation refused because the job had started."},
             "conditions": {"type": "array", "items": condition, "x-kubernetes-list-type": "map",
