@@ -275,12 +275,17 @@ def test_two_replicas_only_the_leader_acts(kube, user):
     assert lease["spec"]["leaseTransitions"] >= 1
 
 
+def _started(kube, user, name) -> None:
+    """Submit a job and have KubeRay (the test) report its Ray job running."""
+    submit(user, name)
+    kube.wait(lambda: kube.get("rayjobs", NS, name), 10, "the RayJob")
+    kube.update_status("rayjobs", NS, name, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
+    wait_state(kube, name, "Running")
+
+
 def test_a_spec_change_of_a_running_job_is_refused_with_an_event(kube, user):
     with running(kube):
-        submit(user, "steady")
-        kube.wait(lambda: kube.get("rayjobs", NS, "steady"), 10, "the RayJob")
-        kube.update_status("rayjobs", NS, "steady", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
-        wait_state(kube, "steady", "Running")
+        _started(kube, user, "steady")
         before = kube.get("rayjobs", NS, "steady")
         user.custom.patch_namespaced_custom_object("sdray.io", "v1alpha1", NS, "diffusionjobs", "steady",
                                                    {"spec": {"train": {"learning_rate": 0.5, "max_steps": 99}}})
@@ -509,10 +514,7 @@ def test_a_controller_killed_mid_reconcile_is_replaced_without_a_second_rayjob(k
 
 def test_every_spec_change_seen_advances_observed_generation_refused_ones_too(kube, user):
     with running(kube):
-        submit(user, "gens")
-        kube.wait(lambda: kube.get("rayjobs", NS, "gens"), 10, "the RayJob")
-        kube.update_status("rayjobs", NS, "gens", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
-        wait_state(kube, "gens", "Running")
+        _started(kube, user, "gens")
         for generation, change in ((2, {"train": {"max_steps": 30}}), (3, {"train": {"learning_rate": -1}})):
             user.custom.patch_namespaced_custom_object("sdray.io", "v1alpha1", NS, "diffusionjobs", "gens",
                                                        {"spec": change})
