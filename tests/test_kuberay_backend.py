@@ -75,6 +75,10 @@ def test_failed_and_queued_states(kube, backend):
                                                                   "reason": "AppFailed", "message": "exit 1"})
         wait_state(kube, "sdray-000000000001", "Failed")
     assert (backend.status(queued).state, backend.status(queued).message) == ("Failed", "exit 1")
+    # (the controller stopped:) a DiffusionJob Kueue preempted waits to be admitted again and resumes from its
+    # checkpoint: to the service it is queued again, not a run that ended (the service's Preempted is final)
+    kube.update_status("diffusionjobs", NS, "sdray-000000000001", {"state": "Preempted"})
+    assert backend.status(queued).state == "Queued"
 
 
 def test_cancel_deletes_the_job_and_what_it_owns(kube, backend):
