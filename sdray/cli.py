@@ -1,19 +1,22 @@
 """The ``sdray`` command line: validate, train, tune, sample, import data, run the demo.
 
 Every command reports bad input as one clear message and an exit code (2: the document or arguments
-are wrong; 1: the run failed), never a traceback.
+are wrong; 1: the run failed; 3: preempted, or a followed job cancelled or preempted; 4: ``--timeout``
+passed), never a traceback. ``--output json|yaml`` (``jobs``, ``status``, ``validate``) prints only the
+machine-readable form on stdout; messages go to stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -30,7 +33,6 @@ app = typer.Typer(
     "(apiVersion: sdray.io/v1alpha1, kind: DiffusionJob).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 data_app = typer.Typer(help="Prepare datasets in object storage.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -41,36 +43,96 @@ err = Console(stderr=True)
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 3  # stopped on a preemption notice with a checkpoint: start the same document again
+EXIT_CANCELLED = 3  # `submit --wait`: the job was cancelled or preempted (it did not fail; it did not finish)
+EXIT_TIMEOUT = 4  # `submit --wait --timeout`: the job had not ended (it goes on)
+
+
+class Output(str, enum.Enum):
+    """How ``jobs``, ``status`` and ``validate`` print: a table for people, JSON or YAML for scripts."""
+
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+OutputOption = Annotated[Output, typer.Option(
+    "--output", "-o", help="table (for people), or json / yaml (for scripts: only that on stdout, stable keys).")]
+
+
+def _emit(data: Any, output: Output) -> None:
+    """``data`` on stdout as JSON or YAML, and nothing else."""
+    if output == Output.json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"sdray {version('sdray')}")
+        except PackageNotFoundError:  # a source tree that was never installed
+            print("sdray (not installed: no package metadata)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Train Stable-Diffusion-family text-to-image models on Ray from one job document (apiVersion:
+    sdray.io/v1alpha1, kind: DiffusionJob)."""
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, whatever the width
     return typer.Exit(code)
 
 
-def _load(path: Path):
+def _load(path: Path, output: Output = Output.table):
     try:
         return load_job(path)
     except SpecError as exc:
         err.print(f"[bold red]invalid job document[/] {exc.source}:", highlight=False)
         for line in exc.errors:
-            err.print(f"  - {line}", highlight=False, markup=False)
+            err.print(f"  - {line}", highlight=False, markup=False, soft_wrap=True)
+        if output != Output.table:
+            _emit({"valid": False, "source": str(exc.source or path), "errors": list(exc.errors)}, output)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 @app.command()
-def validate(job: Annotated[Path, typer.Argument(help="Job document (YAML or JSON).")]) -> None:
-    """Check a job document against the schema: prints `ok` and a summary, or every error (exit 2)."""
-    doc = _load(job)
+def validate(
+    job: Annotated[Path, typer.Argument(help="Job document (YAML or JSON).")],
+    output: OutputOption = Output.table,
+) -> None:
+    """Check a job document against the schema: prints `ok` and a summary, or every error (exit 2).
+
+    With --output json|yaml: {valid, name, namespace, kind, stage, family, model, data, steps, batch_size,
+    workers, strategy, output}, or {valid: false, source, errors} (exit 2)."""
+    doc = _load(job, output)
     s = doc.spec
     model = s.model.preset or s.model.pretrained
     from sdray.models.presets import PRESETS
 
     # the family as far as the document tells (a pretrained pipeline's own is read when the job runs)
-    family = s.model.family or (PRESETS[s.model.preset].family if s.model.preset else "the pipeline's")
+    family = s.model.family or (PRESETS[s.model.preset].family if s.model.preset else None)
+    if output != Output.table:
+        _emit({"valid": True, "name": doc.metadata.name, "namespace": doc.metadata.namespace,
+               "kind": "tune" if s.tune else "train", "stage": s.stage, "family": family, "model": model,
+               "data": {"uri": s.data.uri, "format": s.data.format}, "steps": s.train.max_steps,
+               "batch_size": s.train.batch_size, "workers": s.distributed.num_workers,
+               "strategy": s.distributed.strategy, "output": s.output.uri}, output)
+        return
     out.print("ok", highlight=False)
+    shown_family = family or "the pipeline's"
     out.print(
-        f"{doc.metadata.name}: stage={s.stage} family={family} model={model} data={s.data.uri} ({s.data.format}) "
+        f"{doc.metadata.name}: stage={s.stage} family={shown_family} model={model} data={s.data.uri} ({s.data.format}) "
         f"steps={s.train.max_steps} batch={s.train.batch_size}x{s.distributed.num_workers} workers "
         f"strategy={s.distributed.strategy} output={s.output.uri}",
         highlight=False, markup=False,
@@ -468,23 +530,75 @@ def _job_line(job: dict) -> str:
 def submit(
     job: Annotated[Path, typer.Argument(help="Job document (YAML or JSON).")],
     server: ServerOption = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="Follow the job until it ends (a line on stderr at each change of state or step) and exit "
+        "0 when it succeeded, 1 when it failed, 3 when it was cancelled or preempted.")] = False,
+    timeout: Annotated[float | None, typer.Option(
+        min=0, help="With --wait: give up after this many seconds (exit 4; the job goes on).")] = None,
+    interval: Annotated[float, typer.Option(min=0.1, help="With --wait: seconds between looks at the job.")] = 2.0,
 ) -> None:
-    """Submit a job document to the sdray service; prints the job id."""
+    """Submit a job document to the sdray service; prints the job id (and only that, on stdout)."""
     _load(job)  # the same check the server makes, before any network
-    created = _call(_client(server).submit, job)
+    client = _client(server)
+    created = _call(client.submit, job)
     err.print(f"submitted {created['name']} as job {created['id']} ({created['state']}): {created['links']['self']}",
               highlight=False)
-    print(created["id"])
+    print(created["id"], flush=True)
+    if wait:
+        raise typer.Exit(_follow_job(client, created, timeout, interval))
+
+
+def _follow_job(client, job: dict, timeout: float | None, interval: float) -> int:
+    """Watch a job until it ends, a line on stderr whenever its state or step changes; the exit status its end
+    means. A service that stops answering (a restart) is asked again for up to RECONNECT_S seconds."""
+    from sdray.service.client import RECONNECT_S, ClientError
+    from sdray.states import FINAL, JobState
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shown, lost_since = None, None
+    while True:
+        line = _job_line(job)
+        if line != shown:
+            err.print(line, highlight=False, markup=False)
+            shown = line
+        if job["state"] in FINAL:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            err.print(f"sdray: job {job['id']} is still {job['state']} after {timeout:g} s; it goes on "
+                      f"(`sdray cancel {job['id']}` stops it)", highlight=False, markup=False)
+            return EXIT_TIMEOUT
+        time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+        try:
+            job = client.status(job["id"])
+            lost_since = None
+        except ClientError as exc:
+            if exc.status is not None and exc.status < 500:
+                raise _fail(str(exc), EXIT_BAD_INPUT if exc.status == 404 else EXIT_FAILED) from None
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > RECONNECT_S:
+                raise _fail(f"{exc} (still unreachable after {RECONNECT_S:.0f} s)") from None
+            err.print(f"sdray: {exc}; asking again", highlight=False, markup=False)
+    failed = next((c for c in job.get("conditions") or [] if c.get("type") == "Failed"), None)
+    if job["state"] == JobState.FAILED and failed:
+        err.print(f"sdray: job {job['id']} failed: {failed['reason']}: {failed.get('message', '')}",
+                  highlight=False, markup=False)
+    return {JobState.SUCCEEDED: 0, JobState.FAILED: EXIT_FAILED}.get(job["state"], EXIT_CANCELLED)
 
 
 @app.command()
 def jobs(
     server: ServerOption = None,
-    state: Annotated[list[str], typer.Option(help="Only jobs in this state (repeatable).")] = [],
+    state: Annotated[list[str], typer.Option(
+        help="Only jobs in this state (repeatable): Queued, Pending, Running, Succeeded, Failed, Cancelled, "
+        "Preempted, in any case.")] = [],
     label: Annotated[list[str], typer.Option(help="Only jobs with this key=value label (repeatable).")] = [],
+    output: OutputOption = Output.table,
 ) -> None:
-    """List your jobs on the sdray service."""
+    """List your jobs on the sdray service (filtered by the service)."""
     found = _call(_client(server).jobs, state, label)
+    if output != Output.table:
+        _emit({"jobs": found}, output)
+        return
     table = Table(title=f"{len(found)} jobs", title_justify="left")
     for column in ("id", "name", "tenant", "state", "step", "loss", "images/s", "created"):
         table.add_column(column)
@@ -499,12 +613,13 @@ def jobs(
 def status(
     job_id: Annotated[str, typer.Argument(help="Job id (from `sdray submit` or `sdray jobs`).")],
     server: ServerOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the whole status as JSON.")] = False,
+    output: OutputOption = Output.table,
+    as_json: Annotated[bool, typer.Option("--json", hidden=True, help="Same as --output json.")] = False,
 ) -> None:
     """Show one job: state, conditions, progress, last checkpoint, output (and trials of a search)."""
     job = _call(_client(server).status, job_id)
-    if as_json:
-        print(json.dumps(job, indent=2))
+    if as_json or output != Output.table:
+        _emit(job, Output.json if as_json else output)
         return
     out.print(_job_line(job), highlight=False)
     for c in job["conditions"]:

@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal
 from dataclasses import dataclass
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 from yaml.composer import Composer
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode
@@ -118,6 +119,23 @@ def _json_values(value: Any) -> Any:
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(_json_values)]
 JsonList = Annotated[list[Any], AfterValidator(_json_values)]
+
+
+def by_name(model: type[_Strict]) -> Any:
+    """``model`` as a field type that also takes the bare name of what it selects: ``scheduler: asha`` reads as
+    ``scheduler: {name: asha}``. For objects whose ``name`` (a Literal) is all they need; their other fields
+    keep their defaults. The JSON Schema (and so the CRD) shows both forms; a wrong name is one error naming
+    the field and the names it takes."""
+    names = typing.get_args(model.model_fields["name"].annotation)
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, (dict, model)):
+            return value
+        if not isinstance(value, str) or value not in names:
+            raise ValueError(f"expected one of {', '.join(names)} (or an object with a name)")
+        return {"name": value}
+
+    return Annotated[model, BeforeValidator(expand, json_schema_input_type=Literal[names] | model)]
 
 
 class Metadata(_Strict):
@@ -501,7 +519,8 @@ class TrainSpec(_Strict):
                     "may well try a rate that diverges.")
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    optimizer: by_name(OptimizerSpec) = Field(
+        default_factory=OptimizerSpec, description="The optimizer: adamw, or {name: adamw, betas, weight_decay, eps}.")
     max_grad_norm: float | None = Field(default=1.0, gt=0.0, le=1e6, description="Gradient clipping; null disables.")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of initialisation, noise and data order.")
@@ -775,7 +794,9 @@ class TuneSpec(_Strict):
         "its distribution.")
     num_samples: int = Field(
         default=1, ge=1, le=10_000, description="Trials to sample (each grid value is run num_samples times).")
-    scheduler: TuneSchedulerSpec = Field(default_factory=TuneSchedulerSpec)
+    scheduler: by_name(TuneSchedulerSpec) = Field(
+        default_factory=TuneSchedulerSpec,
+        description="fifo, asha or pbt, or an object with the name and the scheduler's settings.")
     search_alg: Literal["random", "optuna"] = Field(default="random", description="optuna needs the optuna package.")
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED,

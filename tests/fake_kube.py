@@ -37,6 +37,7 @@ RESOURCES = {
     ("", "v1", "configmaps"): ("ConfigMap", False),
     ("", "v1", "secrets"): ("Secret", False),
     ("", "v1", "events"): ("Event", False),
+    ("events.k8s.io", "v1", "events"): ("Event", False),
     ("", "v1", "pods"): ("Pod", True),
     ("", "v1", "serviceaccounts"): ("ServiceAccount", False),
     ("coordination.k8s.io", "v1", "leases"): ("Lease", False),
@@ -149,13 +150,17 @@ class FakeKube:
             self._compacted = self._last_rv + 1
 
     def objects(self, plural: str, namespace: str | None = None) -> list[dict]:
+        """Stored objects of ``plural`` (``events.events.k8s.io``: of that group only)."""
+        group, plural = self._split(plural)
         with self._lock:
             return [copy.deepcopy(o) for (g, p, ns, _), o in sorted(self._store.items())
-                    if p == plural and (namespace is None or ns == namespace)]
+                    if p == plural and group in (None, g) and (namespace is None or ns == namespace)]
 
     def get(self, plural: str, namespace: str, name: str) -> dict | None:
+        group, plural = self._split(plural)
         with self._lock:
-            found = [o for (g, p, ns, n), o in self._store.items() if (p, ns, n) == (plural, namespace, name)]
+            found = [o for (g, p, ns, n), o in self._store.items()
+                     if (p, ns, n) == (plural, namespace, name) and group in (None, g)]
             return copy.deepcopy(found[0]) if found else None
 
     def update_status(self, plural: str, namespace: str, name: str, status: dict) -> dict:
@@ -248,8 +253,16 @@ class FakeKube:
                 self._lock.wait(left)
 
     @staticmethod
-    def _group_of(plural: str) -> str:
-        return next(g for (g, _, p) in RESOURCES if p == plural)
+    def _split(plural: str) -> tuple[str | None, str]:
+        """``events.events.k8s.io`` → ("events.k8s.io", "events"), as kubectl names a resource of a group; a
+        bare plural: (None, plural), any group."""
+        name, dot, group = plural.partition(".")
+        return (group, name) if dot else (None, plural)
+
+    @classmethod
+    def _group_of(cls, plural: str) -> str:
+        group, plural = cls._split(plural)
+        return group if group is not None else next(g for (g, _, p) in RESOURCES if p == plural)
 
     # -- the store ----------------------------------------------------------------------------------
     def _next_rv(self) -> str:

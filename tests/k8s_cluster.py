@@ -74,13 +74,14 @@ def conditions(status) -> dict:
 
 
 def events(kube, name) -> list[tuple[str, str, str]]:
-    stored = sorted(kube.objects("events", NS), key=lambda e: int(e["metadata"]["resourceVersion"]))
-    return [(e["type"], e["reason"], e["message"]) for e in stored if e["involvedObject"]["name"] == name]
+    """(type, reason, note) of the events.k8s.io/v1 Events regarding DiffusionJob ``name``, oldest first."""
+    stored = sorted(kube.objects("events.events.k8s.io", NS), key=lambda e: int(e["metadata"]["resourceVersion"]))
+    return [(e["type"], e["reason"], e["note"]) for e in stored if e["regarding"]["name"] == name]
 
 
 def check_store(kube):
     """Everything stored (what the controller wrote included) passes the real schemas."""
-    check([o for plural in ("diffusionjobs", "rayjobs", "configmaps", "events", "leases", "serviceaccounts", "roles",
+    check([o for plural in ("diffusionjobs", "rayjobs", "configmaps", "events.events.k8s.io", "leases", "serviceaccounts", "roles",
                             "rolebindings", "networkpolicies") for o in kube.objects(plural)])
 
 

@@ -92,7 +92,7 @@ def test_every_rule_is_tested_firing_and_not_firing():
 # Each mutation breaks one rule the way a careless edit would; the unit tests must then fail, naming it.
 MUTATIONS = [
     ("SdrayJobFailed", "expr", "> 0", "> 1"),
-    ("SdrayJobFailed", "expr", 'state="failed"', 'state=~"failed|succeeded"'),
+    ("SdrayJobFailed", "expr", 'state="Failed"', 'state=~"Failed|Succeeded"'),
     ("SdrayTrainingStalled", "expr", "[10m]", "[5m]"),
     ("SdrayTrainingStalled", "expr", "\nand on (job_id, tenant) (sdray_train_step offset 10m)", ""),
     ("SdrayTrainingStalled", "expr", "\nand on (job_id, tenant) (sdray_train_running == 1)", ""),

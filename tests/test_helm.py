@@ -115,7 +115,7 @@ CONTROLLER_RULES = {
     (("",), ("serviceaccounts",), ()): {"get", "create"},
     (("rbac.authorization.k8s.io",), ("roles", "rolebindings"), ()): {"get", "create"},
     (("networking.k8s.io",), ("networkpolicies",), ()): {"get", "create"},
-    (("",), ("events",), ()): {"create"},
+    (("events.k8s.io",), ("events",), ()): {"create", "patch"},
 }
 
 

@@ -7,6 +7,7 @@ What the controller stores is checked against the real schemas at the end of eac
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime, timedelta
 
 import pytest
 import yaml
@@ -44,7 +45,7 @@ def test_create_makes_an_owned_configmap_and_rayjob(kube, user):
     assert rayjob["metadata"]["ownerReferences"] == configmap["metadata"]["ownerReferences"] == owner
     assert yaml.safe_load(configmap["data"]["job.yaml"])["metadata"] == {"name": "digits", "namespace": NS}
     assert rayjob["spec"]["entrypoint"] == "sdray train /etc/sdray/job.yaml --address auto"
-    assert (status["rayJobName"], status["observedGeneration"]) == ("digits", 1)
+    assert (status["rayJobName"], status["observedGeneration"], status["appliedGeneration"]) == ("digits", 1, 1)
     assert conditions(status)["Admitted"] == ("True", "Admitted")
     assert ("Normal", "Created", "created RayJob digits") in events(kube, "digits")
     check_store(kube)
@@ -281,7 +282,7 @@ def test_two_replicas_only_the_leader_acts(kube, user):
         submit(user, "one")
         kube.wait(lambda: status_of(kube, "one").get("rayJobName"), 10, "the leader's work")
         writes = [r for r in kube.requests if r["method"] in ("POST", "PUT", "PATCH", "DELETE")
-                  and r["plural"] in ("rayjobs", "configmaps", "diffusionjobs", "events")]
+                  and r["plural"] in ("rayjobs", "configmaps", "diffusionjobs", "events")]  # either group
         assert {r["agent"] for r in writes if r["agent"] != "kubectl"} == {f"controller/{leader.config.identity}"}
         # The leader goes away (it gives the Lease up); the other replica takes over and acts.
         leader.stop(timeout=10)
@@ -293,12 +294,17 @@ def test_two_replicas_only_the_leader_acts(kube, user):
     assert lease["spec"]["leaseTransitions"] >= 1
 
 
+def _started(kube, user, name) -> None:
+    """Submit a job and have KubeRay (the test) report its Ray job running."""
+    submit(user, name)
+    kube.wait(lambda: kube.get("rayjobs", NS, name), 10, "the RayJob")
+    kube.update_status("rayjobs", NS, name, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
+    wait_state(kube, name, "Running")
+
+
 def test_a_spec_change_of_a_running_job_is_refused_with_an_event(kube, user):
     with running(kube):
-        submit(user, "steady")
-        kube.wait(lambda: kube.get("rayjobs", NS, "steady"), 10, "the RayJob")
-        kube.update_status("rayjobs", NS, "steady", {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
-        wait_state(kube, "steady", "Running")
+        _started(kube, user, "steady")
         before = kube.get("rayjobs", NS, "steady")
         user.custom.patch_namespaced_custom_object("sdray.io", "v1alpha1", NS, "diffusionjobs", "steady",
                                                    {"spec": {"train": {"learning_rate": 0.5, "max_steps": 99}}})
@@ -307,7 +313,9 @@ def test_a_spec_change_of_a_running_job_is_refused_with_an_event(kube, user):
     warning = [m for t, r, m in events(kube, "steady") if r == "SpecChangeRefused"]
     assert len(warning) == 1 and "spec.train.learning_rate, spec.train.max_steps" in warning[0]
     assert warning[0].startswith("generation 2: ")
-    assert refused["observedGeneration"] == 1 and refused["state"] == "Running"
+    # the refused generation was seen (observedGeneration, the conditions' too); the RayJob keeps the first
+    assert (refused["observedGeneration"], refused["appliedGeneration"], refused["state"]) == (2, 1, "Running")
+    assert {c["observedGeneration"] for c in refused["conditions"]} == {2}
     after = kube.get("rayjobs", NS, "steady")
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]  # untouched
     assert "max_steps: 20" in kube.get("configmaps", NS, "steady-job")["data"]["job.yaml"]
@@ -532,3 +540,40 @@ def test_a_controller_killed_mid_reconcile_is_replaced_without_a_second_rayjob(k
         assert len(kube.objects(plural)) == 1, plural
         assert [r["agent"] for r in kube.created(plural)] == ["controller/first"], plural
     check_store(kube)
+
+
+def test_every_spec_change_seen_advances_observed_generation_refused_ones_too(kube, user):
+    with running(kube):
+        _started(kube, user, "gens")
+        for generation, change in ((2, {"train": {"max_steps": 30}}), (3, {"train": {"learning_rate": -1}})):
+            user.custom.patch_namespaced_custom_object("sdray.io", "v1alpha1", NS, "diffusionjobs", "gens",
+                                                       {"spec": change})
+            seen = kube.wait(lambda: status_of(kube, "gens").get("observedGeneration") == generation  # noqa: B023
+                             and status_of(kube, "gens"), 10, f"generation {generation} seen")
+            assert (seen["refusedGeneration"], seen["appliedGeneration"], seen["state"]) == (generation, 1, "Running")
+    assert kube.get("diffusionjobs", NS, "gens")["metadata"]["generation"] == 3
+    notes = [n for _, r, n in events(kube, "gens") if r == "SpecChangeRefused"]
+    assert [n.split(":")[0] for n in notes] == ["generation 2", "generation 3"]
+    assert "spec.train.learning_rate: Input should be greater than 0" in notes[1]  # an invalid change: refused too
+
+
+def test_events_are_events_k8s_io_v1_and_a_repeat_counts_up_its_series(kube, user):
+    with running(kube, "events-a") as ctl:
+        dj = submit(user, "evented")
+        kube.wait(lambda: events(kube, "evented"), 10, "the first Event")
+        stored = kube.get("diffusionjobs", NS, "evented")
+        ctl._event(stored, "Warning", "Probe", "the same note twice", action="Check")
+        ctl._event(stored, "Warning", "Probe", "the same note twice", action="Check")
+    assert kube.objects("events", NS) == kube.objects("events.events.k8s.io", NS)  # none of core/v1
+    created = next(e for e in kube.objects("events.events.k8s.io", NS) if e["reason"] == "Created")
+    assert (created["apiVersion"], created["action"], created["type"]) == ("events.k8s.io/v1", "CreateRayJob", "Normal")
+    assert created["regarding"] == {"apiVersion": "sdray.io/v1alpha1", "kind": "DiffusionJob", "name": "evented",
+                                    "namespace": NS, "uid": dj["metadata"]["uid"],
+                                    "resourceVersion": created["regarding"]["resourceVersion"]}
+    assert (created["reportingController"], created["reportingInstance"]) == ("sdray.io/controller", "events-a")
+    assert datetime.fromisoformat(created["eventTime"]).utcoffset() == timedelta(0)  # a MicroTime, in UTC
+    probes = [e for e in kube.objects("events.events.k8s.io", NS) if e["reason"] == "Probe"]
+    assert len(probes) == 1 and probes[0]["series"]["count"] == 2  # patched, not recorded twice
+    patches = [r for r in kube.requests if r["method"] == "PATCH" and r["plural"] == "events"]
+    assert patches and all(r["path"].startswith("/apis/events.k8s.io/v1/") for r in patches)
+    check_store(kube)  # every stored Event passes the events.k8s.io/v1 schema

@@ -143,3 +143,29 @@ def test_openapi_conversion_refuses_unions_it_cannot_express():
 
 def test_schemas_are_loaded_once():
     assert schemas() is schemas()
+
+
+def test_bare_names_are_a_typeless_node_that_checks_strings_by_pattern():
+    """A structural schema has no "string or object" type. The one escape that keeps the object form's fields
+    (checked, pruned) is a node without a type that preserves unknown fields; its `pattern` applies to strings
+    only, so a bare name must be one of the names. (x-kubernetes-int-or-string admits no object.)"""
+    scheduler = _schema()["properties"]["spec"]["properties"]["tune"]["properties"]["scheduler"]
+    assert "type" not in scheduler and scheduler["x-kubernetes-preserve-unknown-fields"] is True
+    assert scheduler["pattern"] == "^(fifo|asha|pbt)$"
+    assert scheduler["properties"]["reduction_factor"]["type"] == "number"
+    assert structural_problems(scheduler, ".scheduler") == []
+    search = {"search_space": {"train.learning_rate": {"loguniform": [1e-5, 1e-3]}}, "metric": "loss"}
+    for value in ("asha", "pbt", {"name": "asha", "grace_period": 10}):
+        check([_dj(tune={**search, "scheduler": value}, train={"optimizer": "adamw"})])
+    for value, message in [("ahsa", "spec.tune.scheduler: 'ahsa' does not match '^(fifo|asha|pbt)$'"),
+                           ({"name": "sgd"}, "spec.tune.scheduler.name: 'sgd' is not one of"),
+                           ({"name": "asha", "reduction_factor": "2"}, "spec.tune.scheduler.reduction_factor")]:
+        bad = _dj(tune=search)
+        bad["spec"]["tune"]["scheduler"] = value
+        with pytest.raises(InvalidObjects) as err:
+            check([bad])
+        assert any(message in p for p in err.value.problems), err.value.problems
+    bad = _dj()
+    bad["spec"]["train"]["optimizer"] = "sgd"
+    with pytest.raises(InvalidObjects, match=r"spec.train.optimizer: 'sgd' does not match '\^\(adamw\)\$'"):
+        check([bad])

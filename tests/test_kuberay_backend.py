@@ -37,7 +37,7 @@ def test_submit_runs_through_the_controller(kube, backend):
         handle = backend.submit("0a1b2c3d4e5f", "team-a", document(), ENV)
         assert handle == f"{NS}/sdray-0a1b2c3d4e5f"
         rayjob = kube.wait(lambda: kube.get("rayjobs", NS, "sdray-0a1b2c3d4e5f"), 10, "the RayJob")
-        assert backend.status(handle).state == "pending"
+        assert backend.status(handle).state == "Pending"
         kube.update_status("rayjobs", NS, "sdray-0a1b2c3d4e5f", {"jobDeploymentStatus": "Running",
                                                                   "jobStatus": "RUNNING"})
         wait_state(kube, "sdray-0a1b2c3d4e5f", "Running")
@@ -47,8 +47,8 @@ def test_submit_runs_through_the_controller(kube, backend):
                                                                   "jobStatus": "SUCCEEDED"})
         wait_state(kube, "sdray-0a1b2c3d4e5f", "Succeeded")
         done = backend.status(handle)
-    assert (running_status.state, running_status.details) == ("running", {"step": 40, "loss": 0.31})
-    assert done.state == "succeeded"
+    assert (running_status.state, running_status.details) == ("Running", {"step": 40, "loss": 0.31})
+    assert done.state == "Succeeded"
     dj = kube.get("diffusionjobs", NS, "sdray-0a1b2c3d4e5f")
     assert dj["metadata"]["labels"]["sdray.io/service-job-id"] == "0a1b2c3d4e5f"
     assert dj["metadata"]["labels"]["sdray.io/tenant"] == "team-a"
@@ -69,12 +69,16 @@ def test_failed_and_queued_states(kube, backend):
     with running(kube):
         queued = backend.submit("000000000001", "team-a", document("q", cluster={"queue": "team-a"}), {})
         wait_state(kube, "sdray-000000000001", "Queued")
-        assert backend.status(queued).state == "pending"
+        assert backend.status(queued).state == "Queued"
         assert kube.get("secrets", NS, "sdray-000000000001-env") is None  # no environment, no Secret
         kube.update_status("rayjobs", NS, "sdray-000000000001", {"jobDeploymentStatus": "Failed",
                                                                   "reason": "AppFailed", "message": "exit 1"})
         wait_state(kube, "sdray-000000000001", "Failed")
-    assert (backend.status(queued).state, backend.status(queued).message) == ("failed", "exit 1")
+    assert (backend.status(queued).state, backend.status(queued).message) == ("Failed", "exit 1")
+    # (the controller stopped:) a DiffusionJob Kueue preempted waits to be admitted again and resumes from its
+    # checkpoint: to the service it is queued again, not a run that ended (the service's Preempted is final)
+    kube.update_status("diffusionjobs", NS, "sdray-000000000001", {"state": "Preempted"})
+    assert backend.status(queued).state == "Queued"
 
 
 def test_cancel_deletes_the_job_and_what_it_owns(kube, backend):

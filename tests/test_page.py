@@ -76,7 +76,7 @@ def page(tmp_path, browser):
         assert train.status_code == 201, train.text
         train_id, search_id = train.json()["id"], search.json()["id"]
         for job_id in (train_id, search_id):
-            wait_for(lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "running", 30, "the job to run")
+            wait_for(lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "Running", 30, "the job to run")
 
         def driver(job_id: str) -> tuple[str, httpx.Client]:
             env = svc.backend.env[http.get(f"/v1/jobs/{job_id}").json()["backend_handle"]]
@@ -115,7 +115,7 @@ def test_the_page_shows_the_job_row_curve_and_sample_grid(page, browser, tmp_pat
     svc, token, train_id, search_id = page
     dom = chromium(browser, tmp_path / "profile-dom", f"{svc.url}/#token={token}", "--dump-dom")
     row = job_row(dom, train_id)
-    assert "page-job" in row and "running" in row and "15 / 20" in row and "0.3000" in row
+    assert "page-job" in row and "Running" in row and "15 / 20" in row and "0.3000" in row
     assert 'class="selected"' in row  # the newest running job is shown in detail
     img = re.search(r'<img[^>]*id="sample"[^>]*>', dom).group(0)
     assert 'data-loaded="true"' in img and 'src="blob:' in img

@@ -271,7 +271,7 @@ def test_a_job_the_api_server_refuses_fails_with_its_message_and_frees_the_quota
         alice = svc.client(made["alice"])
         kube.fail("POST", "diffusionjobs", code=422, times=1)
         job = alice.post("/v1/jobs", json=alice_doc(tmp_path)).json()
-        failed = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job['id']}").json())["state"] == "failed" and j, 30,
+        failed = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job['id']}").json())["state"] == "Failed" and j, 30,
                           "the job to fail")
         reason = next(c for c in failed["conditions"] if c["type"] == "Failed")
         assert reason["reason"] == "SubmitRefused" and "422" in reason["message"]
@@ -292,7 +292,7 @@ def test_a_passing_submission_failure_is_retried_with_backoff(tmp_path, tokens, 
         job = alice.post("/v1/jobs", json=alice_doc(tmp_path)).json()
         pending = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job['id']}").json())["conditions"][0]["reason"]
                            == "SubmitFailed" and j, 30, "a failed try")
-        assert pending["state"] == "pending" and "trying again in" in pending["conditions"][0]["message"]
+        assert pending["state"] == "Queued" and "trying again in" in pending["conditions"][0]["message"]
         wait_for(lambda: kube.get("diffusionjobs", "ml", f"sdray-{job['id']}"), 30, "the fourth try to create it")
         # three failures wait 1 + 2 + 4 s; without backoff the loop (20 looks a second) is done in 0.2 s
         assert time.monotonic() - started > 6.0
@@ -331,7 +331,7 @@ def test_two_writers_never_share_a_sequence_number(tmp_path):
     def insert(store: JobStore, n: int) -> None:
         for i in range(n):
             now = time.time()
-            store.insert(JobRecord(id=f"{id(store)}-{i}", seq=0, tenant="t", name="n", kind="train", state="pending",
+            store.insert(JobRecord(id=f"{id(store)}-{i}", seq=0, tenant="t", name="n", kind="train", state="Pending",
                                    labels={}, document={}, demand={}, progress_token_hash="", created=now, updated=now))
 
     threads = [threading.Thread(target=insert, args=(s, 60)) for s in stores]
@@ -353,7 +353,7 @@ def test_a_store_with_duplicate_sequence_numbers_is_renumbered_on_open(tmp_path)
     db.executescript(SCHEMA)
     for i in range(3):
         db.execute("INSERT INTO jobs (id, seq, tenant, name, kind, state, labels, document, demand, "
-                   "progress_token_hash, created, updated) VALUES (?, 1, 't', 'n', 'train', 'pending', '{}', '{}', "
+                   "progress_token_hash, created, updated) VALUES (?, 1, 't', 'n', 'train', 'Pending', '{}', '{}', "
                    "'{}', '', 0, 0)", (f"j{i}",))
     db.commit()
     db.close()
@@ -405,7 +405,7 @@ def test_token_create_refuses_a_bad_tenant_name_without_a_traceback(tmp_path, te
 def test_internal_endpoints_refuse_big_bodies_before_reading_them(service, tokens, tmp_path):
     alice = service.client(tokens[1]["alice"])
     job_id = alice.post("/v1/jobs", json=alice_doc(tmp_path)).json()["id"]
-    wait_for(lambda: alice.get(f"/v1/jobs/{job_id}").json()["state"] == "running", 30, "the job to run")
+    wait_for(lambda: alice.get(f"/v1/jobs/{job_id}").json()["state"] == "Running", 30, "the job to run")
     token = service.backend.env[alice.get(f"/v1/jobs/{job_id}").json()["backend_handle"]]["SDRAY_PROGRESS_TOKEN"]
     driver = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     sent = 0

@@ -65,10 +65,10 @@ def test_tenants_see_and_cancel_only_their_own_jobs_and_admins_see_all(service, 
     assert bob.get("/v1/jobs").json()["jobs"] == []
     assert [j["id"] for j in root.get("/v1/jobs").json()["jobs"]] == [job["id"]]
     assert root.get(f"/v1/jobs/{job['id']}").json()["tenant"] == "alice"
-    running = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job['id']}").json())["state"] == "running" and j, 30,
+    running = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job['id']}").json())["state"] == "Running" and j, 30,
                        "the job to run")
-    assert alice.delete(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"
-    assert service.backend.status(running["backend_handle"]).state == "cancelled"
+    assert alice.delete(f"/v1/jobs/{job['id']}").json()["state"] == "Cancelled"
+    assert service.backend.status(running["backend_handle"]).state == "Cancelled"
 
 
 def test_yaml_and_json_bodies_filters_and_pages(service, tokens, tmp_path):
@@ -94,9 +94,13 @@ def test_yaml_and_json_bodies_filters_and_pages(service, tokens, tmp_path):
     red = alice.get("/v1/jobs", params={"label": "team=red"}).json()["jobs"]
     assert [j["name"] for j in red] == ["job-1", "job-3"]
     alice.delete(f"/v1/jobs/{ids[0]}")
-    cancelled = alice.get("/v1/jobs", params={"state": "cancelled"}).json()["jobs"]
-    assert [j["id"] for j in cancelled] == [ids[0]]
-    assert alice.get("/v1/jobs", params={"state": "bogus"}).status_code == 400
+    cancelled = alice.get("/v1/jobs", params={"state": "Cancelled"}).json()["jobs"]
+    assert [j["id"] for j in cancelled] == [ids[0]] and cancelled[0]["state"] == "Cancelled"
+    # the states as the API wrote them before there was one set (lower case) still filter
+    assert [j["id"] for j in alice.get("/v1/jobs", params={"state": "cancelled"}).json()["jobs"]] == [ids[0]]
+    bogus = alice.get("/v1/jobs", params={"state": "bogus"})
+    assert bogus.status_code == 400 and bogus.json()["detail"] == (
+        "state: expected one of Queued, Pending, Running, Succeeded, Failed, Cancelled, Preempted, got 'bogus'")
 
 
 def test_invalid_documents_get_422_with_the_same_lines_as_sdray_validate(service, tokens, tmp_path):
@@ -178,17 +182,17 @@ def test_jobs_wait_for_resources_in_submission_order_per_tenant(tmp_path, tokens
         a3 = submit(alice, "a3", 1)   # would fit (2), but alice's a2 is first in her queue
         b1 = submit(bob, "b1", 1)     # another tenant's job that fits: goes ahead
         state = lambda c, i: c.get(f"/v1/jobs/{i}").json()  # noqa: E731
-        wait_for(lambda: state(bob, b1)["state"] == "running", 30, "bob's small job to start")
-        assert state(alice, a1)["state"] == "running"
-        assert [state(alice, i)["state"] for i in (a2, a3)] == ["pending", "pending"]
+        wait_for(lambda: state(bob, b1)["state"] == "Running", 30, "bob's small job to start")
+        assert state(alice, a1)["state"] == "Running"
+        assert [state(alice, i)["state"] for i in (a2, a3)] == ["Queued", "Queued"]
         assert state(alice, a2)["conditions"][0]["reason"] == "Queued"
         assert 'sdray_queue_depth{tenant="alice"} 2.0' in httpx.get(svc.url + "/metrics").text
         backend.finish(state(alice, a1)["backend_handle"])
-        wait_for(lambda: state(alice, a2)["state"] == "running", 30, "a2 to start once a1 is done")
-        assert state(alice, a1)["state"] == "succeeded"
-        assert state(alice, a3)["state"] == "pending"  # a2 (4) + b1 (2) fill the 6 CPUs
+        wait_for(lambda: state(alice, a2)["state"] == "Running", 30, "a2 to start once a1 is done")
+        assert state(alice, a1)["state"] == "Succeeded"
+        assert state(alice, a3)["state"] == "Queued"  # a2 (4) + b1 (2) fill the 6 CPUs
         huge = submit(alice, "huge", 8)
-        wait_for(lambda: state(alice, huge)["state"] == "failed", 30, "a job larger than the cluster to fail")
+        wait_for(lambda: state(alice, huge)["state"] == "Failed", 30, "a job larger than the cluster to fail")
         assert "cluster has 6 CPU" in state(alice, huge)["conditions"][-1]["message"]
     finally:
         svc.stop()
@@ -198,13 +202,13 @@ def test_jobs_survive_a_restart_and_lost_ones_fail_with_a_reason(tmp_path, token
     svc = ThreadedService(tmp_path, DryRunBackend(hold=True), tokens[0])
     alice = svc.client(tokens[1]["alice"])
     job_id = alice.post("/v1/jobs", json=job_doc(tmp_path)).json()["id"]
-    wait_for(lambda: alice.get(f"/v1/jobs/{job_id}").json()["state"] == "running", 30, "the job to run")
+    wait_for(lambda: alice.get(f"/v1/jobs/{job_id}").json()["state"] == "Running", 30, "the job to run")
     svc.stop()
     # A new service on the same store with a backend that never heard of the job (a lost cluster).
     again = ThreadedService(tmp_path, DryRunBackend(hold=True), tokens[0])
     try:
         alice = again.client(tokens[1]["alice"])
-        job = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job_id}").json())["state"] == "failed" and j, 30,
+        job = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job_id}").json())["state"] == "Failed" and j, 30,
                        "the lost job to be marked failed")
         failed = [c for c in job["conditions"] if c["type"] == "Failed"][0]
         assert failed["reason"] == "BackendLost" and failed["status"] == "True"
@@ -216,7 +220,7 @@ def test_jobs_survive_a_restart_and_lost_ones_fail_with_a_reason(tmp_path, token
 def test_progress_from_the_driver_feeds_status_curve_sample_and_prometheus(service, tokens, tmp_path):
     alice = service.client(tokens[1]["alice"])
     job = alice.post("/v1/jobs", json=job_doc(tmp_path, "progress")).json()
-    wait_for(lambda: alice.get(f"/v1/jobs/{job['id']}").json()["state"] == "running", 30, "the job to run")
+    wait_for(lambda: alice.get(f"/v1/jobs/{job['id']}").json()["state"] == "Running", 30, "the job to run")
     handle = alice.get(f"/v1/jobs/{job['id']}").json()["backend_handle"]
     env = service.backend.env[handle]
     assert env["SDRAY_PROGRESS_URL"] == f"{service.url}/internal/v1/jobs/{job['id']}"
@@ -290,7 +294,7 @@ def test_cli_client_submits_lists_shows_and_cancels(service, tokens, tmp_path, m
     logs = runner.invoke(cli_app, ["logs", job_id, "--server", service.url])
     assert logs.exit_code == 0
     cancelled = runner.invoke(cli_app, ["cancel", job_id, "--server", service.url])
-    assert "cancelled" in cancelled.stdout
+    assert "Cancelled" in cancelled.stdout
     missing = runner.invoke(cli_app, ["status", "nope", "--server", service.url])
     assert missing.exit_code == 2 and "no job 'nope'" in missing.output
     monkeypatch.setenv("SDRAY_TOKEN", "wrong")
@@ -332,7 +336,7 @@ def test_logs_tail_and_follow_until_the_job_ends(service, tokens, tmp_path):
 
     alice = service.client(tokens[1]["alice"])
     job_id = alice.post("/v1/jobs", json=job_doc(tmp_path)).json()["id"]
-    running = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and j, 30,
+    running = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job_id}").json())["state"] == "Running" and j, 30,
                        "the job to run")
     assert alice.get(f"/v1/jobs/{job_id}/logs", params={"tail": 0}).text == ""
     assert "accepted" in alice.get(f"/v1/jobs/{job_id}/logs").text
@@ -356,9 +360,9 @@ def test_logs_tail_and_follow_until_the_job_ends(service, tokens, tmp_path):
     # every line exactly once, in order: the log as the backend holds it at the end
     assert "".join(chunks) == alice.get(f"/v1/jobs/{job_id}/logs").text
     assert "".join(chunks).splitlines() == ["dry run: the job was accepted and not run", "step 1 loss 0.5",
-                                             "step 2 loss 0.4", "dry run: the job ended as succeeded"]
+                                             "step 2 loss 0.4", "dry run: the job ended as Succeeded"]
     tailed = alice.get(f"/v1/jobs/{job_id}/logs", params={"tail": 1, "follow": "true"}).text
-    assert tailed == "dry run: the job ended as succeeded\n"  # an ended job's stream: the tail, then the end
+    assert tailed == "dry run: the job ended as Succeeded\n"  # an ended job's stream: the tail, then the end
 
 
 def test_job_store_filters_counts_and_reads_progress_in_sql():
@@ -369,7 +373,7 @@ def test_job_store_filters_counts_and_reads_progress_in_sql():
     store = JobStore(":memory:")
     now = time.time()
 
-    def add(name, tenant="alice", state="pending", labels=None, demand=None, progress=None, finished=None):
+    def add(name, tenant="alice", state="Queued", labels=None, demand=None, progress=None, finished=None):
         rec = JobRecord(id=name, seq=0, tenant=tenant, name=name, kind="train", state=state, labels=labels or {},
                         document={"big": "x" * 1000}, demand=demand or {"workers": 1, "GPU": 0, "CPU": 1},
                         progress_token_hash="", created=now, updated=now, progress=progress or {},
@@ -377,11 +381,11 @@ def test_job_store_filters_counts_and_reads_progress_in_sql():
         return store.insert(rec)
 
     add("a", labels={"team.example.com/name": "red", "tier": "gold"}, demand={"workers": 2, "GPU": 1, "CPU": 2})
-    add("b", labels={"team.example.com/name": "red"}, state="running", progress={"step": 3}, demand={"workers": 4, "GPU": 2})
-    add("c", labels={"team.example.com/name": "blue", "tier": "gold"}, state="succeeded",
+    add("b", labels={"team.example.com/name": "red"}, state="Running", progress={"step": 3}, demand={"workers": 4, "GPU": 2})
+    add("c", labels={"team.example.com/name": "blue", "tier": "gold"}, state="Succeeded",
         progress={"step": 9}, finished=now - 60)
-    add("d", state="failed", progress={"step": 1}, finished=now - 7200)
-    add("e", tenant="bob", state="running")
+    add("d", state="Failed", progress={"step": 1}, finished=now - 7200)
+    add("e", tenant="bob", state="Running")
 
     def names(**filters):
         return [r.name for r in store.list(**filters)]

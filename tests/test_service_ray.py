@@ -47,7 +47,7 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
 
         def job(name: str) -> dict:
             found = http.get(f"/v1/jobs/{ids[name]}").json()
-            if found["state"] == "failed":
+            if found["state"] == "Failed":
                 raise AssertionError(f"{name} failed: {found['conditions']}")
             return found
 
@@ -78,7 +78,7 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
         reader = threading.Thread(target=follow, args=(followed,), daemon=True)
         reader.start()
         wait_for(lambda: job("svc-short")["step"] > before, 120, "progress to reach the restarted service")
-        done = wait_for(lambda: (j := job("svc-short"))["state"] == "succeeded" and j, 300, "the short job to end")
+        done = wait_for(lambda: (j := job("svc-short"))["state"] == "Succeeded" and j, 300, "the short job to end")
         ended = time.monotonic()
         reader.join(timeout=60)
         assert not reader.is_alive(), "the followed log ends when the job does"
@@ -108,7 +108,7 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
         # Cancel the long job once it has a checkpoint: the Ray job stops, the checkpoint stays.
         wait_for(lambda: (job("svc-long").get("last_checkpoint") or {}).get("step"), 300, "a checkpoint of the long job")
         cancelled = http.delete(f"/v1/jobs/{ids['svc-long']}").json()
-        assert cancelled["state"] == "cancelled"
+        assert cancelled["state"] == "Cancelled"
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         ray_jobs = JobSubmissionClient(_dashboard(ray_session))
@@ -117,7 +117,7 @@ def test_jobs_run_on_ray_are_followed_across_a_restart_scraped_and_cancelled(ray
         saved = list((tmp_path / "long" / "checkpoints" / "svc-long").glob("checkpoint_*/sdray_checkpoint.json"))
         assert saved, "the cancelled job's checkpoints are kept"
         assert all((p.parent / "model" / "unet.safetensors").exists() for p in saved)
-        assert prom.wait_for('sdray_jobs{state="cancelled",tenant="alice"} == 1', timeout=60)
+        assert prom.wait_for('sdray_jobs{state="Cancelled",tenant="alice"} == 1', timeout=60)
     finally:
         for job_id in ids.values():
             try:
@@ -157,8 +157,8 @@ def test_a_service_killed_mid_job_reattaches_and_sdray_logs_follow_continues(ray
         assert ray_jobs.get_job_status(handle) == JobStatus.RUNNING, "the Ray job died with the service"
         svc = ServiceProcess(tmp_path, tokens, *args, port=svc.port)
         wait_for(lambda: job()["step"] > before, 120, "progress to reach the restarted service")
-        done = wait_for(lambda: (j := job())["state"] in ("succeeded", "failed") and j, 300, "the job to end")
-        assert done["state"] == "succeeded", done["conditions"]
+        done = wait_for(lambda: (j := job())["state"] in ("Succeeded", "Failed") and j, 300, "the job to end")
+        assert done["state"] == "Succeeded", done["conditions"]
         assert (done["step"], done["attempts"], done["backend_handle"]) == (60, 1, handle)
         printed, errors = logs.communicate(timeout=120)
         assert logs.returncode == 0, errors
@@ -188,9 +188,9 @@ def test_a_search_submitted_to_the_service_lists_its_trials(ray_session, digits_
         assert r.status_code == 201, r.text
         assert r.json()["kind"] == "tune"
         job_id = r.json()["id"]
-        done = wait_for(lambda: (j := http.get(f"/v1/jobs/{job_id}").json())["state"] in ("succeeded", "failed")
+        done = wait_for(lambda: (j := http.get(f"/v1/jobs/{job_id}").json())["state"] in ("Succeeded", "Failed")
                         and j, 600, "the search to end")
-        assert done["state"] == "succeeded", done["conditions"]
+        assert done["state"] == "Succeeded", done["conditions"]
         trials = done["trials"]
         assert sorted(t["params"]["train.learning_rate"] for t in trials) == [1e-3, 3e-3]
         assert all(t["state"] == "finished" and isinstance(t["metric"], float) for t in trials), trials

@@ -115,7 +115,7 @@ def test_a_restarted_service_follows_its_jobs_adopts_an_unrecorded_one_and_fails
     alice = first.client(tokens[1]["alice"])
     ids = {name: alice.post("/v1/jobs", json=job_doc(tmp_path, name)).json()["id"] for name in ("kept", "cut", "lost")}
     state = lambda name: alice.get(f"/v1/jobs/{ids[name]}").json()  # noqa: E731
-    wait_for(lambda: all(state(n)["state"] == "running" for n in ids), 30, "the three jobs to run")
+    wait_for(lambda: all(state(n)["state"] == "Running" for n in ids), 30, "the three jobs to run")
     handle = {name: state(name)["backend_handle"] for name in ids}
     chunks: list[str] = []
     retries: list[str] = []
@@ -132,7 +132,7 @@ def test_a_restarted_service_follows_its_jobs_adopts_an_unrecorded_one_and_fails
     # While the service is away: "cut" is as a service killed between submitting it and recording its handle
     # left it, and "lost"'s Ray job is gone (a new cluster); "kept" runs on and logs.
     store = JobStore(tmp_path / "jobs.db")
-    store.update(ids["cut"], handle=None, state="pending", attempts=0)
+    store.update(ids["cut"], handle=None, state="Queued", attempts=0)
     store.close()
     del ray.jobs[handle["lost"]]
     ray.log(handle["kept"], "a line written while the service was down")
@@ -141,20 +141,20 @@ def test_a_restarted_service_follows_its_jobs_adopts_an_unrecorded_one_and_fails
     again = ThreadedService(tmp_path, local_backend(ray, tmp_path), tokens[0], port=first.port)
     try:
         alice = again.client(tokens[1]["alice"])
-        lost = wait_for(lambda: (j := state("lost"))["state"] == "failed" and j, 30, "the lost job to fail")
+        lost = wait_for(lambda: (j := state("lost"))["state"] == "Failed" and j, 30, "the lost job to fail")
         assert [c["reason"] for c in lost["conditions"] if c["type"] == "Failed"] == ["BackendLost"]
         assert f"no longer knows {handle['lost']}" in lost["conditions"][-1]["message"]
-        cut = wait_for(lambda: (j := state("cut"))["state"] == "running" and j, 30, "the cut job to be adopted")
+        cut = wait_for(lambda: (j := state("cut"))["state"] == "Running" and j, 30, "the cut job to be adopted")
         assert (cut["backend_handle"], cut["attempts"]) == (handle["cut"], 1)
         admitted = [c for c in cut["conditions"] if c["type"] == "Admitted"][0]
         assert "found running on the local backend" in admitted["message"]
         assert sorted(ray.submitted) == sorted(handle.values()), "a job was submitted twice"
         kept = state("kept")
-        assert (kept["state"], kept["attempts"], kept["backend_handle"]) == ("running", 1, handle["kept"])
+        assert (kept["state"], kept["attempts"], kept["backend_handle"]) == ("Running", 1, handle["kept"])
 
         ray.log(handle["kept"], "the last line")
         ray.finish(handle["kept"], "SUCCEEDED")
-        wait_for(lambda: state("kept")["state"] == "succeeded", 30, "the kept job to succeed")
+        wait_for(lambda: state("kept")["state"] == "Succeeded", 30, "the kept job to succeed")
         reader.join(timeout=30)
         assert not reader.is_alive(), "the followed log ends when the job does"
         assert "".join(chunks) == ray.logs[handle["kept"]]  # every line once, in order, across the restart
@@ -176,20 +176,20 @@ def test_jobs_wait_while_the_cluster_registers_its_nodes_and_readyz_says_why(tmp
         job = lambda: alice.get(f"/v1/jobs/{job_id}").json()  # noqa: E731
         waiting = wait_for(lambda: (j := job())["conditions"][0]["reason"] == "CapacityUnknown" and j, 30,
                            "the job to wait for the cluster")
-        assert waiting["state"] == "pending"
+        assert waiting["state"] == "Queued"
         assert "capacity unknown, waiting" in waiting["conditions"][0]["message"]
         ray.register()  # listed, its resources not yet
         seen = ray.node_lists
         wait_for(lambda: ray.node_lists >= seen + 3, 30, "three more looks at the cluster")
-        assert job()["state"] == "pending" and httpx.get(svc.url + "/readyz", timeout=30).status_code == 503
+        assert job()["state"] == "Queued" and httpx.get(svc.url + "/readyz", timeout=30).status_code == 503
         ray.nodes[0].resources_total = {"CPU": 4.0, "GPU": 0.0}
         ready = wait_for(lambda: (r := httpx.get(svc.url + "/readyz", timeout=30)).status_code == 200 and r, 30,
                          "the service to be ready")
         assert ready.json()["checks"]["backend"]["message"].endswith("(4 CPU, 0 GPU)")
-        wait_for(lambda: job()["state"] == "running", 30, "the waiting job to start")
+        wait_for(lambda: job()["state"] == "Running", 30, "the waiting job to start")
         # Against a cluster that has registered its nodes, a job that can never fit still fails at once.
         huge = alice.post("/v1/jobs", json=job_doc(tmp_path, "huge", workers=8)).json()["id"]
-        failed = wait_for(lambda: (j := alice.get(f"/v1/jobs/{huge}").json())["state"] == "failed" and j, 30,
+        failed = wait_for(lambda: (j := alice.get(f"/v1/jobs/{huge}").json())["state"] == "Failed" and j, 30,
                           "the job larger than the cluster to fail")
         assert "asks for 9 CPU but the cluster has 4 CPU in all" in failed["conditions"][-1]["message"]
     finally:
@@ -203,7 +203,7 @@ def test_sdray_serve_killed_with_sigkill_finds_its_jobs_in_the_store(tmp_path, t
     svc = ServiceProcess(tmp_path, path, "--backend", "dry-run")
     http = httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {made['alice']}"}, timeout=30)
     job_id = http.post("/v1/jobs", json=job_doc(tmp_path, "durable")).json()["id"]
-    done = wait_for(lambda: (j := http.get(f"/v1/jobs/{job_id}").json())["state"] == "succeeded" and j, 30,
+    done = wait_for(lambda: (j := http.get(f"/v1/jobs/{job_id}").json())["state"] == "Succeeded" and j, 30,
                     "the dry-run job to end")
     svc.proc.kill()
     assert svc.proc.wait(timeout=30) == -9

@@ -478,3 +478,86 @@ def test_stage_unet_is_still_read_as_the_denoiser_stage():
     doc["spec"]["stage"] = "transformer"
     with pytest.raises(SpecError, match="spec.stage"):
         parse_job(doc)
+
+
+# -- bare names: an object whose only required field is its name may be written as that name ----------------
+_SEARCH = {"search_space": {"train.learning_rate": {"loguniform": [1e-5, 1e-3]}}, "metric": "loss"}
+
+
+def _named_objects() -> list[tuple[str, type]]:
+    """Every object of the job model (dotted path, model) whose fields all have defaults and that selects by
+    a ``name`` Literal: the ones the bare-name form is for. Found by walking the model, so a new one is
+    covered (or fails here) without being listed."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from sdray.spec import JobSpec
+
+    found, stack = [], [("spec", JobSpec)]
+    while stack:
+        path, model = stack.pop()
+        for name, info in model.model_fields.items():
+            for arg in typing.get_args(info.annotation) or (info.annotation,):
+                inner = typing.get_args(arg)[0] if typing.get_origin(arg) is typing.Annotated else arg
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    fields = inner.model_fields
+                    if "name" in fields and not any(f.is_required() for f in fields.values()):
+                        found.append((f"{path}.{name}", inner))
+                    stack.append((f"{path}.{name}", inner))
+    return sorted(found, key=lambda item: item[0])
+
+
+def test_the_named_objects_are_the_optimizer_and_the_scheduler():
+    assert [path for path, _ in _named_objects()] == ["spec.train.optimizer", "spec.tune.scheduler"]
+
+
+@pytest.mark.parametrize("path, model", _named_objects(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_named_object_takes_its_bare_name(path, model):
+    import typing
+
+    for name in typing.get_args(model.model_fields["name"].annotation):
+        doc = make_job("bare-name", "/tmp/out", "s3://bucket/digits", tune=dict(_SEARCH))
+        section, field = path.split(".")[1:]
+        doc["spec"][section][field] = name
+        parsed = getattr(getattr(parse_job(doc).spec, section), field)
+        assert parsed == model(name=name)  # the same as {name: NAME}, with the other fields' defaults
+        # stored and sent on in the object form
+        assert parse_job(doc).model_dump(mode="json")["spec"][section][field]["name"] == name
+
+
+def test_scheduler_shorthand_from_the_readme():
+    job = parse_job(parse_document_text("apiVersion: sdray.io/v1alpha1\nkind: DiffusionJob\nmetadata: {name: search}\n"
+                              "spec:\n  model: {preset: tiny}\n  data: {uri: s3://b/d, validation_fraction: 0.1}\n"
+                              "  output: {uri: s3://b/out}\n  train: {optimizer: adamw}\n"
+                              "  tune:\n    scheduler: asha\n    search_space:\n"
+                              "      train.learning_rate: {loguniform: [1.0e-5, 1.0e-3]}\n", "yaml", "job.yaml"))
+    assert job.spec.tune.scheduler.name == "asha" and job.spec.tune.scheduler.reduction_factor == 2.0
+    assert job.spec.train.optimizer.name == "adamw"
+
+
+@pytest.mark.parametrize("section, field, value, names", [
+    ("tune", "scheduler", "ahsa", "fifo, asha, pbt"),
+    ("tune", "scheduler", 5, "fifo, asha, pbt"),
+    ("train", "optimizer", "sgd", "adamw"),
+])
+def test_a_wrong_bare_name_is_one_line_naming_the_field_and_the_names(section, field, value, names):
+    doc = make_job("bare-name", "/tmp/out", "s3://bucket/digits", tune=dict(_SEARCH))
+    doc["spec"][section][field] = value
+    with pytest.raises(SpecError) as err:
+        parse_job(doc)
+    assert err.value.errors == [f"spec.{section}.{field}: expected one of {names} (or an object with a name) "
+                                f"(got {value!r})"]
+
+
+def test_the_object_form_still_checks_its_fields():
+    doc = make_job("bare-name", "/tmp/out", "s3://bucket/digits",
+                   tune={**_SEARCH, "scheduler": {"name": "fifo", "grace_period": 10}})
+    with pytest.raises(SpecError, match="grace_period applies to scheduler asha only"):
+        parse_job(doc)
+
+
+def test_the_json_schema_shows_both_forms():
+    scheduler = json_schema()["$defs"]["TuneSpec"]["properties"]["scheduler"]
+    assert {"type": "string", "enum": ["fifo", "asha", "pbt"]} in scheduler["anyOf"]
+    assert {"$ref": "#/$defs/TuneSchedulerSpec"} in scheduler["anyOf"]

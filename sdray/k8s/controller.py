@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
@@ -37,12 +38,16 @@ from sdray.k8s import API_VERSION, GROUP, JOB_LABEL, KIND, MANAGED_BY, PLURAL, R
 from sdray.k8s.kube import Clients, document_of
 from sdray.k8s.leader import LeaderElector
 from sdray.k8s.render import JOB_FILE, SPEC_HASH, RenderError, RenderSettings, configmap_name, render
-from sdray.k8s.status import TERMINAL, failed_status, now_iso, rayjob_state, rayjob_status
+from sdray.k8s.status import TERMINAL, failed_status, rayjob_state, rayjob_status
 from sdray.spec import SpecError, parse_job
+from sdray.states import JobState
 
 log = logging.getLogger("sdray.controller")
 GENERATION = "sdray.io/generation"  # the DiffusionJob generation a RayJob was made from
-COMPONENT = "sdray-controller"
+REPORTING_CONTROLLER = "sdray.io/controller"  # events.k8s.io/v1 reportingController: a qualified name
+# An Event repeated within this many seconds (same object, reason and note) counts up its series instead of
+# being recorded again, as client-go's event recorder does; the controller remembers this many.
+EVENT_SERIES_S, EVENT_MEMORY = 1800.0, 1000
 # A RayJob whose Ray job has not started may be replaced by one made from a changed spec.
 _NOT_STARTED = {"", "New", "Initializing", "Suspended", "Suspending"}
 # The objects made beside the RayJob: kind → (the Clients API that serves it, the stem of its method names).
@@ -167,6 +172,8 @@ class Controller:
                                      self.config.identity, lease_duration=self.config.lease_duration,
                                      renew_every=self.config.renew_every, retry_every=self.config.retry_every)
         self.metrics = {"reconciles": 0, "errors": 0}
+        # (namespace, regarding uid, reason, note) → (Event name, count, first time): repeated Events form a series.
+        self._recorded: dict[tuple, tuple[str, int, float]] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -292,6 +299,8 @@ class Controller:
             message = f"a RayJob named {name} exists that this DiffusionJob does not own; rename the DiffusionJob"
             self._fail(dj, "NameConflict", message)
             return None
+        # status.observedGeneration: the last spec generation this controller has seen and acted on, whatever it
+        # did with it (applied, made the RayJob again, refused: see refusedGeneration, failed as invalid).
         if rayjob is not None and rayjob["metadata"].get("deletionTimestamp"):
             return 2.0  # a replaced RayJob is still going away (KubeRay's finalizer)
         try:
@@ -302,8 +311,7 @@ class Controller:
             if rayjob is None:
                 self._fail(dj, "InvalidSpec", f"invalid document: {message}")
             else:
-                self._refuse(dj, rayjob, f"the changed document is invalid: {message}")
-                self._mirror(dj, rayjob, None)
+                self._mirror(dj, rayjob, None, self._refuse(dj, f"the changed document is invalid: {message}"))
             return None
         desired["metadata"]["annotations"][GENERATION] = str(dj["metadata"].get("generation", 1))
         if rayjob is None:
@@ -325,7 +333,8 @@ class Controller:
             if ray.get("jobDeploymentStatus", "") in _NOT_STARTED and ray.get("jobStatus", "") in ("", "PENDING"):
                 self._replace_rayjob(dj, rayjob)
                 return None  # its DELETED event brings the job back here, to create the new one
-            self._refuse(dj, rayjob, self._change_message(dj, rayjob, beside[0]))
+            self._mirror(dj, rayjob, job.spec.cluster.queue, self._refuse(dj, self._change_message(dj, rayjob, beside[0])))
+            return None
         self._mirror(dj, rayjob, job.spec.cluster.queue)
         return None
 
@@ -384,15 +393,17 @@ class Controller:
             return existing
         queue = meta["labels"].get("kueue.x-k8s.io/queue-name")
         self._event(dj, "Normal", "Created", f"created RayJob {meta['name']}"
-                    + (f" in Kueue LocalQueue {queue}" if queue else ""))
+                    + (f" in Kueue LocalQueue {queue}" if queue else ""), action="CreateRayJob")
         return created
 
     def _replace_rayjob(self, dj: dict, rayjob: dict) -> None:
         meta = rayjob["metadata"]
         self.clients.custom.delete_namespaced_custom_object(RAY_GROUP, RAY_VERSION, meta["namespace"], RAYJOB_PLURAL,
                                                             meta["name"], propagation_policy="Background")
+        generation = dj["metadata"].get("generation")
         self._event(dj, "Normal", "Updated", f"the spec changed before the job started (generation "
-                    f"{dj['metadata'].get('generation')}): RayJob {meta['name']} is made again from it")
+                    f"{generation}): RayJob {meta['name']} is made again from it", action="ReplaceRayJob")
+        self._patch_status(dj, {"observedGeneration": generation})
 
     def _change_message(self, dj: dict, rayjob: dict, configmap: dict) -> str:
         """Which fields changed, read against the document the running RayJob was made from."""
@@ -411,33 +422,39 @@ class Controller:
         return (f"changes to {shown} refused: the job is {state} and keeps the document it started with; "
                 "create a new DiffusionJob to train with the new one")
 
-    def _refuse(self, dj: dict, rayjob: dict, message: str) -> None:
-        """Refuse a spec change of a started job: a Warning Event (once per generation) and refusedGeneration."""
+    def _refuse(self, dj: dict, message: str) -> dict:
+        """Refuse a spec change of a started job: a Warning Event (once per generation); returns the status
+        fields that say so (refusedGeneration), which ``_mirror`` writes with the rest in one patch."""
         generation = dj["metadata"].get("generation")
-        if (dj.get("status") or {}).get("refusedGeneration") == generation:
-            return
-        self._event(dj, "Warning", "SpecChangeRefused", f"generation {generation}: {message}")
-        self._patch_status(dj, {"refusedGeneration": generation})
+        if (dj.get("status") or {}).get("refusedGeneration") != generation:
+            self._event(dj, "Warning", "SpecChangeRefused", f"generation {generation}: {message}",
+                        action="RefuseSpecChange")
+        return {"refusedGeneration": generation}
 
     def _fail(self, dj: dict, reason: str, message: str) -> None:
         status = dj.get("status") or {}
-        if status.get("state") == "Failed" and status.get("message") == message:
+        if status.get("state") == JobState.FAILED and status.get("message") == message:
             return
-        self._event(dj, "Warning", reason, message)
+        self._event(dj, "Warning", reason, message, action="FailJob")
         new = failed_status(status, reason, message, dj["metadata"].get("generation"))
         new["observedGeneration"] = dj["metadata"].get("generation")
         self._patch_status(dj, new)
 
-    def _mirror(self, dj: dict, rayjob: dict, queue: str | None) -> None:
-        """Copy the RayJob's progress into the DiffusionJob's status, when it changed."""
+    def _mirror(self, dj: dict, rayjob: dict, queue: str | None, also: dict | None = None) -> None:
+        """Copy the RayJob's progress into the DiffusionJob's status, when it changed. The spec generation seen
+        is this one (observedGeneration, the conditions' too), even when it was refused; appliedGeneration is
+        the one the RayJob was made from."""
         applied = int(rayjob["metadata"].get("annotations", {}).get(GENERATION, 0)) or None
+        seen = dj["metadata"].get("generation") or applied
         current = dj.get("status") or {}
-        new = rayjob_status(rayjob, queue, current, applied)
-        new["observedGeneration"] = applied
+        new = rayjob_status(rayjob, queue, current, seen)
+        new["observedGeneration"] = seen
+        new["appliedGeneration"] = applied
+        new.update(also or {})
         if any(current.get(k) != v for k, v in new.items()):
             if new["state"] != current.get("state"):
-                kind = "Warning" if new["state"] == "Failed" else "Normal"
-                self._event(dj, kind, new["state"], new["message"])
+                kind = "Warning" if new["state"] == JobState.FAILED else "Normal"
+                self._event(dj, kind, new["state"], new["message"], action="UpdateStatus")
             self._patch_status(dj, new)
 
     def _patch_status(self, dj: dict, status: dict) -> None:
@@ -446,25 +463,49 @@ class Controller:
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status})
         dj["status"] = updated.get("status") or {}
 
-    def _event(self, dj: dict, type_: str, reason: str, message: str) -> None:
-        """Record a core/v1 Event on the DiffusionJob (best effort: an Event lost is not worth a retry)."""
+    def _event(self, dj: dict, type_: str, reason: str, note: str, *, action: str) -> None:
+        """Record an events.k8s.io/v1 Event regarding the DiffusionJob: what happened (``reason``), what the
+        controller did (``action``), in words (``note``). The same Event again within EVENT_SERIES_S counts up
+        the first one's ``series`` instead. Best effort: an Event lost is not worth a retry."""
+        from kubernetes.client import ApiException
+
         meta = dj["metadata"]
-        stamp = now_iso()
-        event = {
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta["uid"],
-                               "resourceVersion": meta.get("resourceVersion")},
-            "type": type_, "reason": reason, "message": message[:1024],
-            "source": {"component": COMPONENT}, "reportingComponent": COMPONENT,
-            "reportingInstance": self.config.identity,
-            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
-        }
+        namespace, note = meta["namespace"], note[:1024]  # the API server's limit on a note
+        key = (namespace, meta["uid"], reason, note)
+        now = time.time()
         try:
-            self.clients.core.create_namespaced_event(meta["namespace"], event)
+            known = self._recorded.get(key)
+            if known is not None and now - known[2] < EVENT_SERIES_S:
+                name, count, first = known
+                series = {"count": count + 1, "lastObservedTime": _micro_time(now)}
+                try:
+                    self.clients.events.patch_namespaced_event(name, namespace, {"series": series},
+                                                               _content_type="application/merge-patch+json")
+                    self._recorded[key] = (name, count + 1, first)
+                    return
+                except ApiException as exc:
+                    if exc.status != 404:  # gone (Events expire): record it afresh
+                        raise
+            event = {
+                "apiVersion": "events.k8s.io/v1", "kind": "Event",
+                "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+                "eventTime": _micro_time(now),
+                "reportingController": REPORTING_CONTROLLER, "reportingInstance": self.config.identity[:128],
+                "action": action, "reason": reason, "type": type_, "note": note,
+                "regarding": {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "namespace": namespace,
+                              "uid": meta["uid"], "resourceVersion": meta.get("resourceVersion")},
+            }
+            self.clients.events.create_namespaced_event(namespace, event)
+            if len(self._recorded) >= EVENT_MEMORY:
+                self._recorded.pop(next(iter(self._recorded)))  # the oldest
+            self._recorded[key] = (event["metadata"]["name"], 1, now)
         except Exception as exc:
-            log.warning("could not record event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+            log.warning("could not record event %s on %s/%s: %s", reason, namespace, meta["name"], exc)
+
+
+def _micro_time(t: float) -> str:
+    """A MicroTime as the API server writes it (events.k8s.io/v1 eventTime)."""
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def serve_health(controller: Controller, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:

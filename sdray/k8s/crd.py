@@ -14,15 +14,16 @@ settings are refused on the other stage).
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import yaml
 
 from sdray.k8s import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from sdray.spec import json_schema
+from sdray.states import STATES
 
 SHORT_NAMES = ["dj"]
-STATES = ["Pending", "Queued", "Running", "Preempted", "Succeeded", "Failed"]
 CONDITION_TYPES = ["Admitted", "Running", "Succeeded", "Failed"]
 
 # The keys apiextensions.k8s.io/v1 JSONSchemaProps has; anything else is refused by the API server.
@@ -56,6 +57,17 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
         target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
         # The field's own keys (its description) win over the referenced model's.
         node = {**target, **node}
+    if "anyOf" in node and (names := _bare_names(node["anyOf"], defs)):
+        # An object also written as its bare name (sdray.spec.by_name: `scheduler: asha`). A structural schema
+        # has no "string or object" type; its one escape that keeps the object's fields (so they are still
+        # checked and pruned) is a node without a type that preserves unknown fields. `pattern` applies to
+        # strings only: a bare name must be one of the names, and an object is checked by its properties.
+        branches = node.pop("anyOf")
+        target = next(b for b in branches if b.get("type") != "string")
+        out = _convert({**target, **node}, defs, path)
+        out.pop("type", None)
+        return {**out, "x-kubernetes-preserve-unknown-fields": True,
+                "pattern": f"^({'|'.join(re.escape(n) for n in names)})$"}
     if "anyOf" in node:
         node = _merge_union(node, path)
         if "x-kubernetes-int-or-string" in node:
@@ -107,6 +119,17 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
     return out
 
 
+def _bare_names(branches: list[dict[str, Any]], defs: dict[str, Any]) -> list[str] | None:
+    """The names of a union of a string enum and an object with a ``name`` property (the bare-name form of
+    that object), or None for any other union."""
+    strings = [b for b in branches if b.get("type") == "string" and ("enum" in b or "const" in b)]
+    objects = [defs[b["$ref"].rsplit("/", 1)[-1]] if "$ref" in b else b for b in branches if b not in strings]
+    if len(branches) != 2 or len(strings) != 1 or len(objects) != 1 or objects[0].get("type") != "object" \
+            or "name" not in objects[0].get("properties", {}):
+        return None
+    return list(strings[0]["enum"]) if "enum" in strings[0] else [strings[0]["const"]]
+
+
 def _merge_union(node: dict[str, Any], path: str) -> dict[str, Any]:
     branches = node.pop("anyOf")
     others = [b for b in branches if b.get("type") != "null"]
@@ -138,7 +161,10 @@ def status_schema() -> dict[str, Any]:
         "type": "object",
         "description": "Written by the sdray controller and the training driver.",
         "properties": {
-            "state": {"type": "string", "enum": STATES},
+            "state": {"type": "string", "enum": list(STATES),
+                      "description": "Queued (waiting for Kueue), Pending (the Ray cluster is starting), Running, "
+                                     "Preempted (checkpointed; resumes once admitted again), Succeeded or Failed: "
+                                     "the states the sdray REST API says too."},
             "message": {"type": "string", "description": "Why the job is in its state."},
             "step": {"type": "integer", "description": "Last optimizer step the training reported."},
             "loss": {"type": "number", "description": "Training loss at that step."},
@@ -146,7 +172,10 @@ def status_schema() -> dict[str, Any]:
             "startTime": time,
             "completionTime": time,
             "observedGeneration": {"type": "integer", "format": "int64",
-                                   "description": "The generation of the spec the RayJob was made from."},
+                                   "description": "The last spec generation the controller has seen and acted on: "
+                                                  "applied, or refused (then refusedGeneration says so)."},
+            "appliedGeneration": {"type": "integer", "format": "int64",
+                                  "description": "The generation of the spec the RayJob was made from."},
             "refusedGeneration": {"type": "integer", "format": "int64",
                                   "description": "The last spec generation refused because the job had started."},
             "conditions": {"type": "array", "items": condition, "x-kubernetes-list-type": "map",

@@ -54,6 +54,13 @@ class Clients:
         return client.RbacAuthorizationV1Api(self.api_client)
 
     @property
+    def events(self):
+        """events.k8s.io/v1 Events, over the same connection pool."""
+        from kubernetes import client
+
+        return client.EventsV1Api(self.api_client)
+
+    @property
     def networking(self):
         """NetworkPolicies, over the same connection pool."""
         from kubernetes import client

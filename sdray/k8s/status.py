@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-TERMINAL = ("Succeeded", "Failed")
+from sdray.states import TERMINAL, JobState
 
 
 def now_iso() -> str:
@@ -25,17 +25,18 @@ def rayjob_state(rayjob: dict, queue: str | None) -> tuple[str, str, str]:
     job = status.get("jobStatus") or ""
     message = status.get("message") or ""
     if deployment == "Complete" and job == "SUCCEEDED":
-        return "Succeeded", "Succeeded", message or "the training finished"
+        return JobState.SUCCEEDED, "Succeeded", message or "the training finished"
     if deployment in ("Failed", "ValidationFailed") or (deployment == "Complete" and job in ("FAILED", "STOPPED")):
-        return "Failed", status.get("reason") or deployment or "Failed", message or f"the Ray job ended {job or deployment}"
+        return (JobState.FAILED, status.get("reason") or deployment or "Failed",
+                message or f"the Ray job ended {job or deployment}")
     if (rayjob.get("spec") or {}).get("suspend") or deployment in ("Suspended", "Suspending"):
         where = f"Kueue LocalQueue {queue}" if queue else "the RayJob is suspended"
-        return ("Queued" if queue else "Pending"), "Queued", f"waiting for admission ({where})"
+        return (JobState.QUEUED if queue else JobState.PENDING), "Queued", f"waiting for admission ({where})"
     if deployment == "Running" and job == "RUNNING":
-        return "Running", "Running", message or "training"
+        return JobState.RUNNING, "Running", message or "training"
     if deployment == "Retrying":
-        return "Pending", "Retrying", message or "the RayJob failed and starts again on a fresh cluster"
-    return "Pending", deployment or "Created", message or "the Ray cluster is starting"
+        return JobState.PENDING, "Retrying", message or "the RayJob failed and starts again on a fresh cluster"
+    return JobState.PENDING, deployment or "Created", message or "the Ray cluster is starting"
 
 
 def set_condition(conditions: list[dict], type_: str, status: bool, reason: str, message: str,
@@ -55,7 +56,7 @@ def conditions_for(current: list[dict], state: str, reason: str, message: str, *
                    generation: int | None) -> list[dict]:
     """The four conditions for a state."""
     conditions = list(current)
-    admitted_reason = "Admitted" if admitted else reason if state in ("Queued", "Pending") else state
+    admitted_reason = "Admitted" if admitted else reason if state in (JobState.QUEUED, JobState.PENDING) else state
     conditions = set_condition(conditions, "Admitted", admitted, admitted_reason,
                                "the Ray cluster may start" if admitted else message, generation)
     for type_ in ("Running", "Succeeded", "Failed"):
@@ -70,12 +71,12 @@ def rayjob_status(rayjob: dict, queue: str | None, current: dict, generation: in
     A job suspended after it ran (Kueue preempted it for another) is Preempted: its run checkpointed on the
     notice and resumes there once admitted again."""
     state, reason, message = rayjob_state(rayjob, queue)
-    if reason == "Queued" and current.get("state") in ("Running", "Preempted"):
-        state, reason = "Preempted", "Preempted"
+    if reason == "Queued" and current.get("state") in (JobState.RUNNING, JobState.PREEMPTED):
+        state, reason = JobState.PREEMPTED, "Preempted"
         message = "preempted: the run checkpointed and resumes there once admitted again" + (
             f" (Kueue LocalQueue {queue})" if queue else "")
     ray = rayjob.get("status") or {}
-    admitted = not (rayjob.get("spec") or {}).get("suspend") and state != "Queued"
+    admitted = not (rayjob.get("spec") or {}).get("suspend") and state != JobState.QUEUED
     status = {
         "state": state,
         "message": message,
@@ -94,9 +95,9 @@ def rayjob_status(rayjob: dict, queue: str | None, current: dict, generation: in
 def failed_status(current: dict, reason: str, message: str, generation: int | None) -> dict:
     """Status of a job that never got a RayJob (its document or its name cannot run)."""
     return {
-        "state": "Failed",
+        "state": JobState.FAILED,
         "message": message,
         "completionTime": current.get("completionTime") or now_iso(),
-        "conditions": conditions_for(current.get("conditions") or [], "Failed", reason, message, admitted=False,
+        "conditions": conditions_for(current.get("conditions") or [], JobState.FAILED, reason, message, admitted=False,
                                      generation=generation),
     }

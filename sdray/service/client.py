@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from sdray.states import FINAL
+
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 # A followed log's answer says where in the whole log its first character is, so that a follower cut off by
 # a restart of the service asks for the rest (``?offset=``) and prints no line twice.
@@ -127,7 +129,7 @@ class Client:
                     for text in r.iter_text():
                         offset += len(text)
                         yield text
-                if self.status(job_id)["state"] in ("succeeded", "failed", "cancelled"):
+                if self.status(job_id)["state"] in FINAL:
                     return
                 # The stream ended before the job did: the service is stopping. Open it again.
             except (httpx.HTTPError, ClientError) as exc:

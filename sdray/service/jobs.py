@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 from sdray.progress import Progress
 from sdray.service.auth import Authenticator, Principal, hash_token
-from sdray.service.backends.base import FINAL, Backend, BackendError
+from sdray.service.backends.base import Backend, BackendError
 from sdray.service.store import JobRecord, JobStore
 from sdray.spec import DiffusionJob
+from sdray.states import ACTIVE, FINAL, JobState, parse_state
 
 log = logging.getLogger("sdray.service")
 
@@ -92,13 +93,13 @@ class JobManager:
         now = time.time()
         rec = JobRecord(
             id=uuid.uuid4().hex[:12], seq=0, tenant=principal.tenant, name=job.metadata.name,
-            kind="tune" if job.spec.tune is not None else "train", state="pending",
+            kind="tune" if job.spec.tune is not None else "train", state=JobState.QUEUED,
             labels=dict(job.metadata.labels), document=document, demand=need.as_dict(),
             progress_token_hash="", created=now, updated=now,
         )
         rec.conditions = condition(rec, "Admitted", False, "Queued", "waiting for resources")
         self.store.insert(rec)
-        self.on_transition("pending", rec.tenant)
+        self.on_transition(JobState.QUEUED, rec.tenant)
         return rec
 
     def _check_quota(self, tenant: str, need: Demand) -> None:
@@ -125,7 +126,7 @@ class JobManager:
             self._admit()
 
     def _admit(self) -> None:
-        waiting = [r for r in self.store.list(states=["pending"]) if r.handle is None]
+        waiting = [r for r in self.store.list(states=[JobState.QUEUED]) if r.handle is None]
         if not waiting:
             return
         try:
@@ -140,7 +141,7 @@ class JobManager:
                                              "(its nodes are still registering)")
             return
         used = {"CPU": 0.0, "GPU": 0.0}
-        for r in self.store.list(states=["pending", "running"]):
+        for r in self.store.list(states=sorted(ACTIVE)):
             if r.handle is not None:
                 for k in used:
                     used[k] += r.demand.get(k, 0)
@@ -148,7 +149,7 @@ class JobManager:
         for rec in waiting:
             never = [k for k in used if capacity is not None and rec.demand.get(k, 0) > capacity.get(k, 0)]
             if never:  # waiting would be forever: say so now, wherever the job is in its queue
-                self._finish(rec, "failed", "Unschedulable",
+                self._finish(rec, JobState.FAILED, "Unschedulable",
                              f"the job asks for {rec.demand[never[0]]:g} {never[0]} but the cluster has "
                              f"{capacity.get(never[0], 0):g} {never[0]} in all")
                 continue
@@ -192,7 +193,7 @@ class JobManager:
         except BackendError as exc:
             if exc.permanent:  # the cluster refused the job itself: retrying would hold the quota forever
                 self._retry.pop(rec.id, None)
-                self._finish(rec, "failed", "SubmitRefused", str(exc))
+                self._finish(rec, JobState.FAILED, "SubmitRefused", str(exc))
                 return
             failures = self._retry.get(rec.id, (0, 0.0))[0] + 1
             delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (failures - 1))
@@ -204,9 +205,12 @@ class JobManager:
         self._record_handle(rec, handle, f"submitted to the {self.backend.name} backend as {handle}")
 
     def _record_handle(self, rec: JobRecord, handle: str, message: str) -> None:
+        """The job is the backend's now: Pending (starting) until the backend says more."""
         self._retry.pop(rec.id, None)
-        self.store.update(rec.id, handle=handle, attempts=rec.attempts + 1,
+        self.store.update(rec.id, handle=handle, attempts=rec.attempts + 1, state=JobState.PENDING,
                           conditions=condition(rec, "Admitted", True, "Submitted", message))
+        if rec.state != JobState.PENDING:
+            self.on_transition(JobState.PENDING, rec.tenant)
         log.info("job %s (%s/%s): %s", rec.id, rec.tenant, rec.name, message)
 
     def _adopt(self, rec: JobRecord) -> bool:
@@ -231,7 +235,7 @@ class JobManager:
             self._refresh()
 
     def _refresh(self) -> None:
-        for rec in self.store.list(states=["pending", "running"]):
+        for rec in self.store.list(states=sorted(ACTIVE)):
             if rec.handle is None:
                 continue
             try:
@@ -241,17 +245,20 @@ class JobManager:
                 continue
             if status.details:
                 self.record_progress(rec.id, status.details)
-            if status.state == "missing":
-                self._finish(rec, "failed", "BackendLost",
+            state = status.state if status.state == "missing" else parse_state(status.state)
+            if state == "missing":
+                self._finish(rec, JobState.FAILED, "BackendLost",
                              f"the {self.backend.name} backend no longer knows {rec.handle}: {status.message}".rstrip(": "))
-            elif status.state == "running" and rec.state == "pending":
-                rec = self.store.update(rec.id, state="running", started=time.time(),
-                                        conditions=condition(rec, "Running", True, "Started", status.message))
-                self.on_transition("running", rec.tenant)
-            elif status.state in FINAL:
-                reason = {"succeeded": "Completed", "failed": "Failed", "cancelled": "Cancelled",
-                          "preempted": "Preempted"}[status.state]
-                self._finish(rec, status.state, reason, status.message)
+            elif state in FINAL:
+                reason = {JobState.SUCCEEDED: "Completed", JobState.FAILED: "Failed", JobState.CANCELLED: "Cancelled",
+                          JobState.PREEMPTED: "Preempted"}[state]
+                self._finish(rec, state, reason, status.message)
+            elif state != rec.state:  # Pending → Running; Running → Queued (Kueue preempted it) …
+                running = state == JobState.RUNNING
+                started = rec.started or (time.time() if running else None)
+                rec = self.store.update(rec.id, state=state, started=started, conditions=condition(
+                    rec, "Running", running, "Started" if running else state, status.message))
+                self.on_transition(state, rec.tenant)
 
     def tick(self) -> None:
         with self._lock:
@@ -262,9 +269,9 @@ class JobManager:
         self._retry.pop(rec.id, None)
         conds = condition(rec, "Running", False, reason, message)
         rec.conditions = conds
-        if state == "succeeded":
+        if state == JobState.SUCCEEDED:
             conds = condition(rec, "Succeeded", True, reason, message)
-        elif state == "failed":
+        elif state == JobState.FAILED:
             conds = condition(rec, "Failed", True, reason, message)
         rec.conditions = conds
         if rec.handle is None:
@@ -281,7 +288,7 @@ class JobManager:
                 return rec
             if rec.handle is not None:
                 self.backend.cancel(rec.handle)
-            self._finish(rec, "cancelled", "Cancelled", "cancelled by request; checkpoints are kept")
+            self._finish(rec, JobState.CANCELLED, "Cancelled", "cancelled by request; checkpoints are kept")
             return self.store.get(rec.id)
 
     def reconcile(self) -> None:

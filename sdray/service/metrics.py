@@ -13,7 +13,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from sdray.service.backends.base import STATES
+from sdray.states import STATES, JobState
 from sdray.service.store import JobStore
 
 # Finished jobs keep their last training values this long, so a scrape after the end still sees them.
@@ -92,7 +92,7 @@ class _JobCollector:
             for name, key, _ in TRAINING:
                 if isinstance(values.get(key), (int, float)):
                     families[name].add_metric(labels, float(values[key]))
-            running.add_metric(labels, 1.0 if state == "running" else 0.0)
+            running.add_metric(labels, 1.0 if state == JobState.RUNNING else 0.0)
         for tenant, n in depth.items():
             queue.add_metric([tenant], n)
         yield queue

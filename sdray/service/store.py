@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdray.states import ACTIVE, STATES, JobState
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -97,6 +99,7 @@ class JobStore:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
         self._unique_seq()
+        self._one_vocabulary()
 
     def _unique_seq(self) -> None:
         """The UNIQUE index on ``seq``; a store written before it, whose racing writers left duplicate sequence
@@ -108,6 +111,16 @@ class JobStore:
                 self._db.execute("UPDATE jobs SET seq = seq + (SELECT MAX(seq) FROM jobs) + rowid")
                 self._db.execute("UPDATE jobs SET seq = (SELECT COUNT(*) FROM jobs AS j WHERE j.rowid <= jobs.rowid)")
                 self._db.execute("CREATE UNIQUE INDEX jobs_seq ON jobs (seq)")
+
+    def _one_vocabulary(self) -> None:
+        """Rows a service wrote before the one set of job states (``sdray.states``) say ``pending`` …
+        ``preempted``: read them as the same states. A ``pending`` job that the backend had not been given is
+        Queued, one it had is Pending (starting)."""
+        old = {state.lower(): state for state in STATES}
+        with self._write():
+            self._db.execute("UPDATE jobs SET state = ? WHERE state = 'pending' AND handle IS NULL", (JobState.QUEUED,))
+            for lower, state in old.items():
+                self._db.execute("UPDATE jobs SET state = ? WHERE state = ?", (state, lower))
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -180,19 +193,20 @@ class JobStore:
         return [self._record(row) for row in rows]
 
     def active_usage(self, tenant: str) -> tuple[int, float, float]:
-        """A tenant's pending and running jobs: how many, and the workers and GPUs they take."""
+        """A tenant's active jobs (queued, pending, running): how many, and the workers and GPUs they take."""
+        active = sorted(ACTIVE)
         with self._lock:
             row = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(json_extract(demand, '$.workers')), 0), "
                 "COALESCE(SUM(json_extract(demand, '$.GPU')), 0) FROM jobs "
-                "WHERE tenant = ? AND state IN ('pending', 'running')", (tenant,)).fetchone()
+                f"WHERE tenant = ? AND state IN ({', '.join('?' * len(active))})", (tenant, *active)).fetchone()
         return int(row[0]), float(row[1]), float(row[2])
 
     def queue_depth(self) -> dict[str, int]:
-        """Pending jobs not yet handed to the backend, by tenant."""
+        """Queued jobs not yet handed to the backend, by tenant."""
         with self._lock:
-            rows = self._db.execute("SELECT tenant, COUNT(*) FROM jobs WHERE state = 'pending' AND handle IS NULL "
-                                    "GROUP BY tenant").fetchall()
+            rows = self._db.execute("SELECT tenant, COUNT(*) FROM jobs WHERE state = ? AND handle IS NULL "
+                                    "GROUP BY tenant", (JobState.QUEUED,)).fetchall()
         return {r[0]: r[1] for r in rows}
 
     def recent_progress(self, finished_since: float) -> list[tuple[str, str, str, str, dict]]:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field
 
 from sdray.service.store import JobRecord
+from sdray.states import JobState
 
 
 class Condition(BaseModel):
@@ -37,7 +38,9 @@ class JobView(BaseModel):
     name: str
     tenant: str
     kind: str = Field(description="train or tune")
-    state: str = Field(description="pending, running, succeeded, failed or cancelled")
+    state: JobState = Field(description="Queued (in the service's queue), Pending (submitted, starting), Running, "
+                            "Succeeded, Failed, Cancelled or Preempted (stopped at a checkpoint: submit the document "
+                            "again to continue); the DiffusionJob CRD's status.state says the same strings.")
     labels: dict[str, str]
     conditions: list[Condition]
     attempts: int

@@ -100,7 +100,8 @@ capabilities:
 
 {{/* What the controller does in a job namespace (sdray/k8s/controller.py), verb by verb. Each job gets its own
 ServiceAccount, Role and RoleBinding (patch on its own diffusionjobs/status) and NetworkPolicy: the API server
-lets the controller grant that Role only because it holds diffusionjobs/status patch itself. */}}
+lets the controller grant that Role only because it holds diffusionjobs/status patch itself. Events are
+events.k8s.io/v1 (create; patch counts up a repeated one's series). */}}
 {{- define "sdray.controllerRules" -}}
 - apiGroups: [sdray.io]
   resources: [diffusionjobs]
@@ -123,7 +124,7 @@ lets the controller grant that Role only because it holds diffusionjobs/status p
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, create]
-- apiGroups: [""]
+- apiGroups: [events.k8s.io]
   resources: [events]
-  verbs: [create]
+  verbs: [create, patch]
 {{- end -}}

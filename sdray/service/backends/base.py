@@ -13,10 +13,6 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-# preempted: the run stopped at a checkpoint on a preemption notice (exit status 3); submitting the same
-# document again continues it. (On Kubernetes a preempted job waits for Kueue to admit it again: pending.)
-STATES = ("pending", "running", "succeeded", "failed", "cancelled", "preempted")
-FINAL = frozenset({"succeeded", "failed", "cancelled", "preempted"})
 
 
 def tail_lines(text: str, tail: int | None) -> str:
@@ -41,7 +37,7 @@ class BackendError(RuntimeError):
 class BackendStatus:
     """A job as the backend sees it. ``missing``: the backend has no such job (lost with its cluster)."""
 
-    state: str  # one of STATES or "missing"
+    state: str  # a JobState, or "missing"
     message: str = ""
     details: dict = field(default_factory=dict)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 
 from sdray.service.backends.base import Backend, BackendStatus, tail_lines
+from sdray.states import JobState, parse_state
 
 
 class DryRunBackend(Backend):
@@ -18,7 +19,7 @@ class DryRunBackend(Backend):
         self.hold = hold
         self.cluster = capacity  # what capacity() answers (a test may change it, as nodes join a cluster)
         self._ids = itertools.count(1)
-        self._jobs: dict[str, str] = {}
+        self._jobs: dict[str, JobState] = {}
         self._handles: dict[str, str] = {}  # service job id -> handle
         self._logs: dict[str, str] = {}
         self.env: dict[str, dict[str, str]] = {}  # what each job's driver would have been given
@@ -32,7 +33,7 @@ class DryRunBackend(Backend):
     def submit(self, job_id: str, tenant: str, document: dict, env: dict[str, str], *,
                namespace: str | None = None) -> str:
         handle = f"dry-{next(self._ids)}"
-        self._jobs[handle] = "running" if self.hold else "succeeded"
+        self._jobs[handle] = JobState.RUNNING if self.hold else JobState.SUCCEEDED
         self._logs[handle] = "dry run: the job was accepted and not run\n"
         self.env[handle] = dict(env)
         self._handles[job_id] = handle
@@ -49,14 +50,15 @@ class DryRunBackend(Backend):
 
     def cancel(self, handle: str) -> None:
         if handle in self._jobs:
-            self.finish(handle, "cancelled")
+            self.finish(handle, JobState.CANCELLED)
 
     def log(self, handle: str, line: str) -> None:
         """Add a line to a job's log (as a driver would print one)."""
         self._logs[handle] = self._logs.get(handle, "") + line + "\n"
 
-    def finish(self, handle: str, state: str = "succeeded") -> None:
-        """End a held job as ``state`` (its log says so)."""
+    def finish(self, handle: str, state: str = JobState.SUCCEEDED) -> None:
+        """End a held job as ``state`` (a JobState, in any case; its log says so)."""
+        state = parse_state(state)
         self._jobs[handle] = state
         self.log(handle, f"dry run: the job ended as {state}")
 

@@ -21,10 +21,8 @@ import json
 import re
 
 from sdray.service.backends.base import Backend, BackendError, BackendStatus
+from sdray.states import JobState, parse_state
 
-# Preempted: Kueue suspended it while it ran; it resumes from its checkpoint once admitted again (pending).
-_STATES = {"Pending": "pending", "Queued": "pending", "Preempted": "pending", "Running": "running",
-           "Succeeded": "succeeded", "Failed": "failed"}
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 JOB_ID_LABEL = "sdray.io/service-job-id"
 TENANT_LABEL = "sdray.io/tenant"
@@ -149,7 +147,14 @@ class KubeRayBackend(Backend):
             return BackendStatus("missing", f"DiffusionJob {handle} is gone")
         status = obj.get("status") or {}
         details = {k: status[k] for k in ("step", "loss") if status.get(k) is not None}
-        state = _STATES.get(status.get("state") or "Pending", "pending")
+        # The DiffusionJob says the same states. A preempted one waits for Kueue to admit it again and resumes
+        # from its checkpoint: to the service it is queued again (its Preempted is a run that has ended).
+        try:
+            state = parse_state(status.get("state") or JobState.PENDING)
+        except ValueError:
+            state = JobState.PENDING
+        if state == JobState.PREEMPTED:
+            state = JobState.QUEUED
         return BackendStatus(state, status.get("message") or "", details)
 
     def cancel(self, handle: str) -> None:

@@ -23,17 +23,18 @@ from pathlib import Path
 
 from sdray.processes import is_running, started_at, stop_process_group
 from sdray.service.backends.base import Backend, BackendError, BackendStatus, tail_lines
+from sdray.states import JobState
 
-_STATES = {"PENDING": "pending", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
-           "STOPPED": "cancelled"}
+_STATES = {"PENDING": JobState.PENDING, "RUNNING": JobState.RUNNING, "SUCCEEDED": JobState.SUCCEEDED,
+           "FAILED": JobState.FAILED, "STOPPED": JobState.CANCELLED}
 PREEMPTED_EXIT = 3  # `sdray train`'s and the runner's status for a run stopped at a checkpoint on SIGTERM
 
 
-def job_state(info) -> str:
+def job_state(info) -> JobState:
     """The service's state of a Ray job (``JobInfo``): a driver that ended with the preempted status stopped
     at a checkpoint, it did not fail."""
-    state = _STATES.get(str(info.status.value), "pending")
-    return "preempted" if state == "failed" and info.driver_exit_code == PREEMPTED_EXIT else state
+    state = _STATES.get(str(info.status.value), JobState.PENDING)
+    return JobState.PREEMPTED if state == JobState.FAILED and info.driver_exit_code == PREEMPTED_EXIT else state
 
 
 # Set for every job driver: no usage reporting, quiet Ray Train. The Hub is reached only for hf:// sources (the

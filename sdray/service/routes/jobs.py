@@ -12,16 +12,19 @@ from pydantic import StringConstraints
 
 from sdray.service.auth import Principal
 from sdray.service.client import LOG_OFFSET
-from sdray.service.backends.base import FINAL, STATES, BackendError, tail_lines
+from sdray.service.backends.base import BackendError, tail_lines
 from sdray.service.deps import Refused, Service, caller, checked_document, own_job, service, stored_document
 from sdray.service.jobs import QuotaExceeded
 from sdray.service.store import JobRecord
 from sdray.service.views import Curves, JobList, JobView, Validated, errors, job_view
 from sdray.spec import DiffusionJob
+from sdray.states import FINAL, STATES, parse_state
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=errors(401))
 
 MAX_LABEL_FILTERS = 20
+# The states a list may be filtered by: as the states are written, or in lower case (the API's earlier spelling).
+StateSpelling = Literal[tuple([*STATES, *(state.lower() for state in STATES)])]
 MAX_LOG_BYTES = 8 << 20  # a log answer's size: the tail of a longer log
 
 # A document the built-in tenant policy allows (s3:// URIs; no local path, secret or image of its own).
@@ -80,7 +83,9 @@ async def submit(job: DiffusionJob = Depends(checked_document), who: Principal =
 
 @router.get("/jobs", response_model=JobList, responses=errors(400), operation_id="list_jobs")
 def list_jobs(who: Principal = Depends(caller), svc: Service = Depends(service),
-              state: list[Literal[STATES]] = Query(default=[], description="Only jobs in these states."),
+              state: list[StateSpelling] = Query(
+                  default=[], description=f"Only jobs in these states: {', '.join(STATES)} (or in lower case, as "
+                                          "the API wrote them before: running is Running)."),
               label: list[Annotated[str, StringConstraints(pattern=r"^[^=]+=")]] = Query(
                   default=[], max_length=MAX_LABEL_FILTERS,
                   description=f"key=value; all must match (at most {MAX_LABEL_FILTERS})."),
@@ -91,11 +96,12 @@ def list_jobs(who: Principal = Depends(caller), svc: Service = Depends(service),
                   default="oldest", description="oldest: in submission order; newest: latest first."),
               tenant: str | None = Query(default=None, description="Admins only: one tenant's jobs.")):
     """The caller's jobs (an admin's: everyone's), oldest (or newest) first, a page at a time."""
+    states = sorted({parse_state(s) for s in state})
     labels = dict(item.split("=", 1) for item in label)
     after = int(page_token) if page_token is not None else 0
     if not who.admin:
         tenant = who.tenant
-    recs = svc.store.list(tenant=tenant, states=sorted(set(state)) or None, labels=labels or None, after_seq=after,
+    recs = svc.store.list(tenant=tenant, states=states or None, labels=labels or None, after_seq=after,
                           limit=limit, newest_first=order == "newest")
     more = len(recs) > limit
     recs = recs[:limit]
