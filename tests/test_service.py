@@ -245,7 +245,7 @@ def test_progress_from_the_driver_feeds_status_curve_sample_and_prometheus(servi
     text = httpx.get(service.url + "/metrics").text
     labels = f'job_id="{job["id"]}",job_name="progress",tenant="alice"'
     assert f"sdray_train_step{{{labels}}} 15.0" in text
-    assert f"sdray_train_data_wait_seconds_per_step{{{labels}}} 0.05" in text
+    assert f"sdray_train_step_data_wait_seconds{{{labels}}} 0.05" in text
     assert f"sdray_train_running{{{labels}}} 1.0" in text
 
 

@@ -73,7 +73,8 @@ class JobManager:
         self.backend = backend
         self.auth = auth
         self.public_url = public_url.rstrip("/")
-        self.on_transition = on_transition or (lambda state, tenant: None)
+        # on_transition(state, tenant, waited_s=None): a job entered a state (waited_s: its wait to start)
+        self.on_transition = on_transition or (lambda state, tenant, waited_s=None: None)
         # Where a tenant's jobs run (its policy's namespace); None: the backend's own.
         self.namespace_of = namespace_of or (lambda tenant: None)
         # Submissions the backend refused for a passing reason: job id -> (failures so far, next try's time).
@@ -247,7 +248,7 @@ class JobManager:
             elif status.state == "running" and rec.state == "pending":
                 rec = self.store.update(rec.id, state="running", started=time.time(),
                                         conditions=condition(rec, "Running", True, "Started", status.message))
-                self.on_transition("running", rec.tenant)
+                self.on_transition("running", rec.tenant, waited_s=rec.started - rec.created)
             elif status.state in FINAL:
                 reason = {"succeeded": "Completed", "failed": "Failed", "cancelled": "Cancelled",
                           "preempted": "Preempted"}[status.state]
@@ -304,4 +305,6 @@ class JobManager:
         clean = update.to_payload()
         clean.pop("curve", None)
         clean["time"] = time.time()
+        if clean.get("checkpoint_step") is not None and clean["checkpoint_step"] != rec.progress.get("checkpoint_step"):
+            clean["checkpoint_time"] = clean["time"]  # a new checkpoint: its age is measured from now
         return self.store.update(job_id, progress={**rec.progress, **clean})
