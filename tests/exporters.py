@@ -1,11 +1,11 @@
 """Real scrapes of every Prometheus exporter sdray has, for tests/test_metrics.py (``promtool check metrics``)
 and tests/test_dashboard.py (the names the dashboard may query).
 
-- ``scrape_service(tmp)``: ``create_app`` under uvicorn (real HTTP) with the dry-run backend and a 2-CPU
-  pretend cluster. Two tenants submit jobs (one runs, one queues behind it), one document fails validation
-  and one the tenant policy; the running job's driver posts its progress through the driver's own
-  ``ProgressReporter``, with every field the training loop sets (``gpu_memory_bytes`` included, which only a
-  GPU run reports), and a checkpoint; then the first job ends and the queued one starts. The training
+- ``scrape_service(tmp)``: ``BusyService``: ``create_app`` under uvicorn (real HTTP) with the dry-run backend
+  and a pretend cluster. Two tenants submit jobs (one runs, one queues behind it), one document fails
+  validation and one the tenant policy; each running job's driver posts its progress through the driver's
+  own ``ProgressReporter``, with every field the training loop sets (``gpu_memory_bytes`` included, which
+  only a GPU run reports), and a checkpoint; the first job ends and the queued one starts. The training
   metrics are exported by the service from those posts: that is sdray's training exporter.
 - ``scrape_controller()``: a ``Controller`` against the fake API server (tests/fake_kube.py), one
   DiffusionJob reconciled after one failed API call, ``/metrics`` read from ``serve_health`` over HTTP.
@@ -41,45 +41,72 @@ FULL_PROGRESS = Progress(
     skipped_images=2, checkpoint_step=100, checkpoint_s=1.5, curve={"loss": [(115, 0.22), (120, 0.21)]})
 
 
-def scrape_service(tmp: Path) -> str:
-    tmp.mkdir(parents=True, exist_ok=True)
-    tokens = tmp / "tokens.json"
-    made = {name: create_token(tokens, name) for name in ("alice", "bob")}
-    backend = DryRunBackend(hold=True, capacity={"CPU": 2, "GPU": 0})  # one 1-worker job at a time
-    svc = ThreadedService(tmp, backend, tokens)
-    try:
-        alice, bob = svc.client(made["alice"]), svc.client(made["bob"])
+class BusyService:
+    """The service with two tenants' jobs on a pretend cluster of 2 CPUs and 1 GPU: alice's GPU job runs at
+    once, bob's CPU job queues behind it; a document fails validation, one the tenant policy, a read 404s.
+    ``start()`` leaves alice's job running with its driver's progress posted; ``second()`` ends it, so bob's
+    starts (its queue wait observed), and posts bob's progress. ``stop()`` stops the service."""
 
-        def doc(name: str, **spec) -> dict:
-            return make_job(name, tmp / "out" / name, str(tmp / "data"), **spec)
+    def __init__(self, tmp: Path):
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp
+        tokens = tmp / "tokens.json"
+        made = {name: create_token(tokens, name) for name in ("alice", "bob")}
+        self.backend = DryRunBackend(hold=True, capacity={"CPU": 2, "GPU": 1})  # one 1-worker job at a time
+        self.svc = ThreadedService(tmp, self.backend, tokens)
+        self.alice, self.bob = self.svc.client(made["alice"]), self.svc.client(made["bob"])
 
-        first = alice.post("/v1/jobs", json=doc("digits"))
-        assert first.status_code == 201, first.text
-        second = bob.post("/v1/jobs", json=doc("queued"))
-        assert second.status_code == 201, second.text
-        assert alice.post("/v1/validate", json=doc("bad", train={"learning_rate": -1})).status_code == 422
-        assert alice.post("/v1/jobs", json=doc("refused", cluster={"image": "attacker/miner"})).status_code == 403
-        assert alice.get("/v1/jobs/no-such-job").status_code == 404
+    def _doc(self, name: str, **spec) -> dict:
+        return make_job(name, self.tmp / "out" / name, str(self.tmp / "data"), **spec)
 
-        job_id = first.json()["id"]
-        job = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and j, 30,
-                       "the first job to run")
-        env = backend.env[job["backend_handle"]]
+    def _submit(self, client, name: str, **spec) -> str:
+        response = client.post("/v1/jobs", json=self._doc(name, **spec))
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def _report(self, client, job_id: str, progress: Progress) -> str:
+        """Wait for the job to run, post ``progress`` as its driver does; the backend's handle of the job."""
+        job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and j, 30,
+                       f"job {job_id} to run")
+        env = self.backend.env[job["backend_handle"]]
         reporter = ProgressReporter(env["SDRAY_PROGRESS_URL"], env["SDRAY_PROGRESS_TOKEN"], min_interval_s=0)
         try:
-            reporter(FULL_PROGRESS, final=True)
+            reporter(progress, final=True)
         finally:
             reporter.close()
-        assert alice.get(f"/v1/jobs/{job_id}").json()["step"] == FULL_PROGRESS.step
+        assert client.get(f"/v1/jobs/{job_id}").json()["step"] == progress.step
+        return job["backend_handle"]
 
-        backend.finish(job["backend_handle"])  # the first ends; bob's job, queued until now, starts
-        wait_for(lambda: bob.get(f"/v1/jobs/{second.json()['id']}").json()["state"] == "running", 30,
-                 "the queued job to start")
-        response = httpx.get(svc.url + "/metrics")
+    def start(self) -> BusyService:
+        self.first = self._submit(self.alice, "digits", distributed={"use_gpu": True})
+        self.second_id = self._submit(self.bob, "queued")
+        assert self.alice.post("/v1/validate", json=self._doc("bad", train={"learning_rate": -1})).status_code == 422
+        refused = self.alice.post("/v1/jobs", json=self._doc("refused", cluster={"image": "attacker/miner"}))
+        assert refused.status_code == 403, refused.text
+        assert self.alice.get("/v1/jobs/no-such-job").status_code == 404
+        self.first_handle = self._report(self.alice, self.first, FULL_PROGRESS)
+        return self
+
+    def second(self) -> None:
+        self.backend.finish(self.first_handle)  # alice's ends; bob's, queued until now, starts
+        self._report(self.bob, self.second_id, FULL_PROGRESS.updated(step=40, gpu_memory_bytes=None))
+
+    def scrape(self) -> str:
+        response = httpx.get(self.svc.url + "/metrics")
         assert response.status_code == 200
         return response.text
+
+    def stop(self) -> None:
+        self.svc.stop()
+
+
+def scrape_service(tmp: Path) -> str:
+    service = BusyService(tmp).start()
+    try:
+        service.second()
+        return service.scrape()
     finally:
-        svc.stop()
+        service.stop()
 
 
 def scrape_controller() -> str:

@@ -1,7 +1,8 @@
 """The Grafana dashboard (helm/sdray/files/dashboard.json, its one source): it loads in Grafana's own model
 (grafana-foundation-sdk), every panel's PromQL parses (promtool, as recording rules), every metric an
-expression names is one a real scrape of sdray's exporters holds, and it ships as a ConfigMap labelled
-``grafana_dashboard: "1"`` both from the chart and from ``kubectl kustomize k8s/``."""
+expression names is one a real scrape of sdray's exporters holds, each query answers a real Prometheus
+scraping a busy service with series that carry the labels its legend names, and it ships as a ConfigMap
+labelled ``grafana_dashboard: "1"`` both from the chart and from ``kubectl kustomize k8s/``."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import helm_python
 import promql_parser
 import pytest
 import yaml
-from exporters import sample_names, scrape_controller, scrape_service
+from exporters import BusyService, sample_names, scrape_controller, scrape_service
 from k8s_checks import REPO, check, load_all
 from test_kustomize import K8S, kustomize
 
-from tools import require_binary
+from tools import require_binary, start_prometheus
 
 CHART = REPO / "helm" / "sdray"
 DASHBOARD = CHART / "files" / "dashboard.json"
@@ -179,6 +180,43 @@ def test_every_metric_a_query_names_is_exported(exported):
                    "sdray_train_last_checkpoint_timestamp_seconds", "sdray_http_requests_total",
                    "sdray_http_request_duration_seconds_bucket"):
         assert metric in everything, metric
+
+
+def test_every_query_answers_a_real_prometheus_with_its_legends_labels(tmp_path):
+    """The service-side panels against a real Prometheus scraping a busy service (the controller's panels
+    are left out: no controller runs here). A query whose legend names a label its result lacks (one-to-one
+    matching ``on (…)`` keeps only those labels, say) shows an empty legend in Grafana: caught here."""
+    dash = dashboard()
+    legends = {f"{p['id']}:{t['refId']}": (p["title"], t.get("legendFormat", "")) for p in panels(dash)
+               for t in p.get("targets", [])}
+    exprs = {k: e.replace(BUILTIN["$__rate_interval"], "15s") for k, e in queries(dash).items()
+             if k in legends and not any(n.startswith("sdray_controller_") for n in metric_names(e))}
+    service = BusyService(tmp_path / "service").start()
+    try:
+        prom = start_prometheus(tmp_path, [service.svc.url.removeprefix("http://")], scrape_interval="1s")
+        answered = set()
+
+        def ask_all() -> None:
+            for key, expr in exprs.items():
+                title, legend = legends[key]
+                rows = prom.query(expr)
+                answered.update([key] if rows else [])
+                for row in rows:
+                    for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", legend):
+                        assert label in row["metric"], f"{title}: legend {legend!r}, but {expr} gives {row['metric']}"
+
+        try:  # while alice's GPU job runs, then while bob's CPU job runs
+            prom.wait_for('count_over_time(sdray_train_step{tenant="alice"}[1m]) >= 3', timeout=30)
+            ask_all()
+            service.second()  # bob's job starts (and its queue wait is observed) while Prometheus watches
+            prom.wait_for('count_over_time(sdray_train_step{tenant="bob"}[1m]) >= 3', timeout=30)
+            ask_all()
+        finally:
+            prom.stop()
+    finally:
+        service.stop()
+    empty = [f"{legends[k][0]}: {e}" for k, e in exprs.items() if k not in answered]
+    assert empty == [], "queries without a result on a busy service:\n" + "\n".join(empty)
 
 
 # --- shipped: the chart and kustomize ------------------------------------------------------------------

