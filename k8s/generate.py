@@ -1,5 +1,6 @@
-"""Write k8s/sdray.yaml and k8s/monitoring/monitoring.yaml (the helm chart rendered for plain kubectl/kustomize
-installs) and the ``policy`` part of the chart's values.schema.json (from the tenant policy's pydantic model).
+"""Write k8s/sdray.yaml, k8s/monitoring/monitoring.yaml and k8s/monitoring/dashboard.yaml (the helm chart
+rendered for plain kubectl/kustomize installs) and the ``policy`` part of the chart's values.schema.json (from
+the tenant policy's pydantic model).
 
 One source for both ways of installing: the chart (helm/sdray), rendered with k8s/values.yaml into the
 namespace "sdray", with Helm's own bookkeeping labels left out. tests/test_kustomize.py fails when the
@@ -39,8 +40,16 @@ def _render(values: dict) -> list[dict]:
     return objects
 
 
-def _text(objects: list[dict], what: str) -> str:
-    return HEADER.format(what) + yaml.safe_dump_all(objects, sort_keys=False, width=120)
+class _BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings (the dashboard's JSON) as ``|`` blocks, readable in a diff."""
+
+
+_BlockDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
+def _text(objects: list[dict], what: str, dumper: type[yaml.SafeDumper] = yaml.SafeDumper) -> str:
+    return HEADER.format(what) + yaml.dump_all(objects, Dumper=dumper, sort_keys=False, width=120)
 
 
 def values_schema() -> str:
@@ -54,16 +63,26 @@ def values_schema() -> str:
     return json.dumps(schema, indent=2) + "\n"
 
 
+def _with_metrics(values: dict, **metrics: dict) -> dict:
+    return {**values, "metrics": {**values.get("metrics", {}), **metrics}}
+
+
 def manifests() -> dict[Path, str]:
-    """{file: its text}: the deployment, and the Prometheus-operator objects apart (they need its CRDs)."""
+    """{file: its text}: the deployment; the Prometheus-operator objects apart (they need its CRDs); the
+    Grafana dashboard's ConfigMap apart (k8s/kustomization.yaml includes it; the chart reads it from
+    helm/sdray/files/dashboard.json)."""
     values = yaml.safe_load((HERE / "values.yaml").read_text())
-    monitoring = {**values, "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+    operator = _with_metrics(values, serviceMonitor={"enabled": True}, prometheusRule={"enabled": True})
+    dashboard = _with_metrics(values, grafanaDashboard={"enabled": True})
     kinds = ("ServiceMonitor", "PrometheusRule")
     return {
         CHART / "values.schema.json": values_schema(),
         HERE / "sdray.yaml": _text(_render(values), "values: k8s/values.yaml"),
         HERE / "monitoring" / "monitoring.yaml": _text(
-            [o for o in _render(monitoring) if o["kind"] in kinds], "values: k8s/values.yaml, monitoring on"),
+            [o for o in _render(operator) if o["kind"] in kinds], "values: k8s/values.yaml, monitoring on"),
+        HERE / "monitoring" / "dashboard.yaml": _text(
+            [o for o in _render(dashboard) if o["metadata"]["labels"].get("grafana_dashboard") == "1"],
+            "values: k8s/values.yaml, the Grafana dashboard of files/dashboard.json", _BlockDumper),
     }
 
 

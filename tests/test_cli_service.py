@@ -97,7 +97,7 @@ def test_jobs_are_filtered_by_state_and_label_on_the_server(service, tmp_path):
     assert "red-2" in table.stdout and "red-1" not in table.stdout
     bogus = runner.invoke(app, ["jobs", "--state", "done"])
     assert bogus.exit_code == EXIT_BAD_INPUT
-    assert "state: expected one of Queued, Pending, Running, Succeeded, Failed, Cancelled, Preempted" in bogus.stderr
+    assert "query.state.0: Input should be 'Queued', 'Pending', 'Running', 'Succeeded', 'Failed'" in bogus.stderr
     shown = runner.invoke(app, ["status", ids["blue-1"], "-o", "yaml"])
     assert yaml.safe_load(shown.stdout)["labels"] == {"team": "blue"}
     assert json.loads(runner.invoke(app, ["status", ids["blue-1"], "--json"]).stdout)["name"] == "blue-1"

@@ -339,7 +339,7 @@ def test_api_errors_are_retried_with_backoff(kube, user):
     with running(kube) as ctl:
         submit(user, "flaky")
         kube.wait(lambda: kube.get("rayjobs", NS, "flaky"), 10, "the RayJob despite three errors")
-        assert ctl.metrics["errors"] == 3
+        assert ctl.metrics.registry.get_sample_value("sdray_controller_reconcile_errors_total") == 3
     tries = [r["at"] for r in kube.requests if r["method"] == "POST" and r["plural"] == "rayjobs"]
     assert len(tries) == 4
     gaps = [b - a for a, b in zip(tries, tries[1:])]

@@ -46,7 +46,8 @@ def test_generated_manifests_are_the_chart_rendered():
 
 def test_an_image_set_in_the_kustomization_reaches_the_ray_pods(tmp_path):
     # `kustomize edit set image sdray=…` in k8s/, done on a copy.
-    for name in ("kustomization.yaml", "namespace.yaml", "crd.yaml", "sdray.yaml"):
+    for name in ("kustomization.yaml", "namespace.yaml", "crd.yaml", "sdray.yaml", "monitoring/dashboard.yaml"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text((K8S / name).read_text())
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     kustomization["images"] = [{"name": "sdray", "newName": "registry.example.com/ml/sdray", "newTag": "2.0"}]

@@ -74,7 +74,8 @@ class JobManager:
         self.backend = backend
         self.auth = auth
         self.public_url = public_url.rstrip("/")
-        self.on_transition = on_transition or (lambda state, tenant: None)
+        # on_transition(state, tenant, waited_s=None): a job entered a state (waited_s: its wait to start)
+        self.on_transition = on_transition or (lambda state, tenant, waited_s=None: None)
         # Where a tenant's jobs run (its policy's namespace); None: the backend's own.
         self.namespace_of = namespace_of or (lambda tenant: None)
         # Submissions the backend refused for a passing reason: job id -> (failures so far, next try's time).
@@ -255,10 +256,11 @@ class JobManager:
                 self._finish(rec, state, reason, status.message)
             elif state != rec.state:  # Pending → Running; Running → Queued (Kueue preempted it) …
                 running = state == JobState.RUNNING
+                first_start = running and rec.started is None
                 started = rec.started or (time.time() if running else None)
                 rec = self.store.update(rec.id, state=state, started=started, conditions=condition(
                     rec, "Running", running, "Started" if running else state, status.message))
-                self.on_transition(state, rec.tenant)
+                self.on_transition(state, rec.tenant, waited_s=rec.started - rec.created if first_start else None)
 
     def tick(self) -> None:
         with self._lock:
@@ -311,4 +313,6 @@ class JobManager:
         clean = update.to_payload()
         clean.pop("curve", None)
         clean["time"] = time.time()
+        if clean.get("checkpoint_step") is not None and clean["checkpoint_step"] != rec.progress.get("checkpoint_step"):
+            clean["checkpoint_time"] = clean["time"]  # a new checkpoint: its age is measured from now
         return self.store.update(job_id, progress={**rec.progress, **clean})

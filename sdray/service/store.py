@@ -209,14 +209,21 @@ class JobStore:
                                     "GROUP BY tenant", (JobState.QUEUED,)).fetchall()
         return {r[0]: r[1] for r in rows}
 
-    def recent_progress(self, finished_since: float) -> list[tuple[str, str, str, str, dict]]:
-        """``(id, tenant, name, state, progress)`` of jobs with progress that are unfinished or finished
-        since ``finished_since``; only these columns are read (no documents)."""
+    def oldest_pending(self) -> dict[str, float]:
+        """When each tenant's oldest waiting job (Queued, or Pending: submitted and not started) was created."""
+        with self._lock:
+            rows = self._db.execute("SELECT tenant, MIN(created) FROM jobs WHERE state IN (?, ?) GROUP BY tenant",
+                                    (JobState.QUEUED, JobState.PENDING)).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def recent_progress(self, finished_since: float) -> list[tuple[str, str, str, str, dict, dict]]:
+        """``(id, tenant, name, state, progress, demand)`` of jobs with progress that are unfinished or
+        finished since ``finished_since``; only these columns are read (no documents)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, tenant, name, state, progress FROM jobs WHERE progress != '{}' "
+                "SELECT id, tenant, name, state, progress, demand FROM jobs WHERE progress != '{}' "
                 "AND (finished IS NULL OR finished >= ?) ORDER BY seq", (finished_since,)).fetchall()
-        return [(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+        return [(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5])) for r in rows]
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Jobs by (state, tenant)."""
