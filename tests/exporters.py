@@ -66,7 +66,7 @@ class BusyService:
 
     def _report(self, client, job_id: str, progress: Progress) -> str:
         """Wait for the job to run, post ``progress`` as its driver does; the backend's handle of the job."""
-        job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and j, 30,
+        job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "Running" and j, 30,
                        f"job {job_id} to run")
         env = self.backend.env[job["backend_handle"]]
         reporter = ProgressReporter(env["SDRAY_PROGRESS_URL"], env["SDRAY_PROGRESS_TOKEN"], min_interval_s=0)
