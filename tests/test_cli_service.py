@@ -123,7 +123,8 @@ def test_submit_wait_follows_the_job_and_exits_by_how_it_ended(service, tmp_path
     assert result.exit_code == code, result.output
     assert result.stdout.strip() == job.id  # stdout: the id only; the progress lines are on stderr
     states = [line.split()[2] for line in result.stderr.splitlines() if line.startswith(job.id)]
-    assert states[0] in ("Queued", "Pending", "Running") and states[-1] == end and "Running" in states
+    # (Running may come and go between two polls: the job is ended as soon as the store says it runs)
+    assert states[0] in ("Queued", "Pending", "Running") and states[-1] == end and len(states) >= 2
 
 
 def test_submit_wait_gives_up_after_its_timeout_and_the_job_goes_on(service, tmp_path):
